@@ -1,0 +1,41 @@
+"""hscompile: a ``torch.compile`` backend for high-throughput LLM inference beyond device memory.
+
+>>> import torch, hscompile
+>>> compiled = torch.compile(model, backend="hybridserve", options={"device": "cpu"})  # doctest: +SKIP
+>>> logits = compiled(input_ids).logits  # doctest: +SKIP
+>>> print(hscompile.inspect(compiled))  # doctest: +SKIP
+
+Importing the package registers the backend; an installed distribution also registers it
+through the ``torch_dynamo_backends`` entry point, so ``backend="hybridserve"`` works
+without importing anything.
+"""
+
+from __future__ import annotations
+
+from . import ops  # noqa: F401  (registers torch.ops.hybridserve.*)
+from .backend import BACKEND_NAME, CompiledModel, hybridserve_backend, register
+from .config import OPTIONS, HybridServeConfig
+from .errors import BudgetError, ConfigError, HybridServeError, UnsupportedModelError
+from .inspection import Inspection, inspect
+from .passes.plan import ModelPlan
+from .policy import Policy
+
+__all__ = [
+    "BACKEND_NAME",
+    "OPTIONS",
+    "BudgetError",
+    "CompiledModel",
+    "ConfigError",
+    "HybridServeConfig",
+    "HybridServeError",
+    "Inspection",
+    "ModelPlan",
+    "Policy",
+    "UnsupportedModelError",
+    "hybridserve_backend",
+    "inspect",
+]
+
+__version__ = "0.1.0"
+
+register()

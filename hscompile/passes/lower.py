@@ -1,0 +1,114 @@
+"""Lowering pass: compile each distinct partition of a schedule once.
+
+Precondition: ``schedule`` comes from :func:`~hscompile.passes.partition.partition`;
+``fake_inputs`` are fake values for its placeholders (dynamo's example values).
+
+Postcondition: a new schedule GraphModule with the same graph, whose :class:`Partition`
+modules run a lowered artifact: Inductor's compiled code (``lowering="inductor"``) or the
+FX graph itself (``"eager"``). Partitions shared by several layers are compiled once and
+the artifact is shared; :class:`LoweringReport` says what was compiled and how long it
+took. ``schedule`` is unchanged.
+
+Inductor needs example inputs for each partition. They come from running the schedule on
+fake tensors (the schedule's own fake-mode interpretation, as vLLM's piecewise backend
+does): each partition sees exactly the shapes, strides and devices it will see at run time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from .partition import Partition
+
+__all__ = ["LoweringReport", "lower"]
+
+
+@dataclass(slots=True)
+class LoweringReport:
+    """What lowering did."""
+
+    lowering: str
+    compiled: dict[str, float] = field(default_factory=dict)
+    """Partition name -> seconds spent compiling it (once per distinct partition)."""
+    calls: dict[str, int] = field(default_factory=dict)
+    """Partition name -> how many schedule steps run it."""
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(self.compiled.values())
+
+
+def _inductor_compile(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    from torch._inductor.compile_fx import compile_fx
+
+    # Inductor may rewrite the graph it is given; the schedule keeps the original for inspection.
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return compile_fx(fx.GraphModule(gm, graph), list(example_inputs))
+
+
+def lower(schedule: fx.GraphModule, fake_inputs: Sequence[Any], lowering: str) -> tuple[fx.GraphModule, LoweringReport]:
+    """Lower every distinct partition of ``schedule`` (see the module docstring)."""
+    report = LoweringReport(lowering)
+    partitions: dict[str, Partition] = {
+        name: module for name, module in schedule.named_children() if isinstance(module, Partition)
+    }
+    for node in schedule.graph.nodes:
+        if node.op == "call_module":
+            report.calls[str(node.target)] = report.calls.get(str(node.target), 0) + 1
+
+    if lowering == "eager":
+        lowered = {name: p.with_runner(p.graph_module, "eager") for name, p in partitions.items()}
+    elif lowering == "inductor":
+        examples = _partition_examples(schedule, fake_inputs)
+        lowered = {}
+        for name, part in partitions.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                runner = _inductor_compile(part.graph_module, examples[name])
+            report.compiled[name] = time.perf_counter() - start
+            lowered[name] = part.with_runner(runner, "inductor")
+    else:
+        raise ValueError(f"unknown lowering {lowering!r}; expected 'inductor' or 'eager'")
+
+    root = torch.nn.Module()
+    for name, module in schedule.named_children():
+        root.add_module(name, lowered.get(name, module))
+    new = fx.GraphModule(root, schedule.graph, class_name=type(schedule).__name__)
+    return new, report
+
+
+class _ExampleRecorder(fx.Interpreter):
+    """Runs a schedule on fake tensors and records the arguments of each partition's first call."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.examples: dict[str, tuple[Any, ...]] = {}
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.examples.setdefault(str(target), args)
+        return super().call_module(target, args, kwargs)
+
+
+def _partition_examples(schedule: fx.GraphModule, fake_inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+    # Inside a dynamo backend the ambient fake mode is a fresh one made for the backend (it
+    # shares the ShapeEnv, so symbolic sizes carry over); Inductor insists that its example
+    # inputs belong to it. Re-make each input in that mode from its recorded metadata.
+    fake_mode = detect_fake_mode() or detect_fake_mode(list(fake_inputs))
+    if fake_mode is None:
+        raise RuntimeError("lowering needs fake example inputs (dynamo's example values); found none")
+    recorder = _ExampleRecorder(schedule)
+    with fake_mode, torch.no_grad():
+        inputs = [
+            torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) if isinstance(x, torch.Tensor) else x
+            for x in fake_inputs
+        ]
+        recorder.run(*inputs)
+    return recorder.examples

@@ -1,0 +1,238 @@
+"""Partition pass: cut the graph at the layers and at attention, and build the schedule.
+
+Precondition: ``plan = analyze(gm)``.
+
+Postcondition: a new GraphModule, the *schedule*, with the same placeholders and outputs
+as ``gm``. Its compute nodes are:
+
+* ``call_module`` of a :class:`Partition`: ``pre`` (embeddings, positions, rotary tables,
+  masks), per layer ``layer_attn_in`` (input norm, q/k/v projections, rotary) and
+  ``layer_attn_out`` (output projection, residual, MLP), and ``post`` (final norm, head);
+* ``call_function`` of ``torch.ops.hybridserve.attention`` between a layer's two partitions,
+  taking K/V *before* GQA head replication (what a KV cache block holds);
+* ``getitem`` to unpack partition outputs.
+
+Grad-mode switches (``torch._C._set_grad_enabled``) are dropped: compiled models are
+inference-only and the executor owns grad mode.
+
+Structurally identical partitions (same ops, same argument structure, same input shapes,
+strides and dtypes; see :func:`~hscompile.passes.graph_utils.structural_key`) are one
+:class:`Partition` module shared by all the layers that call it, so they are lowered once.
+Every step node carries ``meta["hybridserve"]``, a :class:`StepInfo`. ``gm`` is unchanged.
+
+Before::
+
+    embed -> [layer 0: norm, qkv, rotary, sdpa, o_proj, +, mlp, +] -> [layer 1 ...] -> norm -> lm_head
+
+After::
+
+    pre(...) -> layer_attn_in(h0, w0...) -> hybridserve.attention(q, k, v, mask) -> layer_attn_out(...)
+             -> layer_attn_in(h1, w1...) -> hybridserve.attention(...)        -> layer_attn_out(...) -> post(...)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers torch.ops.hybridserve)
+from .graph_utils import backward_slice, extract_subgraph, fake_value, slice_inputs, structural_key
+from .plan import ModelPlan
+
+__all__ = ["Partition", "StepInfo", "partition", "step_info"]
+
+StepKind = Literal["pre", "attn_in", "attention", "attn_out", "post"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """What a schedule node does; stored in ``node.meta["hybridserve"]``."""
+
+    kind: StepKind
+    layer: int | None = None
+
+
+def step_info(node: fx.Node) -> StepInfo | None:
+    """The :class:`StepInfo` of a schedule node, or None for placeholders, getitems and outputs."""
+    return node.meta.get("hybridserve")
+
+
+class Partition(torch.nn.Module):
+    """A piece of the model graph that runs as one unit, possibly shared by several layers.
+
+    ``graph_module`` is the FX graph of the piece (what ``inspect`` shows); ``runner`` is
+    what actually runs: the graph module itself, or the artifact lowering made from it.
+    """
+
+    def __init__(
+        self,
+        kind: StepKind,
+        graph_module: fx.GraphModule,
+        key: str,
+        layers: tuple[int, ...] = (),
+        runner: Callable[..., Any] | None = None,
+        lowering: str = "none",
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.graph_module = graph_module
+        self.key = key
+        self.layers = layers
+        self.lowering = lowering
+        self._runner = runner
+
+    def with_runner(self, runner: Callable[..., Any], lowering: str) -> Partition:
+        """A copy of this partition that runs ``runner`` instead of the FX graph."""
+        return Partition(self.kind, self.graph_module, self.key, self.layers, runner, lowering)
+
+    def forward(self, *args: Any) -> tuple[Any, ...]:
+        if self._runner is None:
+            return self.graph_module(*args)
+        return tuple(self._runner(*args))
+
+    def extra_repr(self) -> str:
+        layers = f", layers={list(self.layers)}" if self.layers else ""
+        return f"kind={self.kind!r}, key={self.key!r}, lowering={self.lowering!r}{layers}"
+
+
+@dataclass(slots=True)
+class _Piece:
+    kind: StepKind
+    layer: int | None
+    nodes: list[fx.Node]
+
+
+# Global grad-mode switches recorded by dynamo (transformers computes rotary tables under
+# torch.no_grad()). The executor runs the whole schedule under no_grad; a switch left in a
+# partition would turn grad mode back on for everything after it.
+_GRAD_MODE_SWITCHES: frozenset[object] = frozenset({torch._C._set_grad_enabled})
+
+
+def _pieces(gm: fx.GraphModule, plan: ModelPlan) -> list[_Piece]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    pieces = [_Piece("pre", None, [by_name[n] for n in plan.pre_nodes])]
+    for layer in plan.layers:
+        members = {by_name[n] for n in layer.nodes}
+        site = layer.attention
+        sdpa = by_name[site.sdpa]
+        dropped = {by_name[n] for n in site.repeat_nodes} | {sdpa}
+        seeds = [by_name[site.query], by_name[site.key], by_name[site.value]]
+        if site.attn_mask is not None and by_name[site.attn_mask] in members:
+            seeds.append(by_name[site.attn_mask])
+        attn_in = backward_slice(seeds, inside=lambda n: n in members and n not in dropped)
+        in_set = set(attn_in)
+        attn_out = [n for n in gm.graph.nodes if n in members and n not in in_set and n not in dropped]
+        pieces += [
+            _Piece("attn_in", layer.index, attn_in),
+            _Piece("attention", layer.index, [sdpa]),
+            _Piece("attn_out", layer.index, attn_out),
+        ]
+    pieces.append(_Piece("post", None, [by_name[n] for n in plan.post_nodes]))
+    for piece in pieces:
+        piece.nodes = [n for n in piece.nodes if not (n.op == "call_function" and n.target in _GRAD_MODE_SWITCHES)]
+    return pieces
+
+
+def _is_tensor_valued(node: fx.Node) -> bool:
+    return isinstance(fake_value(node), torch.Tensor)
+
+
+def _rematerialize_sizes(pieces: list[_Piece]) -> None:
+    """Make each piece compute the non-tensor values it reads (sizes, shape tuples) itself.
+
+    With dynamic shapes, values like ``hidden.size()`` or ``(batch, -1, heads, dim)`` flow
+    between parts of the model; a compiled partition can only exchange tensors and
+    symbolic ints. Such values are cheap Python arithmetic over tensor sizes, so every
+    consumer recomputes them from the tensors (or size placeholders) they come from.
+    """
+    for piece in pieces:
+        if piece.kind == "attention" or not piece.nodes:
+            continue
+        members = set(piece.nodes)
+        borrowed = [
+            n for n in slice_inputs(piece.nodes) if n.op != "placeholder" and not _is_tensor_valued(n)
+        ]
+        if not borrowed:
+            continue
+        extra = backward_slice(borrowed, inside=lambda n: n.op != "placeholder" and not _is_tensor_valued(n))
+        members.update(extra)
+        graph_order = next(iter(members)).graph.nodes
+        piece.nodes = [n for n in graph_order if n in members]
+
+
+def _reads(piece: _Piece, plan: ModelPlan, by_name: dict[str, fx.Node]) -> list[fx.Node]:
+    """The values a piece reads from outside itself."""
+    if piece.kind == "attention":
+        site = plan.layers[piece.layer].attention  # type: ignore[index]
+        names = [site.query, site.key, site.value] + ([site.attn_mask] if site.attn_mask else [])
+        return [by_name[n] for n in names]
+    return slice_inputs(piece.nodes)
+
+
+def partition(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
+    """Build the schedule GraphModule (see the module docstring)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+
+    root = torch.nn.Module()
+    by_key: dict[str, tuple[str, StepKind, fx.GraphModule, list[int]]] = {}
+    names_used: dict[str, int] = {}
+    pieces = _pieces(gm, plan)
+    _rematerialize_sizes(pieces)
+    # A piece outputs the values some other piece reads and does not compute itself, and
+    # the values the graph returns.
+    needed: set[fx.Node] = set()
+    for piece in pieces:
+        needed.update(_reads(piece, plan, by_name))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    needed.update(output.all_input_nodes)
+
+    for piece in pieces:
+        if piece.kind == "attention":
+            layer = plan.layers[piece.layer]  # type: ignore[index]
+            site = layer.attention
+            mask = env[by_name[site.attn_mask]] if site.attn_mask is not None else None
+            call = graph.call_function(
+                torch.ops.hybridserve.attention.default,
+                (env[by_name[site.query]], env[by_name[site.key]], env[by_name[site.value]], mask, site.scale, site.is_causal),
+            )
+            call.meta["hybridserve"] = StepInfo("attention", piece.layer)
+            env[piece.nodes[0]] = call
+            continue
+        if not piece.nodes:
+            continue
+        inputs = slice_inputs(piece.nodes)
+        outputs = [n for n in piece.nodes if n in needed and n not in env]
+        sub = extract_subgraph(gm, piece.nodes, inputs, outputs, class_name=f"Partition_{piece.kind}")
+        key = structural_key(sub)
+        if key not in by_key:
+            base = piece.kind if piece.kind in ("pre", "post") else f"layer_{piece.kind}"
+            count = names_used.get(base, 0)
+            names_used[base] = count + 1
+            by_key[key] = (base if count == 0 else f"{base}_{count}", piece.kind, sub, [])
+        name, _, _, layers = by_key[key]
+        if piece.layer is not None:
+            layers.append(piece.layer)
+        call = graph.call_module(name, tuple(env[i] for i in inputs))
+        call.meta["hybridserve"] = StepInfo(piece.kind, piece.layer)
+        for j, out in enumerate(outputs):
+            item = graph.call_function(operator.getitem, (call, j))
+            item.meta = {k: v for k, v in out.meta.items() if k in ("val", "example_value")}
+            env[out] = item
+
+    graph.output(fx.map_arg(output.args[0], lambda n: env[n]))
+    for key, (name, kind, sub, layers) in by_key.items():
+        root.add_module(name, Partition(kind, sub, key, tuple(layers)))
+    schedule = fx.GraphModule(root, graph, class_name="HybridServeSchedule")
+    schedule.graph.lint()
+    return schedule

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import hscompile  # noqa: E402,F401  (registers the backend)
+
+# A compiled function that hits dynamo's recompile limit silently falls back to eager,
+# which would make a parity test pass without our backend: make that an error instead.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class CaptureBackend:
+    """A dynamo backend that keeps every graph it is given (for pass tests) and runs it as is."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.example_inputs: list[list[Any]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any) -> Callable[..., Any]:
+        self.graphs.append(gm)
+        self.example_inputs.append(list(example_inputs))
+        return gm.forward
+
+    def op_count(self, index: int = -1) -> int:
+        return sum(1 for n in self.graphs[index].graph.nodes if n.op not in ("placeholder", "output"))
+
+
+def capture(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.fx.GraphModule, list[Any]]:
+    """The single graph dynamo captures from ``model(*args, **kwargs)``, and its example inputs."""
+    backend = CaptureBackend()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+    assert len(backend.graphs) == 1
+    return backend.graphs[0], backend.example_inputs[0]
+
+
+@pytest.fixture
+def capture_graph():
+    return capture

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from models import prompts, tiny_model
+
+import hscompile
+from hscompile.backend import register
+from hscompile.errors import ConfigError, UnsupportedModelError
+
+
+def test_registering_again_is_harmless():
+    register()
+    register()
+    assert "hybridserve" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def _installed() -> bool:
+    return any(ep.name == "hybridserve" for ep in importlib.metadata.entry_points(group="torch_dynamo_backends"))
+
+
+@pytest.mark.skipif(not _installed(), reason="hscompile is not installed (no entry point)")
+def test_backend_name_works_without_importing_hscompile():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        assert "hscompile" not in sys.modules
+        fn = torch._dynamo.lookup_backend("hybridserve")
+        print(fn.__module__)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/", check=True)
+    assert out.stdout.strip() == "hscompile.backend"
+
+
+def test_unknown_option_surfaces_as_value_error_through_torch_compile():
+    compiled = torch.compile(tiny_model("opt"), backend="hybridserve", options={"prefetch": 2})
+    with pytest.raises(ValueError, match="unknown option key.*'prefetch'.*valid keys: device") as info:
+        compiled(prompts())
+    assert isinstance(info.value, ConfigError)
+
+
+@pytest.mark.parametrize(("key", "value"), [("act_ratio", 2.0), ("device_memory", "lots"), ("lowering", "tvm")])
+def test_bad_option_values_surface_as_value_error(key, value):
+    compiled = torch.compile(tiny_model("opt"), backend="hybridserve", options={key: value})
+    with pytest.raises(ValueError, match=key):
+        compiled(prompts())
+
+
+def test_mode_other_than_default_is_refused():
+    compiled = torch.compile(tiny_model("opt"), backend="hybridserve", mode="max-autotune")
+    with pytest.raises(ConfigError, match="mode='max-autotune'"):
+        compiled(prompts())
+
+
+def test_unsupported_model_error_surfaces_unwrapped():
+    model = tiny_model("llama", attn_implementation="eager")
+    model.config._attn_implementation = "eager"
+    compiled = torch.compile(model, backend="hybridserve", options={"device": "cpu"})
+    with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
+        compiled(prompts())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
+def test_weights_on_another_device_are_refused_with_advice():
+    compiled = torch.compile(tiny_model("opt"), backend="hybridserve", options={"device": "cuda"})
+    with pytest.raises(ConfigError, match="weights are on cpu"):
+        compiled(prompts())
+
+
+def test_options_dict_is_not_modified():
+    options = {"device": "cpu", "lowering": "eager"}
+    compiled = torch.compile(tiny_model("gpt2"), backend="hybridserve", options=options)
+    with torch.no_grad():
+        compiled(prompts())
+    assert options == {"device": "cpu", "lowering": "eager"}
+    assert hscompile.inspect(compiled).config.lowering == "eager"
