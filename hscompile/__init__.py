@@ -18,7 +18,8 @@ from .config import OPTIONS, HybridServeConfig
 from .errors import BudgetError, ConfigError, HybridServeError, UnsupportedModelError
 from .inspection import Inspection, inspect
 from .passes.plan import ModelPlan
-from .policy import Policy
+from .planning import plan_model
+from .policy import DeviceMemoryPlan, Policy
 
 __all__ = [
     "BACKEND_NAME",
@@ -26,6 +27,7 @@ __all__ = [
     "BudgetError",
     "CompiledModel",
     "ConfigError",
+    "DeviceMemoryPlan",
     "HybridServeConfig",
     "HybridServeError",
     "Inspection",
@@ -34,6 +36,7 @@ __all__ = [
     "UnsupportedModelError",
     "hybridserve_backend",
     "inspect",
+    "plan_model",
 ]
 
 __version__ = "0.1.0"

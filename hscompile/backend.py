@@ -24,24 +24,39 @@ from .passes.analyze import analyze
 from .passes.graph_utils import fake_value
 from .passes.lower import LoweringReport, lower
 from .passes.manager import PassManager, PassSpec
+from .passes.memory import ActivationEstimate, estimate_activations
+from .passes.offload import offload
 from .passes.partition import partition
-from .passes.placement import place
+from .passes.placement import group_layouts, place
 from .passes.plan import ModelPlan
+from .passes.schedule import ScheduleReport, verify_schedule
 from .policy import Policy
-from .runtime.executor import Executor
+from .runtime.device import device_backend
+from .runtime.executor import Executor, Runtime
+from .runtime.weights import WeightRuntime
 
 __all__ = ["BACKEND_NAME", "CompiledModel", "compile_graph", "compiled_models", "hybridserve_backend", "register"]
 
 BACKEND_NAME = "hybridserve"
 
-PIPELINE = PassManager(
-    (
-        PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
-        PassSpec("place", place, requires=("plan", "example_inputs", "config"), provides=("policy",)),
-        PassSpec("partition", partition, requires=("graph", "plan"), provides=("schedule",)),
-        PassSpec("lower", lower, requires=("schedule", "fake_inputs", "lowering"), provides=("lowered", "lowering_report")),
-    )
+def _verify(schedule: fx.GraphModule, policy: Policy) -> ScheduleReport:
+    return verify_schedule(schedule, policy.ring_slots)
+
+
+PLAN_PASSES = (
+    PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
+    PassSpec("estimate_activations", estimate_activations, requires=("graph", "plan"), provides=("activations",)),
+    PassSpec("place", place, requires=("plan", "activations", "example_inputs", "config"), provides=("policy",)),
+    PassSpec("partition", partition, requires=("graph", "plan"), provides=("partitioned",)),
+    PassSpec("offload", offload, requires=("partitioned", "plan", "policy"), provides=("schedule",)),
+    PassSpec("verify_schedule", _verify, requires=("schedule", "policy"), provides=("schedule_report",)),
 )
+PIPELINE = PassManager(
+    (*PLAN_PASSES, PassSpec("lower", lower, requires=("schedule", "fake_inputs", "lowering"), provides=("lowered", "lowering_report")))
+)
+"""analyze -> estimate_activations -> place -> partition -> offload -> verify_schedule -> lower."""
+PLAN_ONLY = PassManager(PLAN_PASSES)
+"""The pipeline without lowering: what ``hscompile inspect PATH`` runs on a meta-device model."""
 
 
 @dataclass(eq=False)
@@ -51,33 +66,44 @@ class CompiledModel:
     config: HybridServeConfig
     plan: ModelPlan
     schedule: fx.GraphModule
-    """The lowered schedule; the executor runs exactly this."""
+    """The lowered schedule; the executor runs exactly this (unlowered when only planned)."""
     policy: Policy
-    lowering: LoweringReport
+    schedule_report: ScheduleReport
+    lowering: LoweringReport | None
     pass_seconds: dict[str, float]
-    executor: Executor
+    executor: Executor | None
+    """None when the graph was only planned (``hscompile inspect PATH``), not compiled to run."""
     sequence: int = field(default=0)
     """Order of compilation in this process (later graphs of one model have larger numbers)."""
 
     def __call__(self, *args: Any) -> Any:
+        if self.executor is None:
+            raise RuntimeError("this graph was planned for inspection only; compile the model to run it")
         return self.executor(*args)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this compilation and its runs (a fresh dict each call)."""
         partitions = [str(n.target) for n in self.schedule.graph.nodes if n.op == "call_module"]
-        return {
+        stats: dict[str, Any] = {
             "layers": self.plan.num_layers,
+            "resident_layers": len(self.policy.resident_layers),
+            "streamed_layers": len(self.policy.streamed_layers),
             "partitions": len(set(partitions)),
             "partition_calls": len(partitions),
-            "lowering": self.lowering.lowering,
-            "compiled_artifacts": len(self.lowering.compiled),
-            "compile_seconds": self.lowering.compile_seconds,
+            "lowering": self.lowering.lowering if self.lowering else "none (planned only)",
+            "compiled_artifacts": len(self.lowering.compiled) if self.lowering else 0,
+            "compile_seconds": self.lowering.compile_seconds if self.lowering else 0.0,
             "pass_seconds": dict(self.pass_seconds),
             "weight_bytes": self.plan.weight_bytes,
             "layer_weight_bytes": self.plan.layer_weight_bytes,
             "global_weight_bytes": self.plan.global_weight_bytes,
-            **self.executor.stats(),
+            "planned_device_bytes": self.policy.memory.total,
+            "minimum_device_bytes": self.policy.minimum_device_bytes,
+            "schedule_weight_bytes_per_call": self.schedule_report.weight_bytes_per_call,
         }
+        if self.executor is not None:
+            stats.update(self.executor.stats())
+        return stats
 
 
 class _CompiledRegistry:
@@ -134,30 +160,51 @@ def _config_from(kwargs: dict[str, Any]) -> HybridServeConfig:
     return HybridServeConfig.from_options(kwargs.get("options"))
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: HybridServeConfig) -> CompiledModel:
-    """Run the pipeline on one dynamo graph and build what dynamo will call."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_inputs = [fake_value(n) for n in placeholders]
-    sequence = _REGISTRY.next_sequence()
-    result = PIPELINE.run(
-        {
-            "graph": gm,
-            "example_inputs": example_inputs,
-            "fake_inputs": fake_inputs,
-            "config": config,
-            "lowering": config.lowering,
-        },
-        tag=f"graph{sequence}",
+def _runtime(plan: ModelPlan, policy: Policy, activations: ActivationEstimate, example_inputs: Sequence[Any]) -> Runtime:
+    backend = device_backend(torch.device(policy.device))
+    weights = {w.node: example_inputs[w.input_index] for w in plan.global_weights}
+    weights |= {w.node: example_inputs[w.input_index] for layer in plan.layers for w in layer.weights}
+    weight_runtime = WeightRuntime(policy, group_layouts(plan), weights, backend)
+    in_place = (
+        plan.global_weight_bytes + sum(plan.layers[i].weight_bytes for i in policy.resident_layers)
+        if policy.weights_in_place
+        else 0
     )
-    schedule = result.artifacts["lowered"]
+    return Runtime(policy, backend, weight_runtime, activations, in_place)
+
+
+def compile_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: HybridServeConfig, *, plan_only: bool = False
+) -> CompiledModel:
+    """Run the pipeline on one dynamo graph and build what dynamo will call.
+
+    ``plan_only`` stops before lowering and builds no runtime: nothing is compiled, allocated
+    or copied (used to inspect models on the meta device).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sequence = _REGISTRY.next_sequence()
+    inputs = {
+        "graph": gm,
+        "example_inputs": example_inputs,
+        "fake_inputs": [fake_value(n) for n in placeholders],
+        "config": config,
+        "lowering": config.lowering,
+    }
+    result = (PLAN_ONLY if plan_only else PIPELINE).run(inputs, tag=f"graph{sequence}")
+    artifacts = result.artifacts
+    executor = None
+    if not plan_only:
+        runtime = _runtime(artifacts["plan"], artifacts["policy"], artifacts["activations"], example_inputs)
+        executor = Executor(artifacts["lowered"], runtime)
     return CompiledModel(
         config=config,
-        plan=result.artifacts["plan"],
-        schedule=schedule,
-        policy=result.artifacts["policy"],
-        lowering=result.artifacts["lowering_report"],
+        plan=artifacts["plan"],
+        schedule=artifacts["schedule"] if plan_only else artifacts["lowered"],
+        policy=artifacts["policy"],
+        schedule_report=artifacts["schedule_report"],
+        lowering=None if plan_only else artifacts["lowering_report"],
         pass_seconds=result.seconds,
-        executor=Executor(schedule),
+        executor=executor,
         sequence=sequence,
     )
 

@@ -88,7 +88,7 @@ def format_bytes(nbytes: float) -> str:
     return f"{value:.2f} TiB"
 
 
-def _resolve_device(value: object) -> torch.device:
+def _resolve_device(value: object, *, check: bool = True) -> torch.device:
     valid = "'cpu', 'cuda', 'cuda:N' or a torch.device of those types"
     if isinstance(value, torch.device):
         device = value
@@ -101,6 +101,8 @@ def _resolve_device(value: object) -> torch.device:
         raise ConfigError(f"option 'device': got {type(value).__name__} {value!r}; expected {valid}")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"option 'device': {str(device)!r} is not supported; expected {valid}")
+    if device.type == "cuda" and not check:
+        return torch.device("cuda", device.index or 0)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -239,8 +241,11 @@ class HybridServeConfig:
             raise ConfigError(f"option 'lowering': got {self.lowering!r}; expected 'inductor' or 'eager'")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, object] | None = None) -> HybridServeConfig:
+    def from_options(cls, options: Mapping[str, object] | None = None, *, check_device: bool = True) -> HybridServeConfig:
         """Validate a flat options dict (the ``options=`` of ``torch.compile``).
+
+        ``check_device=False`` accepts a CUDA device this machine does not have (for planning
+        a run on another machine with ``hscompile inspect``).
 
         >>> HybridServeConfig.from_options({"device": "cpu", "device_memory": "1GiB"}).memory.device_memory
         1073741824
@@ -260,7 +265,7 @@ class HybridServeConfig:
         schedule = {k: options[k] for k in ("mini_batch_size", "prefetch_depth") if k in options}
         top: dict[str, object] = {}
         if options.get("device") is not None:
-            top["device"] = _resolve_device(options["device"])
+            top["device"] = _resolve_device(options["device"], check=check_device)
         if "lowering" in options:
             top["lowering"] = options["lowering"]
         return cls(

@@ -7,6 +7,7 @@ plan, the policy, the runtime's counters); nothing is recomputed for display.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,8 @@ from rich.text import Text
 
 from .backend import CompiledModel, compiled_models
 from .config import HybridServeConfig, format_bytes
-from .passes.partition import Partition, step_info
+from .layout import GLOBAL_GROUP
+from .passes.partition import Partition, StepInfo, step_info
 from .passes.plan import ModelPlan
 from .policy import Policy
 
@@ -67,12 +69,24 @@ class Inspection:
         yield self._policy_table()
         yield self._stats_table()
 
+    def _placement(self) -> dict[int, str]:
+        policy = self.policy
+        streamed = list(policy.streamed_layers)
+        where: dict[int, str] = {}
+        for layer in policy.resident_layers:
+            where[layer] = "resident" + (" (in place)" if policy.weights_in_place else " (copied once)")
+        for i, layer in enumerate(streamed):
+            issued = "at start" if i < policy.prefetch_depth else f"before layer {streamed[i - policy.prefetch_depth]}"
+            where[layer] = f"streamed: slot {i % policy.ring_slots}, prefetched {issued}"
+        return where
+
     def _layers_table(self) -> Table:
-        table = Table(title="Layers (plan)", title_justify="left")
-        for column in ("layer", "weights", "checkpoint (hidden input)", "attention", "K/V", "recompute slice"):
+        table = Table(title="Layers (plan and placement)", title_justify="left")
+        for column in ("layer", "weights", "placement", "checkpoint (hidden input)", "K/V cached", "recompute slice"):
             table.add_column(column)
         layers = self.plan.layers
-        shown = list(layers) if len(layers) <= 6 else [*layers[:3], None, *layers[-2:]]
+        placement = self._placement()
+        shown = list(layers) if len(layers) <= 8 else [*layers[:4], None, *layers[-3:]]
         for layer in shown:
             if layer is None:
                 table.add_row("...", "", "", "", "", "")
@@ -81,9 +95,9 @@ class Inspection:
             table.add_row(
                 layer.module_path,
                 f"{len(layer.weights)} tensors, {format_bytes(layer.weight_bytes)}",
+                placement[layer.index],
                 layer.hidden_input,
-                site.sdpa,
-                f"{site.key}, {site.value}",
+                f"{site.num_kv_heads} heads x {site.head_dim}",
                 f"{len(piece.nodes)} nodes; reads {len(piece.weights)} weights"
                 + (f" + {', '.join(piece.external_inputs)}" if piece.external_inputs else ""),
             )
@@ -104,32 +118,52 @@ class Inspection:
         return table
 
     def _schedule_text(self) -> Text:
-        lines: list[str] = []
-        current: int | None = None
-        steps: list[str] = []
-        for node in self.graph.graph.nodes:
-            info = step_info(node)
-            if info is None:
-                continue
-            label = str(node.target) if node.op == "call_module" else _op_name(node)
-            if info.layer != current and steps:
-                lines.append(_step_line(current, steps))
-                steps = []
-            current = info.layer
-            steps.append(label)
-        if steps:
-            lines.append(_step_line(current, steps))
-        if len(lines) > 9:
-            lines = [*lines[:5], f"  ... {len(lines) - 8} more ...", *lines[-3:]]
-        return Text("Schedule (inspect(...).graph):\n" + "\n".join(lines))
+        steps = [(node, info) for node in self.graph.graph.nodes if (info := step_info(node)) is not None]
+        compute = {"pre", "attn_in", "attention", "attn_out", "post"}
+
+        def segment(info: StepInfo) -> str:
+            if info.kind in ("pre", "post"):
+                return info.kind
+            return f"layer {info.layer}"
+
+        segments: list[tuple[str, list[str]]] = []
+        first_compute = next((i for i, (_, info) in enumerate(steps) if info.kind in compute), len(steps))
+        for i, (node, info) in enumerate(steps):
+            if info.kind in compute:
+                key = segment(info)
+            elif i < first_compute:
+                key = "start"
+            elif info.kind == "to_host":
+                key = "end"
+            elif info.kind == "release":  # closes the compute before it
+                key = next(segment(x) for _, x in reversed(steps[:i]) if x.kind in compute)
+            else:  # prefetch / wait open the compute after them
+                key = next((segment(x) for _, x in steps[i + 1:] if x.kind in compute), "end")
+            if not segments or segments[-1][0] != key:
+                segments.append((key, []))
+            segments[-1][1].append(_step_label(node, info))
+        return Text("Schedule (inspect(...).graph; runs of layers with the same steps, layer ids relative):\n"
+                    + "\n".join(_collapse(segments)))
 
     def _policy_table(self) -> Table:
         table = Table(title="Policy", title_justify="left", show_header=False)
         policy = self.policy
-        table.add_row("device", policy.device)
+        weights = "not loaded: planned on the meta device" if policy.weights_device == "meta" else f"on {policy.weights_device}"
+        table.add_row("device", f"{policy.device} (weights {weights})")
+        budget = "none" if policy.device_budget is None else format_bytes(policy.device_budget)
+        memory = policy.memory
+        table.add_row(
+            "device memory",
+            f"budget {budget}; planned {format_bytes(memory.total)} = global weights {format_bytes(memory.global_weights)}"
+            f" + resident layers {format_bytes(memory.resident_layers)} + ring {format_bytes(memory.ring)}"
+            f" + activations {format_bytes(memory.activations)}"
+            + (f" + reserve {format_bytes(memory.reserve)}" if memory.reserve else "")
+            + f"; minimum {format_bytes(policy.minimum_device_bytes)}",
+        )
         table.add_row("resident layers", _ranges(policy.resident_layers) or "none")
         table.add_row("streamed layers", _ranges(policy.streamed_layers) or "none")
-        table.add_row("prefetch depth", str(policy.prefetch_depth))
+        if policy.streamed_layers:
+            table.add_row("ring", f"{policy.ring_slots} slots x {format_bytes(policy.slot_bytes)}, prefetch depth {policy.prefetch_depth}")
         table.add_row("act ratio", "no cache" if policy.act_ratio is None else f"{policy.act_ratio:.2f}")
         table.add_row("block size", f"{policy.block_size} tokens")
         table.add_row("why", policy.reason)
@@ -140,24 +174,61 @@ class Inspection:
         for key, value in self.stats.items():
             if isinstance(value, dict):
                 value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) or "-"
-            elif key.endswith("_bytes"):
+            elif key.endswith(("_bytes", "_budget", "_per_call")) and isinstance(value, int):
                 value = f"{value} ({format_bytes(value)})"
             table.add_row(key, _fmt(value))
         return table
+
+
+def _relative(labels: list[str], layer: int) -> str:
+    def offset(match: re.Match[str]) -> str:
+        delta = int(match.group(1)) - layer
+        return "L" if delta == 0 else f"L{delta:+d}"
+
+    return " -> ".join(re.sub(r"L(\d+)", offset, label) for label in labels)
+
+
+def _collapse(segments: list[tuple[str, list[str]]]) -> list[str]:
+    """Merge consecutive layer segments whose steps match once layer ids are made relative."""
+    lines: list[str] = []
+    run: tuple[int, int, str] | None = None  # first layer, last layer, relative pattern
+    for key, labels in segments:
+        layer = int(key.split()[1]) if key.startswith("layer ") else None
+        pattern = _relative(labels, layer) if layer is not None else None
+        if run is not None and layer == run[1] + 1 and pattern == run[2]:
+            run = (run[0], layer, run[2])
+            continue
+        if run is not None:
+            lines.append(_run_line(run))
+            run = None
+        if layer is not None:
+            run = (layer, layer, pattern)  # type: ignore[assignment]
+        else:
+            lines.append(f"  {key}: " + " -> ".join(labels))
+    if run is not None:
+        lines.append(_run_line(run))
+    return lines
+
+
+def _run_line(run: tuple[int, int, str]) -> str:
+    first, last, pattern = run
+    return f"  layer {first}: {pattern}" if first == last else f"  layers {first}-{last}: {pattern}"
 
 
 def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _op_name(node: fx.Node) -> str:
-    name = str(node.target)
-    return name.removeprefix("hybridserve.").removesuffix(".default")
-
-
-def _step_line(layer: int | None, steps: list[str]) -> str:
-    prefix = f"  layer {layer}: " if layer is not None else "  "
-    return prefix + " -> ".join(steps)
+def _step_label(node: fx.Node, info: StepInfo) -> str:
+    if node.op == "call_module":
+        return str(node.target).removeprefix("layer_")
+    if info.kind in ("prefetch", "wait", "release"):
+        group = "globals" if info.layer == GLOBAL_GROUP else f"L{info.layer}"
+        size = f", {format_bytes(node.args[1])}" if info.kind == "prefetch" else ""
+        return f"{info.kind}({group}{size})"
+    if info.kind in ("to_device", "to_host"):
+        return f"{info.kind}({node.args[0]})"
+    return info.kind
 
 
 def _ranges(indices: tuple[int, ...]) -> str:
@@ -214,7 +285,7 @@ def inspect(obj: object) -> Inspection:
             )
     compiled = found[-1]
     stats = compiled.stats()
-    stats["compile_seconds_by_partition"] = dict(compiled.lowering.compiled)
+    stats["compile_seconds_by_partition"] = dict(compiled.lowering.compiled) if compiled.lowering else {}
     return Inspection(
         graph=compiled.schedule,
         plan=compiled.plan,

@@ -68,13 +68,6 @@ def test_unsupported_model_error_surfaces_unwrapped():
         compiled(prompts())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
-def test_weights_on_another_device_are_refused_with_advice():
-    compiled = torch.compile(tiny_model("opt"), backend="hybridserve", options={"device": "cuda"})
-    with pytest.raises(ConfigError, match="weights are on cpu"):
-        compiled(prompts())
-
-
 def test_options_dict_is_not_modified():
     options = {"device": "cpu", "lowering": "eager"}
     compiled = torch.compile(tiny_model("gpt2"), backend="hybridserve", options=options)

@@ -121,7 +121,7 @@ def placeholder_source(node: fx.Node) -> PlaceholderSource:
     if name is not None and "._buffers[" in name:
         return PlaceholderSource("buffer", normalize_module_path(name))
     if name is not None:
-        text = name[2:] if name.startswith("L[") else name
+        text = name[1:] if name.startswith("L[") else name
         text = re.sub(r"^\['([^']*)'\]", r"\1", text)
         return PlaceholderSource("input", text)
     return PlaceholderSource("input", node.name)

@@ -33,6 +33,7 @@ After::
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,12 +42,15 @@ import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.hybridserve)
-from .graph_utils import backward_slice, extract_subgraph, fake_value, slice_inputs, structural_key
+from .graph_utils import backward_slice, extract_subgraph, fake_value, placeholder_source, slice_inputs, structural_key
 from .plan import ModelPlan
 
-__all__ = ["Partition", "StepInfo", "partition", "step_info"]
+__all__ = ["GRAPH_NAME", "Partition", "StepInfo", "partition", "step_info"]
 
-StepKind = Literal["pre", "attn_in", "attention", "attn_out", "post"]
+StepKind = Literal[
+    "pre", "attn_in", "attention", "attn_out", "post",  # compute (this pass)
+    "prefetch", "wait", "release", "to_device", "to_host",  # data movement (the offload pass)
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class StepInfo:
 
     kind: StepKind
     layer: int | None = None
+    """The layer the step serves (for weight steps: the group, -1 for the global weights)."""
 
 
 def step_info(node: fx.Node) -> StepInfo | None:
@@ -165,6 +170,25 @@ def _rematerialize_sizes(pieces: list[_Piece]) -> None:
         piece.nodes = [n for n in graph_order if n in members]
 
 
+GRAPH_NAME = "hybridserve_graph_name"
+"""Meta key of a schedule placeholder: the name of the captured graph's placeholder it stands
+for (the name the plan uses). Schedule placeholders get readable names instead."""
+
+
+def _readable_name(node: fx.Node) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` for weights, ``attention_mask`` for inputs."""
+    source = placeholder_source(node)
+    if source.kind in ("parameter", "buffer"):
+        text = source.qualname
+    elif source.kind == "input":
+        text = re.sub(r"^kwargs\['([^']*)'\]$", r"\1", source.qualname)
+        text = re.sub(r"^args\[(\d+)\]$", r"arg\1", text)
+    else:
+        return node.name
+    name = re.sub(r"\W+", "_", text).strip("_")
+    return name if name and not name[0].isdigit() else f"_{name}"
+
+
 def _reads(piece: _Piece, plan: ModelPlan, by_name: dict[str, fx.Node]) -> list[fx.Node]:
     """The values a piece reads from outside itself."""
     if piece.kind == "attention":
@@ -181,8 +205,9 @@ def partition(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            env[node] = graph.placeholder(node.name)
+            env[node] = graph.placeholder(_readable_name(node))
             env[node].meta = dict(node.meta)
+            env[node].meta[GRAPH_NAME] = node.name
 
     root = torch.nn.Module()
     by_key: dict[str, tuple[str, StepKind, fx.GraphModule, list[int]]] = {}

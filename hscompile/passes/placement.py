@@ -1,10 +1,18 @@
-"""Placement pass: decide where each layer's weights live while the model runs.
+"""Placement pass: decide which layers' weights stay on the device and which stream through it.
 
-Precondition: ``plan = analyze(graph)``; ``example_inputs`` are the real tensors dynamo
-passes to the backend (weights among them); ``config`` is validated.
+Precondition: ``plan = analyze(graph)``, ``activations = estimate_activations(graph, plan)``;
+``example_inputs`` are the real tensors dynamo passes to the backend (the weights among
+them); ``config`` is validated.
 
-Postcondition: a :class:`~hscompile.policy.Policy`. Raises
-:class:`~hscompile.errors.ConfigError` when the weights cannot run on ``config.device``.
+Postcondition: a :class:`~hscompile.policy.Policy` whose :attr:`~hscompile.policy.Policy.memory`
+plan fits ``device_memory``, or a :class:`~hscompile.errors.BudgetError` naming the minimum
+budget that would work. Nothing runs and nothing is allocated.
+
+The rule: weights outside the layers are always resident. Whole layers stay resident, from the
+first layer on, while they fit beside a slot ring for the rest; the rest stream. Resident
+layers first because a streamed layer's copy can then overlap the resident layers' compute
+(and the embedding's) at the start of every call. Weights that already live on the compute
+device are used in place and cannot stream (hscompile streams from host memory only).
 """
 
 from __future__ import annotations
@@ -12,36 +20,139 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import HybridServeConfig
-from ..errors import ConfigError
-from ..policy import Policy
+import torch
+
+from ..config import HybridServeConfig, format_bytes
+from ..errors import BudgetError, ConfigError
+from ..layout import GLOBAL_GROUP, GroupLayout, layout_group
+from ..policy import DeviceMemoryPlan, Policy
+from .memory import ActivationEstimate
 from .plan import ModelPlan
 
-__all__ = ["place"]
+__all__ = ["CUDA_WORKSPACE_RESERVE", "group_layouts", "place"]
+
+CUDA_WORKSPACE_RESERVE = 64 * 2**20
+"""Device bytes kept free on CUDA for library workspaces (cuBLAS, attention kernels) that no
+graph shows, plus a tenth of the activation estimate. A conservative choice, not a measurement."""
 
 
-def place(plan: ModelPlan, example_inputs: Sequence[Any], config: HybridServeConfig) -> Policy:
-    """Every layer resident on the device the weights already live on."""
+def group_layouts(plan: ModelPlan) -> dict[int, GroupLayout]:
+    """The packed layout of every weight group: each layer, and the global group."""
+    layouts = {layer.index: layout_group(layer.index, layer.weights) for layer in plan.layers}
+    layouts[GLOBAL_GROUP] = layout_group(GLOBAL_GROUP, plan.global_weights)
+    return layouts
+
+
+def _weights_device(plan: ModelPlan, example_inputs: Sequence[Any]) -> torch.device:
     weights = (*plan.global_weights, *(w for layer in plan.layers for w in layer.weights))
     devices = {example_inputs[w.input_index].device for w in weights}
     if len(devices) > 1:
         raise ConfigError(
             f"the model's weights are spread over several devices ({', '.join(sorted(map(str, devices)))}); "
-            "put them on one"
+            "put them on one (the CPU, to let hscompile stream them)"
         )
-    (device,) = devices
-    if device != config.device:
-        raise ConfigError(
-            f"the model's weights are on {device} but option 'device' is {str(config.device)!r}; running on "
-            f"another device than the weights' needs weight streaming. Pass options={{'device': '{device}'}} "
-            "or move the model"
+    return devices.pop()
+
+
+def _budget(config: HybridServeConfig) -> int | None:
+    if config.memory.device_memory is not None:
+        return config.memory.device_memory
+    if config.device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(config.device)
+        return int(free)
+    return None  # the CPU as a device: no limit unless one is given
+
+
+def place(plan: ModelPlan, activations: ActivationEstimate, example_inputs: Sequence[Any], config: HybridServeConfig) -> Policy:
+    """See the module docstring."""
+    device = config.device
+    weights_device = _weights_device(plan, example_inputs)
+    # Host-resident weights (or meta ones, when only planning) can stream; device-resident ones cannot.
+    can_stream = weights_device.type in ("cpu", "meta")
+    in_place = weights_device == device
+    layouts = group_layouts(plan)
+    budget = _budget(config)
+    depth = config.schedule.prefetch_depth
+
+    def layer_bytes(index: int) -> int:
+        return plan.layers[index].weight_bytes if in_place else layouts[index].nbytes
+
+    global_bytes = plan.global_weight_bytes if in_place else layouts[GLOBAL_GROUP].nbytes
+    act = activations.hint
+    reserve = CUDA_WORKSPACE_RESERVE + act // 10 if device.type == "cuda" else 0
+    n = plan.num_layers
+
+    def memory_plan(resident: int) -> tuple[DeviceMemoryPlan, int, int]:
+        streamed = list(range(resident, n))
+        slots = min(depth + 1, len(streamed))
+        slot = max((layouts[i].nbytes for i in streamed), default=0)
+        memory = DeviceMemoryPlan(
+            global_weights=global_bytes,
+            resident_layers=sum(layer_bytes(i) for i in range(resident)),
+            ring=slots * slot,
+            activations=act,
+            reserve=reserve,
         )
+        return memory, slots, slot
+
+    full, _, _ = memory_plan(n)
+    minimum = memory_plan(0)[0].total if can_stream else full.total
+    if budget is None or full.total <= budget:
+        resident = n
+        reason = (
+            f"all {n} layers fit in the device budget ({format_bytes(full.total)} of {format_bytes(budget)})"
+            if budget is not None
+            else f"no device budget set for {device.type}: all {n} layers resident"
+        )
+    elif not can_stream:
+        raise BudgetError(
+            f"the model's weights already live on {weights_device} and need {format_bytes(full.total)} there with "
+            f"activations, above device_memory={format_bytes(budget)}; hscompile streams weights from host memory "
+            "only: load the model on the CPU to run it within this budget"
+        )
+    else:
+        fitting = [r for r in range(n - 1, -1, -1) if memory_plan(r)[0].total <= budget]
+        if not fitting:
+            smallest = memory_plan(0)[0]
+            raise BudgetError(
+                f"device_memory={format_bytes(budget)} ({budget} bytes) is below the minimum working set of "
+                f"{format_bytes(smallest.total)} ({smallest.total} bytes): global weights "
+                f"{format_bytes(smallest.global_weights)} + a ring of {min(depth + 1, n)} layer slots "
+                f"({format_bytes(smallest.ring)}) + activations {format_bytes(smallest.activations)}"
+                + (f" + workspace reserve {format_bytes(smallest.reserve)}" if smallest.reserve else "")
+                + f" for this call's shapes. Use device_memory >= {smallest.total}"
+                + (" or a smaller prefetch_depth" if depth > 1 else "")
+                + " or smaller batches"
+            )
+        resident = fitting[0]
+        memory, slots, _ = memory_plan(resident)
+        reason = (
+            f"device_memory={format_bytes(budget)} holds the global weights, {resident} resident layer(s) and a "
+            f"ring of {slots} slot(s) for the other {n - resident}, beside {format_bytes(act)} of activations"
+        )
+
+    memory, slots, slot = memory_plan(resident)
+    streamed = tuple(range(resident, n))
+    if streamed and config.memory.host_memory is not None:
+        host_bytes = sum(layouts[i].nbytes for i in streamed)
+        if host_bytes > config.memory.host_memory:
+            raise BudgetError(
+                f"host_memory={format_bytes(config.memory.host_memory)} cannot hold the {len(streamed)} streamed "
+                f"layers ({format_bytes(host_bytes)}, {host_bytes} bytes); use host_memory >= {host_bytes}"
+            )
     return Policy(
-        device=str(config.device),
-        resident_layers=tuple(range(plan.num_layers)),
-        streamed_layers=(),
-        prefetch_depth=config.schedule.prefetch_depth,
+        device=str(device),
+        weights_device=str(weights_device),
+        device_budget=budget,
+        resident_layers=tuple(range(resident)),
+        streamed_layers=streamed,
+        weights_in_place=in_place,
+        prefetch_depth=depth,
+        ring_slots=slots,
+        slot_bytes=slot,
+        memory=memory,
+        minimum_device_bytes=minimum,
         act_ratio=None,
         block_size=config.cache.block_size,
-        reason="every weight is resident on the device; a forward pass over whole sequences keeps no cache",
+        reason=reason,
     )

@@ -1,13 +1,102 @@
-"""The executor: runs a lowered schedule and keeps its run-time counters."""
+"""The executor: runs a lowered schedule against its runtime and keeps the counters.
+
+:class:`Runtime` is what the ``torch.ops.hybridserve.*`` kernels act on while a call runs:
+the weight runtime (store, resident buffers, slot ring), input/output transfers, and the
+device-memory accounting that backs the ``device_memory`` promise. :class:`Executor` binds
+it around each call of the schedule, after checking that the call fits the budget.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-__all__ = ["Executor"]
+from ..config import format_bytes
+from ..errors import BudgetError
+from ..passes.memory import ActivationEstimate
+from ..passes.placement import CUDA_WORKSPACE_RESERVE
+from ..policy import Policy
+from .context import bind
+from .device import DeviceBackend
+from .weights import WeightRuntime
+
+__all__ = ["Executor", "Runtime"]
+
+
+class Runtime:
+    """Run-time state of one compiled graph (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        backend: DeviceBackend,
+        weights: WeightRuntime,
+        activations: ActivationEstimate,
+        in_place_weight_bytes: int,
+    ) -> None:
+        self.policy = policy
+        self.backend = backend
+        self.weights = weights
+        self.activations = activations
+        self.in_place_weight_bytes = in_place_weight_bytes
+        self.input_h2d_bytes = 0
+        self.d2h_bytes = 0
+        self.peak_device_bytes = 0
+        self.last_activation_bytes = 0
+
+    # -- called by the ops ---------------------------------------------------------------
+
+    def copy_in(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        self.input_h2d_bytes += x.numel() * x.element_size()
+        return x.to(device)
+
+    def copy_out(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        self.d2h_bytes += x.numel() * x.element_size()
+        return x.to(device)
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def weight_device_bytes(self) -> int:
+        """Device bytes held for weights: used in place, resident copies and the slot ring."""
+        return self.in_place_weight_bytes + self.weights.device_bytes
+
+    def device_bytes_for(self, activation_bytes: int) -> int:
+        reserve = CUDA_WORKSPACE_RESERVE + activation_bytes // 10 if self.backend.device.type == "cuda" else 0
+        return self.weight_device_bytes() + activation_bytes + reserve
+
+    def begin_call(self, args: Sequence[Any]) -> None:
+        """Check that this call fits the device budget, before anything runs."""
+        activation = self.activations.evaluate(args)
+        need = self.device_bytes_for(activation)
+        budget = self.policy.device_budget
+        if budget is not None and need > budget:
+            raise BudgetError(
+                f"this call needs {format_bytes(need)} ({need} bytes) of device memory: weights "
+                f"{format_bytes(self.weight_device_bytes())} + activations {format_bytes(activation)} for its shapes, "
+                f"above device_memory={format_bytes(budget)}; the placement was planned for activations of "
+                f"{format_bytes(self.activations.hint)}. Use smaller batches or a larger budget"
+            )
+        self.last_activation_bytes = activation
+        self.peak_device_bytes = max(self.peak_device_bytes, need)
+        self.weights.begin_call()
+
+    def stats(self) -> dict[str, Any]:
+        weight_h2d = self.weights.weight_h2d_bytes
+        return {
+            "device_budget": self.policy.device_budget,
+            "peak_device_bytes": self.peak_device_bytes,
+            "weight_device_bytes": self.weight_device_bytes(),
+            "activation_bytes_last_call": self.last_activation_bytes,
+            "setup_h2d_bytes": self.weights.setup_h2d_bytes,
+            "weight_h2d_bytes": weight_h2d,
+            "input_h2d_bytes": self.input_h2d_bytes,
+            "h2d_bytes": weight_h2d + self.input_h2d_bytes,
+            "d2h_bytes": self.d2h_bytes,
+            "prefetches": self.weights.prefetches,
+        }
 
 
 class Executor:
@@ -16,15 +105,17 @@ class Executor:
     Compiled models are inference-only: the schedule runs under ``torch.no_grad()``.
     """
 
-    def __init__(self, schedule: fx.GraphModule) -> None:
+    def __init__(self, schedule: fx.GraphModule, runtime: Runtime) -> None:
         self.schedule = schedule
+        self.runtime = runtime
         self.calls = 0
 
     def __call__(self, *args: Any) -> Any:
-        with torch.no_grad():
+        self.runtime.begin_call(args)
+        with bind(self.runtime), torch.no_grad():
             out = self.schedule(*args)
         self.calls += 1
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"calls": self.calls}
+        return {"calls": self.calls, **self.runtime.stats()}

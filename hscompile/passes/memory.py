@@ -1,0 +1,126 @@
+"""Memory pass: estimate the activation memory one call needs on the device.
+
+Precondition: ``graph`` is the dynamo graph ``plan`` was made from; its nodes carry fake values.
+
+Postcondition: an :class:`ActivationEstimate`: the peak, over the graph's execution order, of
+the bytes of live non-weight values (user inputs included), freeing each value after its last
+use and counting views as free. That is what eager execution of the same ops would hold at
+once; the compiled partitions fuse ops and hold less. With dynamic shapes the estimate is an
+expression in the graph's size placeholders, evaluated for every call before it runs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from .graph_utils import fake_value
+from .plan import ModelPlan
+
+__all__ = ["ActivationEstimate", "estimate_activations"]
+
+_VIEW_METHODS = frozenset(
+    {"view", "transpose", "permute", "expand", "expand_as", "unsqueeze", "squeeze", "t", "narrow", "select",
+     "as_strided", "split", "chunk", "unbind", "unflatten", "detach", "view_as", "size", "dim"}
+)
+_VIEW_FUNCTIONS: frozenset[object] = frozenset(
+    {torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.narrow, torch.select, torch.split,
+     torch.chunk, torch.unbind, torch.t, torch.as_strided, torch.Tensor.view, torch.Tensor.expand}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationEstimate:
+    """Peak activation bytes of one call, possibly depending on symbolic sizes."""
+
+    expr: sympy.Expr
+    symbols: tuple[tuple[int, sympy.Symbol], ...]
+    """``(placeholder position, symbol)``: where each size symbol's value arrives at run time."""
+    hint: int
+    """The value for the sizes the graph was captured with."""
+
+    def evaluate(self, args: Sequence[Any]) -> int:
+        """The estimate for a call with these schedule arguments."""
+        if not self.symbols:
+            return self.hint
+        values = {symbol: int(args[position]) for position, symbol in self.symbols}
+        return int(self.expr.xreplace(values))
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            index = node.args[1]
+            items = index if isinstance(index, tuple) else (index,)
+            # Basic indexing (ints, slices, None, Ellipsis) is a view; tensor indices gather a copy.
+            return not any(isinstance(i, fx.Node) for i in items)
+        return node.target in _VIEW_FUNCTIONS
+    return False
+
+
+def _size_expr(size: object) -> sympy.Expr:
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))  # type: ignore[call-overload]
+
+
+def _bytes(value: object) -> sympy.Expr:
+    if isinstance(value, torch.Tensor):
+        numel: sympy.Expr = sympy.Integer(1)
+        for size in value.shape:
+            numel = numel * _size_expr(size)
+        return numel * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum((_bytes(v) for v in value), sympy.Integer(0))
+    return sympy.Integer(0)
+
+
+def estimate_activations(graph: fx.GraphModule, plan: ModelPlan) -> ActivationEstimate:
+    """See the module docstring."""
+    weights = {w.node for w in plan.global_weights} | {w.node for layer in plan.layers for w in layer.weights}
+    nodes = list(graph.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for position, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last_use[arg] = position
+    live: dict[fx.Node, sympy.Expr] = {}
+    current = peak = sympy.Integer(0)
+    for position, node in enumerate(nodes):
+        if node.op == "output" or node.name in weights:
+            continue
+        size = sympy.Integer(0) if _is_view(node) else _bytes(fake_value(node))
+        if size != 0 and node in last_use:
+            live[node] = size
+            current = current + size
+            peak = sympy.Max(peak, current)
+        elif size != 0:  # produced and returned (or unused): live only at this step
+            peak = sympy.Max(peak, current + size)
+        for arg in node.all_input_nodes:
+            if last_use.get(arg) == position and arg in live:
+                current = current - live.pop(arg)
+    # Values returned by the graph stay alive past its end.
+    output = next(n for n in nodes if n.op == "output")
+    returned = sum((_bytes(fake_value(n)) for n in output.all_input_nodes if n.name not in weights), sympy.Integer(0))
+    peak = sympy.Max(peak, returned)
+
+    symbols: list[tuple[int, sympy.Symbol]] = []
+    hints: dict[sympy.Symbol, int] = {}
+    for position, node in enumerate(n for n in nodes if n.op == "placeholder"):
+        value = fake_value(node)
+        if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+            symbols.append((position, value.node.expr))
+            if value.node.hint is not None:  # the size the graph was captured with
+                hints[value.node.expr] = int(value.node.hint)
+    missing = peak.free_symbols - set(hints)
+    if missing:
+        raise ValueError(f"activation estimate depends on sizes that are not graph inputs: {sorted(map(str, missing))}")
+    hint = int(peak.xreplace(hints))
+    return ActivationEstimate(expr=peak if symbols else sympy.Integer(hint), symbols=tuple(symbols), hint=hint)

@@ -1,0 +1,178 @@
+"""Weights at run time: the host weight store, resident device copies and the device slot ring.
+
+* **Host store**: each streamed layer's weights packed into one host buffer (pinned on CUDA,
+  so copies are asynchronous). The model's parameters are re-pointed at views of that buffer,
+  so host memory holds each weight once.
+* **Resident copies**: groups the policy keeps on the device are packed into a device buffer
+  once, when the runtime is built (or, when the weights already live on the compute device,
+  used where they are and not copied at all).
+* **Slot ring**: ``ring_slots`` device buffers of the largest streamed layer. The streamed
+  layer at position ``i`` of the streamed order always uses slot ``i % ring_slots``; a
+  prefetch into a slot waits for the release of its previous occupant.
+
+Every copy is counted: ``setup_h2d_bytes`` (resident copies, once) and ``weight_h2d_bytes``
+(setup plus every prefetch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..layout import GroupLayout
+from ..policy import Policy
+from .device import DeviceBackend
+
+__all__ = ["WeightRuntime"]
+
+
+@dataclass(slots=True)
+class _Slot:
+    buffer: torch.Tensor
+    occupant: int | None = None
+    ready: Any = None
+    free: Any = None
+    compute_start: Any = None
+
+
+def _pack(flat: torch.Tensor, layout: GroupLayout, sources: dict[str, torch.Tensor]) -> None:
+    for packed in layout.weights:
+        view = flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
+        view.copy_(sources[packed.node])
+
+
+def _views(flat: torch.Tensor, layout: GroupLayout) -> dict[str, torch.Tensor]:
+    return {
+        packed.node: flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
+        for packed in layout.weights
+    }
+
+
+class WeightRuntime:
+    """Serves ``wait_weights`` / ``prefetch_weights`` / ``release_weights`` for one compiled graph."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        layouts: dict[int, GroupLayout],
+        weights: dict[str, torch.Tensor],
+        backend: DeviceBackend,
+    ) -> None:
+        """``weights`` maps placeholder names to the model's weight tensors (dynamo's example inputs)."""
+        self.backend = backend
+        self.layouts = layouts
+        self.setup_h2d_bytes = 0
+        self.streamed_h2d_bytes = 0
+        self.prefetches = 0
+        self._resident: dict[int, torch.Tensor] = {}
+        self._host: dict[int, torch.Tensor] = {}
+        self._slot_of: dict[int, int] = {}
+
+        staging = []  # host buffers must outlive their asynchronous copies
+        for group in policy.copied_groups:
+            layout = layouts[group]
+            staging.append(self._host_buffer(layout, weights, repoint=False))
+            flat = backend.device_buffer(layout.nbytes)
+            backend.copy_to_device(flat, staging[-1], after=None, label=f"resident {group}")
+            self._resident[group] = flat
+            self.setup_h2d_bytes += layout.nbytes
+        backend.synchronize()
+        del staging
+
+        for position, group in enumerate(policy.streamed_layers):
+            self._host[group] = self._host_buffer(layouts[group], weights, repoint=True)
+            self._slot_of[group] = position % policy.ring_slots
+        self._slots = [_Slot(backend.device_buffer(policy.slot_bytes)) for _ in range(policy.ring_slots if policy.streamed_layers else 0)]
+
+    # -- building ------------------------------------------------------------------------
+
+    def _host_buffer(self, layout: GroupLayout, weights: dict[str, torch.Tensor], *, repoint: bool) -> torch.Tensor:
+        """The group's packed host buffer, reusing one an earlier compilation made for the same weights."""
+        sources = {p.node: weights[p.node] for p in layout.weights}
+        existing = _packed_storage(layout, sources)
+        if existing is not None and (existing.is_pinned() or self.backend.device.type != "cuda"):
+            return existing
+        flat = self.backend.host_buffer(layout.nbytes)
+        _pack(flat, layout, sources)
+        if repoint:
+            # The store now holds these weights; point the model at it so host memory holds them once.
+            for node, view in _views(flat, layout).items():
+                sources[node].data = view
+        return flat
+
+    # -- the ops -------------------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        """Reset the ring: a call that raised midway may have left slots occupied."""
+        for slot in self._slots:
+            slot.occupant = None
+
+    def prefetch(self, group: int) -> None:
+        slot = self._slots[self._slot_of[group]]
+        if slot.occupant is not None:
+            raise RuntimeError(
+                f"prefetch of layer {group} into a slot still held by layer {slot.occupant}: the schedule must "
+                "release a slot before reusing it"
+            )
+        layout = self.layouts[group]
+        slot.ready = self.backend.copy_to_device(
+            slot.buffer.narrow(0, 0, layout.nbytes), self._host[group], after=slot.free, label=f"layer {group}"
+        )
+        slot.occupant = group
+        self.streamed_h2d_bytes += layout.nbytes
+        self.prefetches += 1
+
+    def wait(self, group: int) -> torch.Tensor:
+        resident = self._resident.get(group)
+        if resident is not None:
+            return resident
+        slot = self._slots[self._slot_of[group]]
+        if slot.occupant != group:
+            raise RuntimeError(f"wait for layer {group}, which was not prefetched (its slot holds {slot.occupant})")
+        self.backend.wait(slot.ready)
+        slot.compute_start = self.backend.mark(f"layer {group}")
+        return slot.buffer.narrow(0, 0, self.layouts[group].nbytes)
+
+    def release(self, group: int) -> None:
+        if group in self._resident:
+            return
+        slot = self._slots[self._slot_of[group]]
+        if slot.occupant != group:
+            raise RuntimeError(f"release of layer {group}, which does not hold a slot")
+        self.backend.end_mark(f"layer {group}", slot.compute_start)
+        slot.free = self.backend.record()
+        slot.occupant = None
+
+    # -- accounting ----------------------------------------------------------------------
+
+    @property
+    def weight_h2d_bytes(self) -> int:
+        return self.setup_h2d_bytes + self.streamed_h2d_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory this runtime holds for weights: resident copies and the slot ring."""
+        return sum(t.numel() for t in self._resident.values()) + sum(s.buffer.numel() for s in self._slots)
+
+    def host_buffers(self) -> Sequence[torch.Tensor]:
+        return list(self._host.values())
+
+
+def _packed_storage(layout: GroupLayout, sources: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The flat buffer the group's weights already are views of, if an earlier store packed them."""
+    storages = {t.untyped_storage().data_ptr() for t in sources.values()}
+    if len(storages) != 1:
+        return None
+    first = next(iter(sources.values()))
+    storage = first.untyped_storage()
+    if storage.nbytes() != layout.nbytes:
+        return None
+    flat = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, 0, (layout.nbytes,), (1,))
+    for packed in layout.weights:
+        tensor = sources[packed.node]
+        if tensor.storage_offset() * tensor.element_size() != packed.offset or tuple(tensor.shape) != packed.shape:
+            return None
+    return flat

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from models import tiny_model
+
+from hscompile.cli import main
+
+LLAMA_13B = {
+    "model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+    "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "torch_dtype": "float16",
+}
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps table cells at the terminal width
+
+
+def test_inspect_a_13b_config_in_well_under_a_minute(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_13B))
+    start = time.perf_counter()
+    code = main(["inspect", str(path), "--device", "cuda", "--device-memory", "8GiB", "--batch", "4", "--seq", "512"])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert code == 0
+    assert elapsed < 60, elapsed
+    assert "40 x LlamaDecoderLayer" in out and "not loaded" in out
+    assert re.search(r"layers \d+-38: prefetch\(L\+1, 605\.02 MiB\) -> wait\(L\) -> attn_in", out)
+    assert "streamed: slot 0, prefetched" in out and "resident (copied once)" in out
+    assert "budget 8.00 GiB" in out
+
+
+def test_inspect_a_local_checkpoint_directory_reads_no_weights(tmp_path, capsys):
+    model = tiny_model("qwen2", layers=4)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
+    assert main(["inspect", str(tmp_path), "--device", "cpu", "--device-memory", "500KiB", "--seq", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "4 x Qwen2DecoderLayer" in out and "streamed" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["inspect", "/nonexistent/config.json"], "does not exist"),
+        (["inspect", "{dir}"], "no config.json"),
+        (["inspect", "{config}", "--device-memory", "lots"], "device_memory"),
+        (["inspect", "{config}", "--device", "cpu", "--device-memory", "1KiB"], "minimum working set"),
+    ],
+)
+def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys, args, message):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**LLAMA_13B, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 128}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.format(dir=empty, config=config) for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().out
