@@ -16,6 +16,7 @@ from . import ops  # noqa: F401  (registers torch.ops.hybridserve.*)
 from .backend import BACKEND_NAME, CompiledModel, hybridserve_backend, register
 from .config import OPTIONS, HybridServeConfig
 from .errors import BudgetError, ConfigError, HybridServeError, UnsupportedModelError
+from .generation import Generator, generate
 from .inspection import Inspection, inspect
 from .passes.plan import ModelPlan
 from .planning import plan_model
@@ -28,6 +29,7 @@ __all__ = [
     "CompiledModel",
     "ConfigError",
     "DeviceMemoryPlan",
+    "Generator",
     "HybridServeConfig",
     "HybridServeError",
     "Inspection",
@@ -35,6 +37,7 @@ __all__ = [
     "Policy",
     "UnsupportedModelError",
     "hybridserve_backend",
+    "generate",
     "inspect",
     "plan_model",
 ]

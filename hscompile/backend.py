@@ -19,18 +19,31 @@ import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import HybridServeConfig
-from .errors import ConfigError, HybridServeError, surface_through_dynamo
+from .errors import (
+    ConfigError,
+    HybridServeError,
+    UnsupportedModelError,
+    surface_through_dynamo,
+)
 from .passes.analyze import analyze
 from .passes.graph_utils import fake_value
-from .passes.lower import LoweringReport, lower
+from .passes.kvcache import rewrite_for_cache
+from .passes.lower import LoweringReport, lower, lower_module
 from .passes.manager import PassManager, PassSpec
 from .passes.memory import ActivationEstimate, estimate_activations
-from .passes.offload import offload
-from .passes.partition import partition
-from .passes.placement import group_layouts, place
+from .passes.offload import offload, retarget_graph
+from .passes.partition import partition, stub_cache_updates
+from .passes.placement import group_layouts, place, resolve_act_ratio
 from .passes.plan import ModelPlan
+from .passes.recompute import (
+    RecomputeProgram,
+    build_recompute_program,
+    check_token_locality,
+)
 from .passes.schedule import ScheduleReport, verify_schedule
-from .policy import Policy
+from .policy import CacheBudget, Policy
+from .runtime.blocks import CacheSpec
+from .runtime.cache import CacheRuntime
 from .runtime.device import device_backend
 from .runtime.executor import Executor, Runtime
 from .runtime.weights import WeightRuntime
@@ -43,20 +56,69 @@ def _verify(schedule: fx.GraphModule, policy: Policy) -> ScheduleReport:
     return verify_schedule(schedule, policy.ring_slots)
 
 
-PLAN_PASSES = (
-    PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
-    PassSpec("estimate_activations", estimate_activations, requires=("graph", "plan"), provides=("activations",)),
-    PassSpec("place", place, requires=("plan", "activations", "example_inputs", "config"), provides=("policy",)),
-    PassSpec("partition", partition, requires=("graph", "plan"), provides=("partitioned",)),
-    PassSpec("offload", offload, requires=("partitioned", "plan", "policy"), provides=("schedule",)),
-    PassSpec("verify_schedule", _verify, requires=("schedule", "policy"), provides=("schedule_report",)),
-)
-PIPELINE = PassManager(
-    (*PLAN_PASSES, PassSpec("lower", lower, requires=("schedule", "fake_inputs", "lowering"), provides=("lowered", "lowering_report")))
-)
-"""analyze -> estimate_activations -> place -> partition -> offload -> verify_schedule -> lower."""
-PLAN_ONLY = PassManager(PLAN_PASSES)
-"""The pipeline without lowering: what ``hscompile inspect PATH`` runs on a meta-device model."""
+def _partition_for_generation(graph: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
+    return partition(stub_cache_updates(graph, plan), plan, generation=True)
+
+
+def _recompute_program(
+    graph: fx.GraphModule, plan: ModelPlan, example_inputs: Sequence[Any], config: HybridServeConfig, policy: Policy
+) -> RecomputeProgram | UnsupportedModelError:
+    """The graph's K/V recompute program, lowered for the compute device, checked token-local;
+    or why there is none (the cache then stores this graph's tokens as K/V)."""
+    try:
+        return _build_program(graph, plan, example_inputs, config, policy)
+    except UnsupportedModelError as why:
+        return why
+
+
+def _build_program(
+    graph: fx.GraphModule, plan: ModelPlan, example_inputs: Sequence[Any], config: HybridServeConfig, policy: Policy
+) -> RecomputeProgram:
+    device, trace = torch.device(policy.device), torch.device(policy.weights_device)
+
+    def lower_piece(module: fx.GraphModule) -> Any:
+        if trace != device:
+            module = retarget_graph(module, trace, device)
+        return lower_module(module, config.lowering, device if trace != device else None)
+
+    program = build_recompute_program(graph, plan, lower_piece)
+    weights = {w.node: example_inputs[w.input_index] for w in (*plan.global_weights, *plan.layers[0].weights)}
+    check_token_locality(build_recompute_program(graph, plan, lambda module: module), plan, weights)
+    return program
+
+
+def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
+    """The pipeline: analyze -> estimate_activations -> place -> partition [-> kvcache] -> offload
+    -> verify_schedule [-> lower]. Generation graphs get the cache pass; planning skips lowering."""
+    passes = [
+        PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
+        PassSpec("estimate_activations", estimate_activations, requires=("graph", "plan"), provides=("activations",)),
+        PassSpec("place", place, requires=("plan", "activations", "example_inputs", "config", "cache"), provides=("policy",)),
+    ]
+    if generation:
+        passes += [
+            PassSpec("partition", _partition_for_generation, requires=("graph", "plan"), provides=("partitioned",)),
+            PassSpec("recompute_program", _recompute_program,
+                     requires=("graph", "plan", "example_inputs", "config", "policy"), provides=("program",)),
+            PassSpec("kvcache", rewrite_for_cache, requires=("partitioned", "plan", "policy"), provides=("cached",)),
+        ]
+    else:
+        passes.append(PassSpec("partition", partition, requires=("graph", "plan"), provides=("partitioned",)))
+    passes += [
+        PassSpec("offload", offload, requires=("cached" if generation else "partitioned", "plan", "policy"), provides=("schedule",)),
+        PassSpec("verify_schedule", _verify, requires=("schedule", "policy"), provides=("schedule_report",)),
+    ]
+    if lowering:
+        passes.append(PassSpec("lower", lower, requires=("schedule", "fake_inputs", "lowering"), provides=("lowered", "lowering_report")))
+    return tuple(passes)
+
+
+PIPELINE = PassManager(_passes(generation=False, lowering=True))
+"""What ``backend="hybridserve"`` runs on every captured graph."""
+GENERATION_PIPELINE = PassManager(_passes(generation=True, lowering=True))
+"""What :class:`hscompile.Generator` runs: the same, with each attention reading the hybrid cache."""
+PLAN_ONLY = PassManager(_passes(generation=False, lowering=False))
+"""Everything but lowering: what ``hscompile inspect PATH`` runs on a meta-device model."""
 
 
 @dataclass(eq=False)
@@ -118,6 +180,7 @@ class _CompiledRegistry:
 
     def __init__(self) -> None:
         self._by_tensor: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._sessions: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sequence = itertools.count(1)
 
     def next_sequence(self) -> int:
@@ -128,6 +191,19 @@ class _CompiledRegistry:
         for value in example_inputs:
             if isinstance(value, torch.nn.Parameter):
                 self._by_tensor.setdefault(value, []).append(ref)
+
+    def session(self, example_inputs: Sequence[Any], config: HybridServeConfig, plan: ModelPlan) -> CacheRuntime:
+        """The hybrid cache of a model driven by transformers' generation loop (one per model and options)."""
+        anchor = next(x for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        sessions = self._sessions.setdefault(anchor, {})
+        key = repr(sorted(config.to_options().items()))
+        if key not in sessions:
+            sessions[key] = CacheRuntime(
+                device=config.device,
+                act_ratio=resolve_act_ratio(config, plan.hidden_size, plan.layers[0].attention.kv_values_per_token),
+                host_budget=config.memory.host_memory,
+            )
+        return sessions[key]
 
     def lookup(self, tensors: Sequence[torch.Tensor]) -> list[CompiledModel]:
         found: dict[int, CompiledModel] = {}
@@ -160,7 +236,13 @@ def _config_from(kwargs: dict[str, Any]) -> HybridServeConfig:
     return HybridServeConfig.from_options(kwargs.get("options"))
 
 
-def _runtime(plan: ModelPlan, policy: Policy, activations: ActivationEstimate, example_inputs: Sequence[Any]) -> Runtime:
+def _runtime(
+    plan: ModelPlan,
+    policy: Policy,
+    activations: ActivationEstimate,
+    example_inputs: Sequence[Any],
+    cache: CacheRuntime | None,
+) -> Runtime:
     backend = device_backend(torch.device(policy.device))
     weights = {w.node: example_inputs[w.input_index] for w in plan.global_weights}
     weights |= {w.node: example_inputs[w.input_index] for layer in plan.layers for w in layer.weights}
@@ -170,16 +252,25 @@ def _runtime(plan: ModelPlan, policy: Policy, activations: ActivationEstimate, e
         if policy.weights_in_place
         else 0
     )
-    return Runtime(policy, backend, weight_runtime, activations, in_place)
+    return Runtime(policy, backend, weight_runtime, activations, in_place, cache)
 
 
 def compile_graph(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], config: HybridServeConfig, *, plan_only: bool = False
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: HybridServeConfig,
+    *,
+    plan_only: bool = False,
+    cache: tuple[CacheBudget, CacheRuntime] | None = None,
+    strict_cache: bool = True,
 ) -> CompiledModel:
     """Run the pipeline on one dynamo graph and build what dynamo will call.
 
     ``plan_only`` stops before lowering and builds no runtime: nothing is compiled, allocated
-    or copied (used to inspect models on the meta device).
+    or copied (used to inspect models on the meta device). ``cache`` makes it a generation
+    graph whose attention reads and extends the hybrid cache that runtime serves; with
+    ``strict_cache`` a graph from which K/V cannot be recomputed is an error, without it the
+    cache stores that graph's tokens as K/V only.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sequence = _REGISTRY.next_sequence()
@@ -189,12 +280,26 @@ def compile_graph(
         "fake_inputs": [fake_value(n) for n in placeholders],
         "config": config,
         "lowering": config.lowering,
+        "cache": cache[0] if cache is not None else None,
     }
-    result = (PLAN_ONLY if plan_only else PIPELINE).run(inputs, tag=f"graph{sequence}")
+    pipeline = PLAN_ONLY if plan_only else GENERATION_PIPELINE if cache is not None else PIPELINE
+    result = pipeline.run(inputs, tag=f"graph{sequence}")
     artifacts = result.artifacts
     executor = None
+    if cache is not None:
+        cache[1].configure(CacheSpec.from_plan(artifacts["plan"], config.cache.block_size))
+        program = artifacts["program"]
+        if isinstance(program, UnsupportedModelError):
+            if strict_cache and cache[0].act_ratio > 0:
+                raise program
+            cache[1].no_program = str(program)
+        else:
+            cache[1].offer(program)
     if not plan_only:
-        runtime = _runtime(artifacts["plan"], artifacts["policy"], artifacts["activations"], example_inputs)
+        runtime = _runtime(
+            artifacts["plan"], artifacts["policy"], artifacts["activations"], example_inputs,
+            cache[1] if cache is not None else None,
+        )
         executor = Executor(artifacts["lowered"], runtime)
     return CompiledModel(
         config=config,
@@ -214,10 +319,19 @@ def hybridserve_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwa
 
     ``kwargs`` are what ``torch.compile`` forwards: ``options`` (see
     :class:`~hscompile.config.HybridServeConfig`) and ``mode`` (only ``"default"``).
+
+    A graph that extends a transformers cache (``model.generate`` calling a model compiled
+    with this backend) is compiled with the hybrid cache: the model's attention state lives
+    in hscompile's host block pools, and the cache object it returns holds placeholders.
     """
     try:
         config = _config_from(kwargs)
-        compiled = compile_graph(gm, example_inputs, config)
+        cache = None
+        plan = analyze(gm)
+        if plan.layers[0].attention.past_key is not None:
+            session = _REGISTRY.session(example_inputs, config, plan)
+            cache = (CacheBudget(act_ratio=session.act_ratio, staging_bytes=0), session)
+        compiled = compile_graph(gm, example_inputs, config, cache=cache, strict_cache=False)
     except HybridServeError as error:
         raise surface_through_dynamo(error) from None
     _REGISTRY.record(compiled, example_inputs)

@@ -6,7 +6,18 @@ from dataclasses import dataclass
 
 from .layout import GLOBAL_GROUP
 
-__all__ = ["DeviceMemoryPlan", "Policy"]
+__all__ = ["CacheBudget", "DeviceMemoryPlan", "Policy"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheBudget:
+    """What a generation graph's placement must leave room for."""
+
+    act_ratio: float
+    """Fraction of cached tokens kept as activation checkpoints."""
+    staging_bytes: int
+    """Device bytes one layer's cache steps hold at once at the longest context this graph will
+    see (loaded K/V and checkpoints, recomputed K/V, the padded past, the mask)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +33,12 @@ class DeviceMemoryPlan:
     """Estimated activation peak of the call the plan was made for (eager liveness bound)."""
     reserve: int
     """Headroom for library workspaces (cuBLAS, attention kernels) that no graph shows."""
+    cache_staging: int = 0
+    """Device bytes for the cache steps of one layer (generation graphs only)."""
 
     @property
     def total(self) -> int:
-        return self.global_weights + self.resident_layers + self.ring + self.activations + self.reserve
+        return self.global_weights + self.resident_layers + self.ring + self.activations + self.reserve + self.cache_staging
 
 
 @dataclass(frozen=True, slots=True)

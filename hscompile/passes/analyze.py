@@ -49,7 +49,14 @@ from .graph_utils import (
     slice_inputs,
     static_int,
 )
-from .plan import AttentionSite, LayerPlan, ModelPlan, RecomputeSlice, WeightRef
+from .plan import (
+    AttentionSite,
+    LayerPlan,
+    ModelPlan,
+    PositionSlice,
+    RecomputeSlice,
+    WeightRef,
+)
 
 __all__ = ["analyze"]
 
@@ -137,7 +144,9 @@ class _Analysis:
         hidden_size = static_int(hidden_shape[-1])
         if hidden_size is None:
             raise UnsupportedModelError(f"the hidden size of {first_input.name!r} is symbolic ({hidden_shape[-1]}); it must be static")
+        sizes = {p for p, src in self.sources.items() if src.kind == "size"}
         return ModelPlan(
+            positions=self._position_slice(layers, set(pre), sizes),
             layer_container=container,
             layers=tuple(layers),
             pre_nodes=tuple(n.name for n in pre),
@@ -414,6 +423,10 @@ class _Analysis:
                 f"attention {sdpa.name!r} in {path}: key/value head_dim {k_shape[3]}/{v_shape[3]} differs from the "
                 f"query's {head_dim}; hscompile supports equal head dims"
             )
+        new_key, past_key = self._cache_concat(key)
+        new_value, past_value = self._cache_concat(value)
+        if (past_key is None) != (past_value is None):
+            raise UnsupportedModelError(f"attention {sdpa.name!r} in {path}: only one of K and V extends a cache")
         chain = set(key_chain) | set(value_chain)
         # A replication node is dropped only when nothing but the chain or attention reads it.
         repeat = [n for n in self.nodes if n in chain and all(u in chain or u is sdpa for u in n.users)]
@@ -432,7 +445,26 @@ class _Analysis:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             repeat_nodes=tuple(n.name for n in repeat),
+            new_key=new_key.name,
+            new_value=new_value.name,
+            past_key=past_key.name if past_key is not None else None,
+            past_value=past_value.name if past_value is not None else None,
         )
+
+    @staticmethod
+    def _cache_concat(node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+        """``(new, past)`` when ``node`` is transformers' cache update ``cat([past, new], dim=-2)``."""
+        if not (node.op == "call_function" and node.target is torch.cat):
+            return node, None
+        parts = node.args[0]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (2, -2)):
+            return node, None
+        past, new = parts
+        new_shape = _shape(new)
+        if new_shape is None or len(new_shape) != 4:
+            return node, None
+        return new, past
 
     def _before_head_replication(
         self, start: fx.Node, num_heads: int, members: set[fx.Node]
@@ -482,7 +514,8 @@ class _Analysis:
     def _recompute_slice(
         self, path: str, attention: AttentionSite, members: set[fx.Node], hidden_input: fx.Node, own_weights: set[fx.Node]
     ) -> RecomputeSlice:
-        key, value = self._by_name(attention.key), self._by_name(attention.value)
+        # Recompute the new tokens' K/V from their checkpoint: never the cache's past.
+        key, value = self._by_name(attention.new_key), self._by_name(attention.new_value)
         nodes = backward_slice([key, value], inside=lambda n: n in members)
         inputs = slice_inputs(nodes)
         if hidden_input not in inputs:
@@ -499,6 +532,51 @@ class _Analysis:
             external_inputs=tuple(n.name for n in external),
             key=key.name,
             value=value.name,
+        )
+
+    def _position_slice(self, layers: list[LayerPlan], pre: set[fx.Node], sizes: set[fx.Node]) -> PositionSlice | None:
+        """Slice the recompute slices' non-size external inputs back to one integer position tensor."""
+        outputs: dict[fx.Node, None] = {}
+        for layer in layers:
+            for name in layer.recompute.external_inputs:
+                node = self._by_name(name)
+                if node not in sizes:
+                    outputs[node] = None
+        if not outputs:
+            return None
+
+        def integer(node: fx.Node) -> bool:
+            value = fake_value(node)
+            return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool
+
+        outside = [n for n in outputs if n not in pre]
+        if outside:
+            raise UnsupportedModelError(
+                f"the K/V recompute slices read {outside[0].name!r}, which is not computed before the layers; K/V can "
+                "only be recomputed from a checkpoint when their other inputs depend on positions alone"
+            )
+        def integer_view(node: fx.Node) -> bool:
+            # position_ids[:, None, :] and kin: walk through to the base (batch, seq) positions.
+            return integer(node) and self._is_replication_op(node) and all(integer(a) for a in node.all_input_nodes)
+
+        nodes = backward_slice(outputs, inside=lambda n: n in pre and (not integer(n) or integer_view(n)))
+        inputs = slice_inputs(nodes)
+        position_inputs = [n for n in inputs if integer(n)]
+        weights = [n for n in inputs if n in self.weights]
+        size_inputs = [n for n in inputs if n in sizes]
+        others = [n for n in inputs if n not in position_inputs and n not in weights and n not in size_inputs]
+        if others or len(position_inputs) != 1:
+            read = ", ".join(n.name for n in (others or position_inputs)) or "no position tensor"
+            raise UnsupportedModelError(
+                "the position-dependent inputs of the K/V recompute slices (rotary tables) must be computed from one "
+                f"integer position tensor and buffers; they read {read}"
+            )
+        return PositionSlice(
+            nodes=tuple(n.name for n in nodes),
+            positions=position_inputs[0].name,
+            weights=tuple(n.name for n in weights),
+            sizes=tuple(n.name for n in size_inputs),
+            outputs=tuple(n.name for n in outputs),
         )
 
     # -- small helpers -------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch._guards import detect_fake_mode
 
 from .partition import Partition
 
-__all__ = ["LoweringReport", "lower"]
+__all__ = ["LoweringReport", "lower", "lower_module"]
 
 
 @dataclass(slots=True)
@@ -97,18 +97,40 @@ class _ExampleRecorder(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
 
-def _partition_examples(schedule: fx.GraphModule, fake_inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+def _remake(fake_inputs: Sequence[Any], device: torch.device | None = None) -> tuple[Any, list[Any]]:
     # Inside a dynamo backend the ambient fake mode is a fresh one made for the backend (it
     # shares the ShapeEnv, so symbolic sizes carry over); Inductor insists that its example
     # inputs belong to it. Re-make each input in that mode from its recorded metadata.
     fake_mode = detect_fake_mode() or detect_fake_mode(list(fake_inputs))
     if fake_mode is None:
         raise RuntimeError("lowering needs fake example inputs (dynamo's example values); found none")
-    recorder = _ExampleRecorder(schedule)
-    with fake_mode, torch.no_grad():
+    with fake_mode:
         inputs = [
-            torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) if isinstance(x, torch.Tensor) else x
+            torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device or x.device)
+            if isinstance(x, torch.Tensor)
+            else x
             for x in fake_inputs
         ]
+    return fake_mode, inputs
+
+
+def _partition_examples(schedule: fx.GraphModule, fake_inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
+    fake_mode, inputs = _remake(fake_inputs)
+    recorder = _ExampleRecorder(schedule)
+    with fake_mode, torch.no_grad():
         recorder.run(*inputs)
     return recorder.examples
+
+
+def lower_module(gm: fx.GraphModule, lowering: str, device: torch.device | None = None) -> Callable[..., Any]:
+    """Lower a standalone piece (its placeholders carry fake values) with ``lowering``.
+
+    ``device`` re-makes the example inputs on another device (the piece's graph must already
+    be retargeted to it). Must run inside a dynamo backend call for ``"inductor"``.
+    """
+    if lowering == "eager":
+        return gm
+    fakes = [n.meta.get("val", n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder"]
+    _, inputs = _remake(fakes, device)
+    with torch.no_grad():
+        return _inductor_compile(gm, inputs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
@@ -35,22 +35,44 @@ _VIEW_FUNCTIONS: frozenset[object] = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ActivationEstimate:
-    """Peak activation bytes of one call, possibly depending on symbolic sizes."""
+    """Peak activation bytes of one call, possibly depending on symbolic sizes.
 
-    expr: sympy.Expr
+    Stored as the graph's allocation events rather than one closed form: ``events[i]`` lists
+    ``(+1 | -1, expression index)`` at step ``i``. Evaluating replays them with the call's sizes
+    (a few microseconds per node, memoised per set of sizes).
+    """
+
+    exprs: tuple[sympy.Expr, ...]
+    events: tuple[tuple[tuple[int, int], ...], ...]
     symbols: tuple[tuple[int, sympy.Symbol], ...]
     """``(placeholder position, symbol)``: where each size symbol's value arrives at run time."""
-    hint: int
+    hint: int = 0
     """The value for the sizes the graph was captured with."""
+    _values: Any = None
+    _memo: dict[tuple[int, ...], int] = field(default_factory=dict)
+
+    def _peak(self, sizes: tuple[int, ...]) -> int:
+        cached = self._memo.get(sizes)
+        if cached is not None:
+            return cached
+        if self._values is None:
+            self._values = sympy.lambdify([s for _, s in self.symbols], list(self.exprs), modules="math")
+        values = [int(v) for v in self._values(*sizes)] if self.exprs else []
+        current = peak = 0
+        for step in self.events:
+            for sign, index in step:
+                current += sign * values[index]
+                peak = max(peak, current)
+        self._memo[sizes] = peak
+        return peak
 
     def evaluate(self, args: Sequence[Any]) -> int:
         """The estimate for a call with these schedule arguments."""
         if not self.symbols:
             return self.hint
-        values = {symbol: int(args[position]) for position, symbol in self.symbols}
-        return int(self.expr.xreplace(values))
+        return self._peak(tuple(int(args[position]) for position, _ in self.symbols))
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -91,36 +113,47 @@ def estimate_activations(graph: fx.GraphModule, plan: ModelPlan) -> ActivationEs
     for position, node in enumerate(nodes):
         for arg in node.all_input_nodes:
             last_use[arg] = position
-    live: dict[fx.Node, sympy.Expr] = {}
-    current = peak = sympy.Integer(0)
+    index: dict[sympy.Expr, int] = {}
+
+    def expr_index(expr: sympy.Expr) -> int:
+        return index.setdefault(expr, len(index))
+
+    events: list[tuple[tuple[int, int], ...]] = []
+    live: dict[fx.Node, int] = {}
+    output = next(n for n in nodes if n.op == "output")
     for position, node in enumerate(nodes):
         if node.op == "output" or node.name in weights:
             continue
         size = sympy.Integer(0) if _is_view(node) else _bytes(fake_value(node))
-        if size != 0 and node in last_use:
-            live[node] = size
-            current = current + size
-            peak = sympy.Max(peak, current)
-        elif size != 0:  # produced and returned (or unused): live only at this step
-            peak = sympy.Max(peak, current + size)
+        step: list[tuple[int, int]] = []
+        if size != 0:
+            i = expr_index(size)
+            step.append((1, i))
+            if node in last_use and node not in output.all_input_nodes:
+                live[node] = i
+            elif node not in output.all_input_nodes:  # produced and unused: live only at this step
+                step.append((-1, i))
         for arg in node.all_input_nodes:
             if last_use.get(arg) == position and arg in live:
-                current = current - live.pop(arg)
-    # Values returned by the graph stay alive past its end.
-    output = next(n for n in nodes if n.op == "output")
-    returned = sum((_bytes(fake_value(n)) for n in output.all_input_nodes if n.name not in weights), sympy.Integer(0))
-    peak = sympy.Max(peak, returned)
+                step.append((-1, live.pop(arg)))
+        if step:
+            events.append(tuple(step))
 
     symbols: list[tuple[int, sympy.Symbol]] = []
     hints: dict[sympy.Symbol, int] = {}
     for position, node in enumerate(n for n in nodes if n.op == "placeholder"):
         value = fake_value(node)
         if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+            if any(value.node.expr == known for _, known in symbols):
+                continue  # two inputs of one size (e.g. input_ids and attention_mask lengths)
             symbols.append((position, value.node.expr))
             if value.node.hint is not None:  # the size the graph was captured with
                 hints[value.node.expr] = int(value.node.hint)
-    missing = peak.free_symbols - set(hints)
+    exprs = tuple(index)
+    free = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+    missing = free - {s for _, s in symbols}
     if missing:
         raise ValueError(f"activation estimate depends on sizes that are not graph inputs: {sorted(map(str, missing))}")
-    hint = int(peak.xreplace(hints))
-    return ActivationEstimate(expr=peak if symbols else sympy.Integer(hint), symbols=tuple(symbols), hint=hint)
+    estimate = ActivationEstimate(exprs=exprs, events=tuple(events), symbols=tuple(symbols))
+    estimate.hint = estimate._peak(tuple(hints.get(s, 1) for _, s in symbols)) if symbols else estimate._peak(())
+    return estimate

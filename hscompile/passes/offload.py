@@ -114,7 +114,7 @@ class _Builder:
         self.placeholders: dict[str, fx.Node] = {}
         """Captured-graph name -> new placeholder (the host weight, an argument of wait_weights)."""
         self.old_placeholders: dict[str, fx.Node] = {}
-        self.weight_nodes = {w.node for w in plan.global_weights} | {w.node for l in plan.layers for w in l.weights}
+        self.weight_nodes = {w.node for w in plan.global_weights} | {w.node for layer in plan.layers for w in layer.weights}
         self.pending_release: list[tuple[int, fx.Node]] = []
 
     def _emit(self, target: Any, args: tuple[Any, ...], kind: str, group: int | None) -> fx.Node:

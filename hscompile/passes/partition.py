@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,14 +42,47 @@ import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.hybridserve)
-from .graph_utils import backward_slice, extract_subgraph, fake_value, placeholder_source, slice_inputs, structural_key
+from .graph_utils import (
+    backward_slice,
+    extract_subgraph,
+    fake_value,
+    placeholder_source,
+    slice_inputs,
+    structural_key,
+)
 from .plan import ModelPlan
 
-__all__ = ["GRAPH_NAME", "Partition", "StepInfo", "partition", "step_info"]
+__all__ = ["GRAPH_NAME", "INPUT_NAMES", "Partition", "StepInfo", "partition", "step_info", "stub_cache_updates"]
+
+
+def stub_cache_updates(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
+    """Replace each transformers cache update ``cat([past, new], dim=-2)`` by ``hybridserve.cache_stub``.
+
+    Precondition: ``plan = analyze(gm)``. Postcondition: a copy of ``gm`` in which those nodes
+    (same names, same fake values) produce a tensor of the concatenation's shape that holds no
+    memory; whatever the model does with it (returns it to its cache object, slices it for a
+    sliding window) still holds, at no cost. The hybrid cache keeps the real state, and
+    attention reads the new tokens' K/V (``AttentionSite.new_key``). ``gm`` is unchanged.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    by_name = {n.name: n for n in graph.nodes}
+    for layer in plan.layers:
+        site = layer.attention
+        if site.past_key is None:
+            continue
+        for full, past, new in ((site.key, site.past_key, site.new_key), (site.value, site.past_value, site.new_value)):
+            node = by_name[full]
+            node.target = torch.ops.hybridserve.cache_stub.default
+            node.args, node.kwargs = (by_name[past], by_name[new]), {}
+    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    result.graph.lint()
+    return result
 
 StepKind = Literal[
     "pre", "attn_in", "attention", "attn_out", "post",  # compute (this pass)
     "prefetch", "wait", "release", "to_device", "to_host",  # data movement (the offload pass)
+    "load_kv", "load_act", "recompute", "store", "stub", "cache_step", "cache_commit",  # the hybrid cache
 ]
 
 
@@ -118,7 +151,7 @@ class _Piece:
 _GRAD_MODE_SWITCHES: frozenset[object] = frozenset({torch._C._set_grad_enabled})
 
 
-def _pieces(gm: fx.GraphModule, plan: ModelPlan) -> list[_Piece]:
+def _pieces(gm: fx.GraphModule, plan: ModelPlan, generation: bool) -> list[_Piece]:
     by_name = {n.name: n for n in gm.graph.nodes}
     pieces = [_Piece("pre", None, [by_name[n] for n in plan.pre_nodes])]
     for layer in plan.layers:
@@ -126,7 +159,8 @@ def _pieces(gm: fx.GraphModule, plan: ModelPlan) -> list[_Piece]:
         site = layer.attention
         sdpa = by_name[site.sdpa]
         dropped = {by_name[n] for n in site.repeat_nodes} | {sdpa}
-        seeds = [by_name[site.query], by_name[site.key], by_name[site.value]]
+        key, value = (site.new_key, site.new_value) if generation else (site.key, site.value)
+        seeds = [by_name[site.query], by_name[key], by_name[value]]
         if site.attn_mask is not None and by_name[site.attn_mask] in members:
             seeds.append(by_name[site.attn_mask])
         attn_in = backward_slice(seeds, inside=lambda n: n in members and n not in dropped)
@@ -170,9 +204,12 @@ def _rematerialize_sizes(pieces: list[_Piece]) -> None:
         piece.nodes = [n for n in graph_order if n in members]
 
 
+INPUT_NAMES = "hybridserve_input_names"
+"""Meta key of a partition call: the captured-graph names of the values it receives, in order."""
+
 GRAPH_NAME = "hybridserve_graph_name"
-"""Meta key of a schedule placeholder: the name of the captured graph's placeholder it stands
-for (the name the plan uses). Schedule placeholders get readable names instead."""
+"""Meta key of a schedule placeholder or partition output: the name of the captured graph's node
+it stands for (the name the plan uses). Schedule placeholders get readable names instead."""
 
 
 def _readable_name(node: fx.Node) -> str:
@@ -189,17 +226,22 @@ def _readable_name(node: fx.Node) -> str:
     return name if name and not name[0].isdigit() else f"_{name}"
 
 
-def _reads(piece: _Piece, plan: ModelPlan, by_name: dict[str, fx.Node]) -> list[fx.Node]:
+def _reads(piece: _Piece, plan: ModelPlan, by_name: dict[str, fx.Node], generation: bool) -> list[fx.Node]:
     """The values a piece reads from outside itself."""
     if piece.kind == "attention":
         site = plan.layers[piece.layer].attention  # type: ignore[index]
-        names = [site.query, site.key, site.value] + ([site.attn_mask] if site.attn_mask else [])
+        key, value = (site.new_key, site.new_value) if generation else (site.key, site.value)
+        names = [site.query, key, value] + ([site.attn_mask] if site.attn_mask else [])
         return [by_name[n] for n in names]
     return slice_inputs(piece.nodes)
 
 
-def partition(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
-    """Build the schedule GraphModule (see the module docstring)."""
+def partition(gm: fx.GraphModule, plan: ModelPlan, generation: bool = False) -> fx.GraphModule:
+    """Build the schedule GraphModule (see the module docstring).
+
+    ``generation`` prepares a graph for the cache pass: attention steps take the new tokens'
+    K/V (run :func:`stub_cache_updates` first on graphs that extend a transformers cache).
+    """
     by_name = {n.name: n for n in gm.graph.nodes}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -212,24 +254,27 @@ def partition(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
     root = torch.nn.Module()
     by_key: dict[str, tuple[str, StepKind, fx.GraphModule, list[int]]] = {}
     names_used: dict[str, int] = {}
-    pieces = _pieces(gm, plan)
+    pieces = _pieces(gm, plan, generation)
     _rematerialize_sizes(pieces)
     # A piece outputs the values some other piece reads and does not compute itself, and
     # the values the graph returns.
     needed: set[fx.Node] = set()
     for piece in pieces:
-        needed.update(_reads(piece, plan, by_name))
+        needed.update(_reads(piece, plan, by_name, generation))
     output = next(n for n in gm.graph.nodes if n.op == "output")
     needed.update(output.all_input_nodes)
+    if plan.positions is not None:  # the cache stores each token's position (see passes/kvcache.py)
+        needed.add(by_name[plan.positions.positions])
 
     for piece in pieces:
         if piece.kind == "attention":
             layer = plan.layers[piece.layer]  # type: ignore[index]
             site = layer.attention
             mask = env[by_name[site.attn_mask]] if site.attn_mask is not None else None
+            key, value = (site.new_key, site.new_value) if generation else (site.key, site.value)
             call = graph.call_function(
                 torch.ops.hybridserve.attention.default,
-                (env[by_name[site.query]], env[by_name[site.key]], env[by_name[site.value]], mask, site.scale, site.is_causal),
+                (env[by_name[site.query]], env[by_name[key]], env[by_name[value]], mask, site.scale, site.is_causal),
             )
             call.meta["hybridserve"] = StepInfo("attention", piece.layer)
             env[piece.nodes[0]] = call
@@ -250,9 +295,11 @@ def partition(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
             layers.append(piece.layer)
         call = graph.call_module(name, tuple(env[i] for i in inputs))
         call.meta["hybridserve"] = StepInfo(piece.kind, piece.layer)
+        call.meta[INPUT_NAMES] = tuple(i.name for i in inputs)
         for j, out in enumerate(outputs):
             item = graph.call_function(operator.getitem, (call, j))
             item.meta = {k: v for k, v in out.meta.items() if k in ("val", "example_value")}
+            item.meta[GRAPH_NAME] = out.name
             env[out] = item
 
     graph.output(fx.map_arg(output.args[0], lambda n: env[n]))

@@ -25,15 +25,25 @@ import torch
 from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError, ConfigError
 from ..layout import GLOBAL_GROUP, GroupLayout, layout_group
-from ..policy import DeviceMemoryPlan, Policy
+from ..policy import CacheBudget, DeviceMemoryPlan, Policy
 from .memory import ActivationEstimate
 from .plan import ModelPlan
 
-__all__ = ["CUDA_WORKSPACE_RESERVE", "group_layouts", "place"]
+__all__ = ["CUDA_WORKSPACE_RESERVE", "group_layouts", "place", "resolve_act_ratio"]
 
 CUDA_WORKSPACE_RESERVE = 64 * 2**20
 """Device bytes kept free on CUDA for library workspaces (cuBLAS, attention kernels) that no
 graph shows, plus a tenth of the activation estimate. A conservative choice, not a measurement."""
+
+
+def resolve_act_ratio(config: HybridServeConfig, hidden: int, kv_values_per_token: int) -> float:
+    """The ACT ratio to use. ``"auto"``, until the cost model decides it: checkpoints where they
+    move fewer bytes than K/V (MHA: half the tokens), none where they move as many or more
+    (GQA with ``2 * kv_heads * head_dim <= hidden``)."""
+    ratio = config.cache.act_ratio
+    if ratio != "auto":
+        return float(ratio)
+    return 0.5 if hidden < kv_values_per_token else 0.0
 
 
 def group_layouts(plan: ModelPlan) -> dict[int, GroupLayout]:
@@ -63,8 +73,15 @@ def _budget(config: HybridServeConfig) -> int | None:
     return None  # the CPU as a device: no limit unless one is given
 
 
-def place(plan: ModelPlan, activations: ActivationEstimate, example_inputs: Sequence[Any], config: HybridServeConfig) -> Policy:
-    """See the module docstring."""
+def place(
+    plan: ModelPlan,
+    activations: ActivationEstimate,
+    example_inputs: Sequence[Any],
+    config: HybridServeConfig,
+    cache: CacheBudget | None = None,
+) -> Policy:
+    """See the module docstring. ``cache`` is given for generation graphs: the plan also holds
+    its staging bytes, and the policy records its ACT ratio."""
     device = config.device
     weights_device = _weights_device(plan, example_inputs)
     # Host-resident weights (or meta ones, when only planning) can stream; device-resident ones cannot.
@@ -79,7 +96,8 @@ def place(plan: ModelPlan, activations: ActivationEstimate, example_inputs: Sequ
 
     global_bytes = plan.global_weight_bytes if in_place else layouts[GLOBAL_GROUP].nbytes
     act = activations.hint
-    reserve = CUDA_WORKSPACE_RESERVE + act // 10 if device.type == "cuda" else 0
+    staging = cache.staging_bytes if cache is not None else 0
+    reserve = CUDA_WORKSPACE_RESERVE + (act + staging) // 10 if device.type == "cuda" else 0
     n = plan.num_layers
 
     def memory_plan(resident: int) -> tuple[DeviceMemoryPlan, int, int]:
@@ -92,6 +110,7 @@ def place(plan: ModelPlan, activations: ActivationEstimate, example_inputs: Sequ
             ring=slots * slot,
             activations=act,
             reserve=reserve,
+            cache_staging=staging,
         )
         return memory, slots, slot
 
@@ -119,6 +138,7 @@ def place(plan: ModelPlan, activations: ActivationEstimate, example_inputs: Sequ
                 f"{format_bytes(smallest.total)} ({smallest.total} bytes): global weights "
                 f"{format_bytes(smallest.global_weights)} + a ring of {min(depth + 1, n)} layer slots "
                 f"({format_bytes(smallest.ring)}) + activations {format_bytes(smallest.activations)}"
+                + (f" + cache staging {format_bytes(smallest.cache_staging)}" if smallest.cache_staging else "")
                 + (f" + workspace reserve {format_bytes(smallest.reserve)}" if smallest.reserve else "")
                 + f" for this call's shapes. Use device_memory >= {smallest.total}"
                 + (" or a smaller prefetch_depth" if depth > 1 else "")
@@ -152,7 +172,7 @@ def place(plan: ModelPlan, activations: ActivationEstimate, example_inputs: Sequ
         slot_bytes=slot,
         memory=memory,
         minimum_device_bytes=minimum,
-        act_ratio=None,
+        act_ratio=cache.act_ratio if cache is not None else None,
         block_size=config.cache.block_size,
         reason=reason,
     )

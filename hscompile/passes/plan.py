@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-__all__ = ["AttentionSite", "LayerPlan", "ModelPlan", "RecomputeSlice", "WeightRef"]
+__all__ = ["AttentionSite", "LayerPlan", "ModelPlan", "PositionSlice", "RecomputeSlice", "WeightRef"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,14 @@ class AttentionSite:
     head_dim: int
     repeat_nodes: tuple[str, ...]
     """Nodes that only replicate K/V heads for GQA (``repeat_kv``); attention does this itself."""
+    new_key: str = ""
+    """K of the new tokens alone. Equal to :attr:`key`, except in graphs that carry a
+    transformers cache, where :attr:`key` is ``cat([past_key, new_key])``."""
+    new_value: str = ""
+    past_key: str | None = None
+    """The cache's past K (a graph input, or an empty tensor made in the graph on the first
+    step) when :attr:`key` concatenates it with the new tokens' K; else None."""
+    past_value: str | None = None
 
     @property
     def kv_values_per_token(self) -> int:
@@ -83,6 +91,26 @@ class RecomputeSlice:
     computed once per model from the positions, or symbolic sizes."""
     key: str
     value: str
+
+
+@dataclass(frozen=True, slots=True)
+class PositionSlice:
+    """How the position-dependent inputs of the recompute slices (rotary cos/sin) are computed.
+
+    The backward slice, inside the computation before the layers, from those inputs down to
+    one integer position tensor ``(batch or 1, seq)``, buffers (``inv_freq``) and sizes. It lets
+    the runtime compute them for any set of cached tokens at their true positions.
+    """
+
+    nodes: tuple[str, ...]
+    positions: str
+    """The integer position tensor the tables are computed from (``position_ids``)."""
+    weights: tuple[str, ...]
+    """Buffers it reads (``inv_freq``)."""
+    sizes: tuple[str, ...]
+    """Size placeholders it reads (dynamic shapes)."""
+    outputs: tuple[str, ...]
+    """The recompute slices' position-dependent inputs, e.g. ``("cos_2", "sin_2")``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +164,9 @@ class ModelPlan:
     hidden_size: int
     dtype: torch.dtype
     """Dtype of the layer input hidden state (the activation checkpoint)."""
+    positions: PositionSlice | None = None
+    """How the recompute slices' position-dependent inputs are made; None when they have
+    none (learned absolute positions are already part of the checkpoint)."""
 
     @property
     def num_layers(self) -> int:

@@ -19,6 +19,7 @@ from ..errors import BudgetError
 from ..passes.memory import ActivationEstimate
 from ..passes.placement import CUDA_WORKSPACE_RESERVE
 from ..policy import Policy
+from .cache import CacheRuntime
 from .context import bind
 from .device import DeviceBackend
 from .weights import WeightRuntime
@@ -36,12 +37,15 @@ class Runtime:
         weights: WeightRuntime,
         activations: ActivationEstimate,
         in_place_weight_bytes: int,
+        cache: CacheRuntime | None = None,
     ) -> None:
         self.policy = policy
         self.backend = backend
         self.weights = weights
         self.activations = activations
         self.in_place_weight_bytes = in_place_weight_bytes
+        self.cache = cache
+        """The hybrid cache this graph's cache steps act on (generation graphs only)."""
         self.input_h2d_bytes = 0
         self.d2h_bytes = 0
         self.peak_device_bytes = 0
@@ -70,6 +74,8 @@ class Runtime:
     def begin_call(self, args: Sequence[Any]) -> None:
         """Check that this call fits the device budget, before anything runs."""
         activation = self.activations.evaluate(args)
+        if self.cache is not None:
+            activation += self.cache.staging_bytes()
         need = self.device_bytes_for(activation)
         budget = self.policy.device_budget
         if budget is not None and need > budget:
@@ -96,7 +102,12 @@ class Runtime:
             "h2d_bytes": weight_h2d + self.input_h2d_bytes,
             "d2h_bytes": self.d2h_bytes,
             "prefetches": self.weights.prefetches,
+            **(self.cache_stats() if self.cache is not None else {}),
         }
+
+    def cache_stats(self) -> dict[str, Any]:
+        assert self.cache is not None
+        return self.cache.counters.as_stats()
 
 
 class Executor:

@@ -23,9 +23,10 @@ def _compare(model, compiled, ids, **kwargs):
     return difference
 
 
+@pytest.mark.parametrize("use_cache", [False, True], ids=["forward", "with_cache"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_eager_lowering_parity(family):
-    model = tiny_model(family, layers=3)
+def test_eager_lowering_parity(family, use_cache):
+    model = tiny_model(family, layers=3, use_cache=use_cache)
     compiled = torch.compile(model, backend="hybridserve", options={"device": "cpu", "lowering": "eager"})
     _compare(model, compiled, prompts(3, 11))
     assert hscompile.inspect(compiled).stats["calls"] == 1  # our backend ran, not a fallback
@@ -71,15 +72,24 @@ def test_inductor_with_dynamic_shapes():
         _compare(model, compiled, prompts(batch, seq))
 
 
-def test_hf_cache_outputs_still_match():
-    model = tiny_model("mistral", use_cache=True)
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+def test_a_returned_cache_holds_placeholders_and_decoding_from_it_matches(family):
+    # With use_cache=True the model's attention state goes to hscompile's hybrid cache; the
+    # cache object it returns holds NaN placeholders of the right shapes, good for this model only.
+    model = tiny_model(family, use_cache=True)
     compiled = torch.compile(model, backend="hybridserve", options={"device": "cpu", "lowering": "eager"})
-    ids = prompts(2, 8)
+    ids, step = prompts(2, 8), prompts(2, 1, seed=5)
     with torch.no_grad():
         expected, got = model(ids), compiled(ids)
-    assert torch.equal(got.logits, expected.logits)
-    for layer in range(2):
-        assert torch.equal(got.past_key_values.layers[layer].keys, expected.past_key_values.layers[layer].keys)
+        assert torch.equal(got.logits, expected.logits)
+        for layer in range(2):
+            placeholder = got.past_key_values.layers[layer].keys
+            assert placeholder.shape == expected.past_key_values.layers[layer].keys.shape
+            assert placeholder.untyped_storage().nbytes() <= 8 and bool(placeholder.isnan().all())
+        mask = torch.ones(2, 9, dtype=torch.long)
+        next_expected = model(step, past_key_values=expected.past_key_values, attention_mask=mask).logits
+        next_got = compiled(step, past_key_values=got.past_key_values, attention_mask=mask).logits
+    assert (next_got - next_expected).abs().max().item() <= TOLERANCE
 
 
 def test_model_compile_in_place_path():

@@ -1,0 +1,392 @@
+"""Batched generation over the hybrid KV/ACT cache.
+
+:class:`Generator` compiles a model for generation once and serves many ``generate`` calls;
+:func:`generate` keeps one per model and options. A call:
+
+1. validates everything before any work (shapes, left padding, lengths against the model's
+   maximum positions, sampling settings, the host budget for one sequence);
+2. admits the sequences into host block pools (two-step allocation: split each sequence's
+   blocks between KV and ACT by the ratio, then place them), in waves if the host budget
+   cannot hold them all at once: a sequence waits for blocks, it is never dropped or cut short;
+3. runs prefill over the prompts, then one decode step per new token. Each step calls the
+   model through ``torch.compile`` with a backend that compiles its graph with the cache pass:
+   every layer loads its past tokens' K/V and checkpoints, recomputes K/V from the
+   checkpoints, attends, and stores the new tokens as K/V or checkpoints;
+4. picks tokens greedily or by sampling (temperature, top-k, top-p; seeded), stops each
+   sequence at its end-of-sequence token and pads it after, as ``transformers`` does.
+
+Positions follow transformers' convention for left-padded batches (``cumsum(mask) - 1``), so
+the cache stores real tokens only and a token's position is its index among them.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .backend import CompiledModel, compile_graph
+from .config import HybridServeConfig, format_bytes
+from .errors import (
+    BudgetError,
+    HybridServeError,
+    UnsupportedModelError,
+    surface_through_dynamo,
+)
+from .passes.placement import resolve_act_ratio
+from .policy import CacheBudget
+from .runtime.blocks import CacheSpec, HybridCache
+from .runtime.cache import CacheRuntime, StepRequest
+
+__all__ = ["Generator", "generate"]
+
+
+class _GraphBackend:
+    """The dynamo backend of one generator: every graph is compiled with the cache pass."""
+
+    def __init__(self, generator: Generator) -> None:
+        self._generator = weakref.ref(generator)
+        self.compiled: list[CompiledModel] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> CompiledModel:
+        generator = self._generator()
+        assert generator is not None
+        try:
+            compiled = compile_graph(gm, example_inputs, generator.config, cache=(generator._budget(), generator.cache))
+        except HybridServeError as error:
+            raise surface_through_dynamo(error) from None
+        from .backend import _REGISTRY
+
+        _REGISTRY.record(compiled, example_inputs)
+        self.compiled.append(compiled)
+        return compiled
+
+
+class Generator:
+    """Generation with weight streaming and the hybrid KV/ACT cache, for one model and options.
+
+    >>> generator = hscompile.Generator(model, options={"device": "cpu", "act_ratio": 0.5})  # doctest: +SKIP
+    >>> tokens = generator.generate(input_ids, attention_mask=mask, max_new_tokens=32)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, options: Mapping[str, object] | None = None) -> None:
+        if not hasattr(model, "config"):
+            raise UnsupportedModelError("hscompile.generate needs a transformers causal LM (a model with a .config)")
+        self.model = model.eval()
+        self.config = HybridServeConfig.from_options(options)
+        self.spec = self._config_spec()
+        self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
+        self.cache = CacheRuntime(device=self.config.device, act_ratio=self.act_ratio, host_budget=None)
+        self._staging = 0
+        self._backend = _GraphBackend(self)
+        self._compiled = torch.compile(model, backend=self._backend, fullgraph=True)
+
+    # -- public --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        act_ratio: float | None = None,
+    ) -> torch.Tensor:
+        """Prompt + new tokens, ``(batch, prompt + n)``, like ``transformers``' ``generate``.
+
+        ``input_ids`` is a left-padded batch; ``attention_mask`` marks real tokens with 1.
+        ``act_ratio`` overrides the options' ratio for this call (the compiled graphs do not
+        depend on it, so sweeping it costs no compilation).
+        """
+        ids, mask = self._validate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+        if act_ratio is not None and (
+            isinstance(act_ratio, bool) or not isinstance(act_ratio, (int, float)) or not 0 <= act_ratio <= 1
+        ):
+            raise ValueError(f"act_ratio must be in [0, 1], got {act_ratio!r}")
+        self.cache.act_ratio = float(act_ratio) if act_ratio is not None else self.act_ratio
+        lengths = mask.sum(dim=1)
+        totals = [int(n) + max_new_tokens for n in lengths]
+        spec = self.spec
+        waves = self._waves(spec, totals)
+        self._staging = self._worst_staging(spec, max(len(w) for w in waves), max(totals))
+        self._check_compiled_budget()
+        sampler = torch.Generator().manual_seed(seed) if seed is not None else None
+        pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
+        for wave in waves:
+            out = self._generate_wave(spec, ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
+                                      do_sample, temperature, top_k, top_p, sampler)
+            for row, index in enumerate(wave):
+                pieces[index] = out[row]
+        width = max(p.shape[0] for p in pieces)
+        pad = self._pad_token()
+        return torch.stack([torch.cat((p, p.new_full((width - p.shape[0],), pad))) for p in pieces])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the cache and of the newest compiled graph."""
+        latest = self._backend.compiled[-1].stats() if self._backend.compiled else {}
+        return {
+            **latest,
+            "act_ratio": self.cache.act_ratio,
+            "graphs": len(self._backend.compiled),
+            **self.cache.counters.as_stats(),
+        }
+
+    @property
+    def compiled_graphs(self) -> list[CompiledModel]:
+        return list(self._backend.compiled)
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _max_positions(self) -> int | None:
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def _validate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(
+                f"input_ids must be a 2-D integer tensor (batch, seq); got "
+                f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}"
+            )
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        ids = input_ids.long().cpu()
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(ids.shape)}; got "
+                    f"{tuple(getattr(attention_mask, 'shape', ()))}"
+                )
+            mask = attention_mask.long().cpu()
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+        lengths = mask.sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"sequence {int((lengths == 0).nonzero()[0])} of the batch has no tokens (its mask is all 0)")
+        # Left padding: once a row's tokens start, they continue to the end.
+        started = mask.cumsum(dim=1) > 0
+        if bool((started & (mask == 0)).any()):
+            raise ValueError(
+                "the batch is not left-padded: padding must come before each prompt (e.g. tokenizer.padding_side='left')"
+            )
+        limit = self._max_positions()
+        longest = int(lengths.max())
+        if limit is not None and longest > limit:
+            raise ValueError(f"a prompt has {longest} tokens, more than the model's maximum positions ({limit})")
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} tokens "
+                f"exceeds the model's maximum positions ({limit}); use max_new_tokens <= {limit - longest}"
+            )
+        window = getattr(self.model.config, "sliding_window", None)
+        if isinstance(window, int) and longest + max_new_tokens > window:
+            raise UnsupportedModelError(
+                f"this model attends within a sliding window of {window} tokens; generating past it "
+                f"({longest + max_new_tokens} tokens) is not supported yet: use max_new_tokens <= {window - longest}"
+            )
+        if do_sample:
+            if not (isinstance(temperature, (int, float)) and temperature > 0):
+                raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+            if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+                raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+            if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+                raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        return ids, mask
+
+    # -- the cache -------------------------------------------------------------------------
+
+    def _config_spec(self) -> CacheSpec:
+        """The cache dimensions the model's config declares; each compiled graph checks them
+        against what its analysis found (:meth:`CacheRuntime.configure`)."""
+        config = self.model.config
+        try:
+            layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+        except AttributeError as error:
+            raise UnsupportedModelError(f"the model's config does not describe its layers: {error}") from None
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        dtype = next(self.model.parameters()).dtype
+        return CacheSpec(num_layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, dtype=dtype,
+                         block_size=self.config.cache.block_size, heads=heads)
+
+    def _sequence_bytes(self, spec: CacheSpec, tokens: int) -> int:
+        kv, act = HybridCache.blocks_for(spec, self.cache.act_ratio, tokens)
+        return kv * spec.kv_block_bytes + act * spec.act_block_bytes
+
+    def _waves(self, spec: CacheSpec, totals: Sequence[int]) -> list[list[int]]:
+        """Batches of sequences whose blocks fit the host budget together (one batch without a budget)."""
+        budget = self.config.memory.host_memory
+        if budget is None:
+            return [list(range(len(totals)))]
+        waves: list[list[int]] = [[]]
+        used = 0
+        for index, tokens in enumerate(totals):
+            need = self._sequence_bytes(spec, tokens)
+            if need > budget:
+                raise BudgetError(
+                    f"host_memory={format_bytes(budget)} cannot hold even one sequence: sequence {index} needs "
+                    f"{math.ceil(tokens / spec.block_size)} blocks of {spec.block_size} tokens "
+                    f"({format_bytes(need)}, {need} bytes) for {tokens} tokens; use host_memory >= {need}"
+                )
+            if used + need > budget:
+                waves.append([])
+                used = 0
+            waves[-1].append(index)
+            used += need
+        return waves
+
+    def _worst_staging(self, spec: CacheSpec, batch: int, longest: int) -> int:
+        """Staging bytes of the longest step this call can have: the last decode step, whose past
+        holds every earlier token (the budget of new graphs holds it)."""
+        past = longest - 1
+        kv_blocks, act_blocks = HybridCache.blocks_for(spec, self.cache.act_ratio, past)
+        act = min(past, act_blocks * spec.block_size)
+        return spec.staging_bytes(batch, past, 1, batch * (past - act), batch * act)
+
+    def _budget(self) -> CacheBudget:
+        if self.cache.spec is None:
+            self.cache.configure(self.spec)
+        return CacheBudget(act_ratio=self.act_ratio, staging_bytes=self._staging)
+
+    def _check_compiled_budget(self) -> None:
+        """Refuse, before any work, a call whose longest step would not fit a graph compiled earlier."""
+        for compiled in self._backend.compiled:
+            if compiled.executor is None or compiled.policy.device_budget is None:
+                continue
+            runtime = compiled.executor.runtime
+            need = runtime.device_bytes_for(runtime.activations.hint + self._staging)
+            if need > compiled.policy.device_budget:
+                raise BudgetError(
+                    f"this generation needs up to {format_bytes(need)} ({need} bytes) of device memory at its longest "
+                    f"step (cache staging {format_bytes(self._staging)}), above device_memory="
+                    f"{format_bytes(compiled.policy.device_budget)}; generate fewer tokens or sequences at once, or "
+                    "use a new hscompile.Generator with a larger budget"
+                )
+
+    # -- the engine --------------------------------------------------------------------------
+
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest) -> torch.Tensor:
+        """One step: the model on ``ids`` through the compiled graph; the last position's logits."""
+        device = next(self.model.parameters()).device
+        ids, mask, positions = (t.to(device) for t in (ids, mask, positions))
+        for tensor in (ids, mask, positions):
+            for dim in (0, 1):
+                if tensor.shape[dim] > 1:  # one prefill graph for every prompt shape
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        self.cache.request = request
+        try:
+            out = self._compiled(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+        finally:
+            self.cache.request = None
+        return out.logits[:, -1, :].float().cpu()
+
+    def _generate_wave(self, spec, ids, mask, totals, max_new_tokens, do_sample, temperature, top_k, top_p, sampler):
+        batch = ids.shape[0]
+        eos = self._eos_tokens()
+        pad = self._pad_token()
+        try:
+            positions = mask.cumsum(dim=1) - 1
+            positions.masked_fill_(mask == 0, 1)
+            logits = self._call(ids, mask, positions, StepRequest(real=mask.bool(), admit=list(totals)))
+            unfinished = torch.ones(batch, dtype=torch.bool)
+            generated: list[torch.Tensor] = []
+            for step in range(max_new_tokens):
+                tokens = _select(logits, do_sample, temperature, top_k, top_p, sampler)
+                tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+                generated.append(tokens)
+                if eos:
+                    unfinished &= ~torch.isin(tokens, torch.tensor(eos))
+                if step == max_new_tokens - 1 or not bool(unfinished.any()):
+                    break
+                assert self.cache.cache is not None
+                lengths = torch.tensor([self.cache.cache.sequences[s].length for s in range(batch)])
+                logits = self._call(tokens.view(batch, 1), torch.ones(batch, 1, dtype=torch.long),
+                                    lengths.view(batch, 1), StepRequest(real=torch.ones(batch, 1, dtype=torch.bool)))
+        finally:
+            self.cache.end_batch()
+        return torch.cat((ids, torch.stack(generated, dim=1)), dim=1)
+
+    def _eos_tokens(self) -> list[int]:
+        config = getattr(self.model, "generation_config", None) or self.model.config
+        eos = getattr(config, "eos_token_id", None)
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def _pad_token(self) -> int:
+        config = getattr(self.model, "generation_config", None) or self.model.config
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            eos = self._eos_tokens()
+            return eos[0] if eos else 0
+        return int(pad)
+
+
+def _select(logits, do_sample, temperature, top_k, top_p, sampler) -> torch.Tensor:
+    """Greedy, or sampling after temperature, top-k and top-p, in transformers' order."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[..., -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=sampler).squeeze(1)
+
+
+_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {options key: Generator}: :func:`generate` compiles a model once per options."""
+
+
+def _options_key(options: Mapping[str, object] | None) -> tuple:
+    return tuple(sorted((str(k), repr(v)) for k, v in (options or {}).items()))
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    options: Mapping[str, object] | None = None,
+) -> torch.Tensor:
+    """Generate with weight streaming and the hybrid KV/ACT cache; returns prompt + new tokens.
+
+    The first call for a model and options compiles it (the :class:`Generator` is kept for
+    later calls). See :class:`Generator` and the README for the options.
+    """
+    per_model = _GENERATORS.setdefault(model, {})
+    key = _options_key(options)
+    generator = per_model.get(key)
+    if generator is None:
+        generator = per_model[key] = Generator(model, options)
+    return generator.generate(
+        input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed,
+    )

@@ -1,0 +1,221 @@
+"""Generation over the hybrid KV/ACT cache: token-for-token parity with transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import FAMILIES, GQA_FAMILIES, prompts, tiny_model
+from streaming import weight_bytes
+
+import hscompile
+from hscompile.errors import BudgetError, UnsupportedModelError
+
+RATIOS = [0.0, 0.25, 0.5, 1.0]
+NEW_TOKENS = 10
+
+
+def _batch(family_seed: int = 1):
+    """Three prompts of different lengths, left-padded."""
+    ids = prompts(3, 9, seed=family_seed)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _model(family, layers=6):
+    return tiny_model(family, layers=layers)
+
+
+def _reference(model, ids, mask, new=NEW_TOKENS):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def references():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model = _model(family)
+            ids, mask = _batch()
+            cache[family] = (model, ids, mask, _reference(model, ids, mask))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["resident", "streamed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_transformers_for_every_act_ratio(references, family, streaming):
+    model, ids, mask, expected = references(family)
+    options = {"device": "cpu", "lowering": "eager", "block_size": 4}
+    if streaming:
+        options |= {"device_memory": int(weight_bytes(model) * 0.75), "prefetch_depth": 1}
+    generator = hscompile.Generator(model, options)
+    for ratio in RATIOS:
+        out = generator.generate(ids, mask, max_new_tokens=NEW_TOKENS, act_ratio=ratio)
+        assert torch.equal(out, expected), f"act_ratio={ratio}"
+        stats = generator.stats()
+        assert stats["act_ratio"] == ratio
+    stats = generator.stats()
+    if streaming:
+        assert stats["streamed_layers"] > 0 and stats["peak_device_bytes"] <= stats["device_budget"]
+    assert stats["graphs"] == 2  # one prefill graph, one decode graph, reused by every call and ratio
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_generate_on_a_model_compiled_in_place_uses_the_hybrid_cache(references, family):
+    _, ids, mask, expected = references(family)
+    model = _model(family)  # a fresh instance: the compiled one is changed in place
+    model.compile(backend="hybridserve", options={"device": "cpu", "lowering": "eager", "act_ratio": 0.5, "block_size": 4})
+    with torch.no_grad():
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        again = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    stats = hscompile.inspect(model).stats
+    assert stats["act_tokens"] > 0 and stats["kv_tokens"] > 0 and stats["recomputed_tokens"] > 0
+
+
+@pytest.mark.inductor
+def test_inductor_generation_with_streaming_and_checkpoints(references):
+    model, ids, mask, expected = references("llama")
+    generator = hscompile.Generator(
+        model, {"device": "cpu", "act_ratio": 0.5, "block_size": 4, "device_memory": int(weight_bytes(model) * 0.6)}
+    )
+    assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+    assert generator.stats()["lowering"] == "inductor"
+
+
+def test_the_rewritten_graph_shows_load_recompute_attend_store_per_layer():
+    model = _model("llama", layers=3)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})
+    ids, mask = _batch()
+    generator.generate(ids, mask, max_new_tokens=3)
+    decode = generator.compiled_graphs[-1]
+    info = hscompile.inspect(decode)
+    targets = [str(n.target) for n in info.graph.graph.nodes if n.op == "call_function"]
+    for op in ("load_kv", "load_act", "recompute_kv", "cache_attention", "store_cache"):
+        assert sum(op in t for t in targets) == 3, op
+    assert "load_kv -> load_act -> recompute -> attention -> store" in str(info)
+    assert info.policy.act_ratio == 0.5
+
+
+def test_stats_count_tokens_recomputation_and_bytes():
+    model = _model("opt", layers=4)
+    ids, mask = _batch()
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4})
+    generator.generate(ids, mask, max_new_tokens=5, act_ratio=1.0)
+    stats = generator.stats()
+    stored = int(mask.sum()) + 3 * 4  # prompt tokens, then 4 decode steps store their input token
+    assert stats["act_tokens"] == stored and stats["kv_tokens"] == 0
+    assert stats["recomputed_tokens"] > 0 and stats["cache_h2d_bytes"] > 0 and stats["cache_d2h_bytes"] > 0
+    before = stats
+    generator.generate(ids, mask, max_new_tokens=5, act_ratio=0.0)
+    after = generator.stats()
+    assert after["kv_tokens"] == stored and after["act_tokens"] == before["act_tokens"]
+    assert after["recomputed_tokens"] == before["recomputed_tokens"]  # nothing to recompute with KV only
+
+
+def _decode_bytes_per_step(family, ratio):
+    model = tiny_model(family, layers=2, hidden=64, heads=4, kv_heads=1)
+    ids = prompts(2, 16)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 16})
+    generator.generate(ids, max_new_tokens=2, act_ratio=ratio)  # prefill, then one decode step over 16 past tokens
+    return generator.stats()["cache_h2d_bytes"]
+
+
+def test_checkpoints_halve_the_bytes_of_an_mha_model_but_not_of_gqa():
+    # A decode step loads every past token of every layer once, as K/V or as a checkpoint.
+    assert _decode_bytes_per_step("opt", 1.0) * 2 == _decode_bytes_per_step("opt", 0.0)  # MHA: hidden vs 2*hidden
+    # Llama-style 4:1 GQA with 64 hidden: K/V is 2*1*16 = 32 values, a checkpoint 64: twice the bytes.
+    assert _decode_bytes_per_step("llama", 1.0) == 2 * _decode_bytes_per_step("llama", 0.0)
+
+
+def test_sampling_with_a_seed_is_reproducible():
+    model = _model("qwen2", layers=3)
+    ids, mask = _batch()
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager"})
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    a = generator.generate(ids, mask, seed=7, **kwargs)
+    b = generator.generate(ids, mask, seed=7, **kwargs)
+    c = generator.generate(ids, mask, seed=8, **kwargs)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :9], ids)
+
+
+def test_each_sequence_stops_at_its_eos_and_is_padded_after(references):
+    model, ids, mask, expected = references("gpt2")
+    eos = int(expected[0, 9 + 2])  # the third token row 0 generates
+    model.generation_config.eos_token_id = eos
+    try:
+        with torch.no_grad():
+            reference = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out = hscompile.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                 options={"device": "cpu", "lowering": "eager"})
+    finally:
+        model.generation_config.eos_token_id = 2
+    assert torch.equal(out, reference)
+    generated = out[0, 9:]
+    stop = int((generated == eos).nonzero()[0])  # the first end-of-sequence token of row 0
+    assert stop <= 2 and bool((generated[stop + 1:] == 0).all())
+
+
+def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(references):
+    model, ids, mask, expected = references("mistral")
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5})
+    per_sequence = generator._sequence_bytes(generator.spec, int(mask.sum(1).max()) + NEW_TOKENS)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5,
+                                            "host_memory": per_sequence})
+    assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
+        ({"max_new_tokens": 250}, ValueError, "exceeds the model's maximum positions"),
+        ({"max_new_tokens": 2, "attention_mask": torch.ones(3, 5, dtype=torch.long)}, ValueError, "shape of input_ids"),
+        ({"max_new_tokens": 2, "right_padded": True}, ValueError, "not left-padded"),
+        ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, ValueError, "temperature"),
+        ({"max_new_tokens": 2, "do_sample": True, "top_p": 1.5}, ValueError, "top_p"),
+        ({"max_new_tokens": 2, "host_memory": 64}, BudgetError, "cannot hold even one sequence"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(kwargs, error, message):
+    model = _model("llama", layers=2)
+    ids, mask = _batch()
+    options = {"device": "cpu", "lowering": "eager"}
+    if "host_memory" in kwargs:
+        options["host_memory"] = kwargs.pop("host_memory")
+    if kwargs.pop("right_padded", False):
+        mask = mask.flip(1)
+    mask = kwargs.pop("attention_mask", mask)
+    generator = hscompile.Generator(model, options)
+    with pytest.raises(error, match=message):
+        generator.generate(ids, mask, **kwargs)
+    assert generator.compiled_graphs == []  # nothing was compiled or run
+
+
+def test_a_prompt_longer_than_the_positions_is_refused():
+    model = tiny_model("gpt2", layers=2)
+    with pytest.raises(ValueError, match="more than the model's maximum positions"):
+        hscompile.generate(model, prompts(1, 300), max_new_tokens=1, options={"device": "cpu", "lowering": "eager"})
+
+
+def test_generating_past_a_sliding_window_is_refused():
+    model = tiny_model("mistral", layers=2, sliding_window=12)
+    with pytest.raises(UnsupportedModelError, match="sliding window of 12"):
+        hscompile.generate(model, prompts(1, 8), max_new_tokens=8, options={"device": "cpu", "lowering": "eager"})
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES[:1])
+def test_generate_reuses_one_generator_per_model_and_options(family):
+    model = _model(family, layers=2)
+    ids, mask = _batch()
+    options = {"device": "cpu", "lowering": "eager"}
+    a = hscompile.generate(model, ids, attention_mask=mask, max_new_tokens=3, options=options)
+    b = hscompile.generate(model, ids, attention_mask=mask, max_new_tokens=3, options=dict(options))
+    assert torch.equal(a, b)
+    assert hscompile.inspect(model).compilations == 2  # prefill + decode, compiled once
