@@ -169,18 +169,21 @@ class CompiledModel:
 
 
 class _CompiledRegistry:
-    """Finds the compilations made for a model, from its parameters.
+    """Finds the compilations made for a model, from its parameters; keeps per-model state.
 
     ``torch.compile(..., backend="hybridserve")`` looks the backend up by name and never
     tells it which module or wrapper it compiles for, so :func:`hscompile.inspect` cannot
     walk from the model to its compiled graphs. The backend does receive the model's
     parameters (dynamo lifts them as graph inputs), so it records each compilation under
-    them here. Both sides are weak: the registry keeps neither models nor compilations alive.
+    them here, and the hybrid cache of a model driven by transformers' own generation loop
+    (:meth:`session`). :func:`hscompile.generate` keeps its generators here too. Everything is
+    held weakly by the model or its parameters: the registry keeps no model alive.
     """
 
     def __init__(self) -> None:
         self._by_tensor: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sessions: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._sequence = itertools.count(1)
 
     def next_sequence(self) -> int:
@@ -204,6 +207,14 @@ class _CompiledRegistry:
                 host_budget=config.memory.host_memory,
             )
         return sessions[key]
+
+    def generator(self, model: torch.nn.Module, options: Any, make: Any) -> Any:
+        """The :class:`hscompile.Generator` ``hscompile.generate`` keeps for a model and options."""
+        per_model = self._generators.setdefault(model, {})
+        key = repr(sorted((str(k), repr(v)) for k, v in (options or {}).items()))
+        if key not in per_model:
+            per_model[key] = make()
+        return per_model[key]
 
     def lookup(self, tensors: Sequence[torch.Tensor]) -> list[CompiledModel]:
         found: dict[int, CompiledModel] = {}
@@ -263,6 +274,7 @@ def compile_graph(
     plan_only: bool = False,
     cache: tuple[CacheBudget, CacheRuntime] | None = None,
     strict_cache: bool = True,
+    plan: ModelPlan | None = None,
 ) -> CompiledModel:
     """Run the pipeline on one dynamo graph and build what dynamo will call.
 
@@ -270,7 +282,8 @@ def compile_graph(
     or copied (used to inspect models on the meta device). ``cache`` makes it a generation
     graph whose attention reads and extends the hybrid cache that runtime serves; with
     ``strict_cache`` a graph from which K/V cannot be recomputed is an error, without it the
-    cache stores that graph's tokens as K/V only.
+    cache stores that graph's tokens as K/V only. ``plan``, when the caller already analysed
+    ``gm``, is used instead of analysing it again.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sequence = _REGISTRY.next_sequence()
@@ -282,6 +295,8 @@ def compile_graph(
         "lowering": config.lowering,
         "cache": cache[0] if cache is not None else None,
     }
+    if plan is not None:
+        inputs["plan"] = plan
     pipeline = PLAN_ONLY if plan_only else GENERATION_PIPELINE if cache is not None else PIPELINE
     result = pipeline.run(inputs, tag=f"graph{sequence}")
     artifacts = result.artifacts
@@ -331,7 +346,7 @@ def hybridserve_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwa
         if plan.layers[0].attention.past_key is not None:
             session = _REGISTRY.session(example_inputs, config, plan)
             cache = (CacheBudget(act_ratio=session.act_ratio, staging_bytes=0), session)
-        compiled = compile_graph(gm, example_inputs, config, cache=cache, strict_cache=False)
+        compiled = compile_graph(gm, example_inputs, config, cache=cache, strict_cache=False, plan=plan)
     except HybridServeError as error:
         raise surface_through_dynamo(error) from None
     _REGISTRY.record(compiled, example_inputs)

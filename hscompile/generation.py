@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .backend import CompiledModel, compile_graph
+from .backend import _REGISTRY, CompiledModel, compile_graph
 from .config import HybridServeConfig, format_bytes
 from .errors import (
     BudgetError,
@@ -59,8 +59,6 @@ class _GraphBackend:
             compiled = compile_graph(gm, example_inputs, generator.config, cache=(generator._budget(), generator.cache))
         except HybridServeError as error:
             raise surface_through_dynamo(error) from None
-        from .backend import _REGISTRY
-
         _REGISTRY.record(compiled, example_inputs)
         self.compiled.append(compiled)
         return compiled
@@ -355,14 +353,6 @@ def _select(logits, do_sample, temperature, top_k, top_p, sampler) -> torch.Tens
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=sampler).squeeze(1)
 
 
-_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> {options key: Generator}: :func:`generate` compiles a model once per options."""
-
-
-def _options_key(options: Mapping[str, object] | None) -> tuple:
-    return tuple(sorted((str(k), repr(v)) for k, v in (options or {}).items()))
-
-
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -381,11 +371,7 @@ def generate(
     The first call for a model and options compiles it (the :class:`Generator` is kept for
     later calls). See :class:`Generator` and the README for the options.
     """
-    per_model = _GENERATORS.setdefault(model, {})
-    key = _options_key(options)
-    generator = per_model.get(key)
-    if generator is None:
-        generator = per_model[key] = Generator(model, options)
+    generator = _REGISTRY.generator(model, options, lambda: Generator(model, options))
     return generator.generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed,

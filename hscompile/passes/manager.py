@@ -67,11 +67,15 @@ class PassManager:
             have.update(spec.provides)
 
     def run(self, inputs: Mapping[str, Any], *, tag: str = "") -> PipelineResult:
-        """Run every pass; ``tag`` prefixes dumped file names (e.g. one tag per compiled graph)."""
+        """Run every pass whose artifacts are not already among ``inputs``; ``tag`` prefixes dumped
+        file names (e.g. one tag per compiled graph)."""
         self.check(list(inputs))
         result = PipelineResult(dict(inputs))
         dump = _env.dump_dir()
         for step, spec in enumerate(self.passes):
+            if all(name in result.artifacts for name in spec.provides):
+                log.debug("pass %s skipped: its artifacts were given", spec.name)
+                continue
             start = time.perf_counter()
             out = spec.fn(*(result.artifacts[name] for name in spec.requires))
             elapsed = time.perf_counter() - start

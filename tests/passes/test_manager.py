@@ -49,3 +49,15 @@ def test_a_pass_returning_the_wrong_arity_is_an_error():
     manager = PassManager((PassSpec("bad", lambda x: (x, x, x), requires=("x",), provides=("a", "b")),))
     with pytest.raises(RuntimeError, match="returned 3 values for 2"):
         manager.run({"x": 1})
+
+
+def test_a_pass_whose_artifacts_are_given_is_skipped():
+    ran = []
+    manager = PassManager(
+        (
+            PassSpec("make", lambda x: ran.append("make") or 2 * x, requires=("x",), provides=("y",)),
+            PassSpec("use", lambda y: ran.append("use") or y + 1, requires=("y",), provides=("z",)),
+        )
+    )
+    result = manager.run({"x": 1, "y": 10})
+    assert ran == ["use"] and result.artifacts["z"] == 11 and "make" not in result.seconds
