@@ -21,6 +21,7 @@ from .inspection import Inspection, inspect
 from .passes.plan import ModelPlan
 from .planning import plan_model
 from .policy import DeviceMemoryPlan, Policy
+from .runtime.tuner import HardwareProfile, load_profile, tune
 
 __all__ = [
     "BACKEND_NAME",
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DeviceMemoryPlan",
     "Generator",
+    "HardwareProfile",
     "HybridServeConfig",
     "HybridServeError",
     "Inspection",
@@ -39,7 +41,9 @@ __all__ = [
     "hybridserve_backend",
     "generate",
     "inspect",
+    "load_profile",
     "plan_model",
+    "tune",
 ]
 
 __version__ = "0.1.0"

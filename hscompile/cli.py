@@ -2,10 +2,15 @@
 
     hscompile inspect PATH [--device cuda] [--device-memory 8GiB] [--prefetch-depth 1]
                            [--act-ratio auto] [--batch 1] [--seq 512] [--dtype float16]
+    hscompile tune [--device cuda] [--dtype float16] [--width 4096] [--force]
+    hscompile predict PATH --profile h100-pcie5|FILE [--batch 32] [--prompt 512] [--new-tokens 32]
+                           [--device-memory 8GiB] [--dtype float16]
 
 ``inspect`` builds the model of a ``config.json`` or a local checkpoint directory on the meta
 device (nothing is downloaded or loaded), runs the passes and prints the plan and the
-schedule: per layer resident or streamed, its slot and prefetch distance, bytes.
+schedule: per layer resident or streamed, its slot and prefetch distance, bytes. ``tune``
+measures this machine's device and caches its profile. ``predict`` tells what a model would do
+on a profiled machine, measured here or not (bundled: a100-40gb-pcie4, h100-pcie5).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import torch
 from rich.console import Console
 
 from .errors import HybridServeError
@@ -37,6 +43,62 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from .runtime.tuner import profile_path, tune
+
+    dtypes = tuple(args.dtype or ("float32",))
+    with console.status(f"measuring {args.device or 'the default device'} (a few seconds)..."):
+        profile = tune(args.device, dtypes=dtypes, width=args.width, force=args.force)
+    table = Table(title=f"{profile.device_name} (torch {profile.torch_version})", show_header=False)
+    table.add_row("host -> device", f"{profile.h2d_bytes_per_s / 1e9:.1f} GB/s")
+    table.add_row("device -> host", f"{profile.d2h_bytes_per_s / 1e9:.1f} GB/s")
+    table.add_row("device memory", f"{profile.memory_bytes_per_s / 1e9:.1f} GB/s (read + write)")
+    table.add_row("host memory", f"{profile.host_bytes_per_s / 1e9:.1f} GB/s (read + write)")
+    for dtype, rate in profile.matmul_flops_per_s.items():
+        table.add_row(f"matmul {dtype}", f"{rate / 1e12:.2f} TFLOP/s peak, half at {profile.matmul_half_rows:.0f} rows")
+    for dtype, rate in profile.attention_flops_per_s.items():
+        table.add_row(f"attention {dtype}", f"{rate / 1e12:.2f} TFLOP/s")
+    table.add_row("per call", f"{profile.call_seconds * 1e6:.1f} us")
+    table.add_row("hscompile per layer", f"{profile.layer_overhead_seconds * 1e3:.3f} ms per decode step")
+    table.add_row("source", profile.source)
+    console.print(table)
+    console.print(f"cached at {profile_path(torch.device(profile.device))}")
+    return 0
+
+
+def _predict(args: argparse.Namespace, console: Console) -> int:
+    import transformers
+    from rich.table import Table
+
+    from .config import parse_bytes
+    from .planning import load_config
+    from .runtime.cost_model import ModelDims, choose
+    from .runtime.tuner import load_profile
+
+    config = load_config(args.path)
+    profile = load_profile(args.profile)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dims = ModelDims.from_model(model)
+    budget = parse_bytes(args.device_memory, key="device_memory") if args.device_memory else profile.device_memory_bytes
+    decision = choose(dims, profile, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
+                      device_budget=budget)
+    table = Table(title=f"{args.path} on {profile.device_name}: batch {args.batch}, prompt {args.prompt}, "
+                        f"{args.new_tokens} new tokens, device budget {budget / 2**30:.1f} GiB")
+    for column in ("act_ratio", "resident layers", "prefetch", "tokens/s", "decode step ms", "bound"):
+        table.add_column(column)
+    for p in sorted(decision.considered, key=lambda p: p.seconds):
+        mark = " *" if p is decision.best else ""
+        table.add_row(f"{p.choice.act_ratio:.2f}{mark}", f"{p.choice.resident_layers}/{dims.layers}",
+                      str(p.choice.prefetch_depth), f"{p.tokens_per_s:.1f}", f"{p.decode.seconds * 1e3:.1f}", p.decode.bound)
+    console.print(table)
+    console.print(f"choice (*): {decision.reason}. Profile: {profile.source}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hscompile", description="HybridServe compiler for LLM inference beyond device memory")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +113,23 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
     inspect.add_argument("--dtype", help="weights dtype (default: the config's, else float32)")
     inspect.set_defaults(run=_inspect)
+
+    tune = commands.add_parser("tune", help="measure this machine's device and cache its profile")
+    tune.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
+    tune.add_argument("--dtype", action="append", help="dtype to measure matmuls in (repeatable; default float32)")
+    tune.add_argument("--width", type=int, default=1024, help="GEMM width, e.g. the model's hidden size")
+    tune.add_argument("--force", action="store_true", help="measure again even if a valid profile is cached")
+    tune.set_defaults(run=_tune)
+
+    predict = commands.add_parser("predict", help="predict a model's generation throughput on a profiled machine")
+    predict.add_argument("path", help="a config.json file or a local checkpoint directory")
+    predict.add_argument("--profile", required=True, help="a profile file, or a bundled one (a100-40gb-pcie4, h100-pcie5)")
+    predict.add_argument("--batch", type=int, default=32)
+    predict.add_argument("--prompt", type=int, default=512)
+    predict.add_argument("--new-tokens", dest="new_tokens", type=int, default=32)
+    predict.add_argument("--device-memory", dest="device_memory", help="device budget (default: the profile's memory)")
+    predict.add_argument("--dtype", help="weights dtype (default float16)")
+    predict.set_defaults(run=_predict)
     return parser
 
 
@@ -59,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         return args.run(args, console)
-    except HybridServeError as error:
+    except (HybridServeError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
 

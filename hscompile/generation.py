@@ -21,6 +21,7 @@ the cache stores real tokens only and a token's position is its index among them
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Mapping, Sequence
@@ -37,10 +38,12 @@ from .errors import (
     UnsupportedModelError,
     surface_through_dynamo,
 )
-from .passes.placement import resolve_act_ratio
+from .passes.placement import device_budget, resolve_act_ratio
 from .policy import CacheBudget
 from .runtime.blocks import CacheSpec, HybridCache
 from .runtime.cache import CacheRuntime, StepRequest
+from .runtime.cost_model import Decision, ModelDims, choose
+from .runtime.tuner import HardwareProfile, tune
 
 __all__ = ["Generator", "generate"]
 
@@ -79,6 +82,10 @@ class Generator:
         self.spec = self._config_spec()
         self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
         self.cache = CacheRuntime(device=self.config.device, act_ratio=self.act_ratio, host_budget=None)
+        self.decision: Decision | None = None
+        """The cost model's choice for the last ``act_ratio="auto"`` call (alternatives and why)."""
+        self._profile: HardwareProfile | None = None
+        self._workload: tuple[int, int, int] | None = None
         self._staging = 0
         self._backend = _GraphBackend(self)
         self._compiled = torch.compile(model, backend=self._backend, fullgraph=True)
@@ -110,9 +117,10 @@ class Generator:
             isinstance(act_ratio, bool) or not isinstance(act_ratio, (int, float)) or not 0 <= act_ratio <= 1
         ):
             raise ValueError(f"act_ratio must be in [0, 1], got {act_ratio!r}")
-        self.cache.act_ratio = float(act_ratio) if act_ratio is not None else self.act_ratio
         lengths = mask.sum(dim=1)
         totals = [int(n) + max_new_tokens for n in lengths]
+        self._workload = (ids.shape[0], int(lengths.max()), max_new_tokens)
+        self.cache.act_ratio = float(act_ratio) if act_ratio is not None else self._decide(*self._workload)
         spec = self.spec
         waves = self._waves(spec, totals)
         self._staging = self._worst_staging(spec, max(len(w) for w in waves), max(totals))
@@ -131,8 +139,14 @@ class Generator:
     def stats(self) -> dict[str, Any]:
         """Counters of the cache and of the newest compiled graph."""
         latest = self._backend.compiled[-1].stats() if self._backend.compiled else {}
+        decision = {}
+        if self.decision is not None:
+            best = self.decision.best
+            decision = {"predicted_seconds": best.seconds, "predicted_tokens_per_s": best.tokens_per_s,
+                        "decision": self.decision.reason}
         return {
             **latest,
+            **decision,
             "act_ratio": self.cache.act_ratio,
             "graphs": len(self._backend.compiled),
             **self.cache.counters.as_stats(),
@@ -260,7 +274,27 @@ class Generator:
     def _budget(self) -> CacheBudget:
         if self.cache.spec is None:
             self.cache.configure(self.spec)
-        return CacheBudget(act_ratio=self.act_ratio, staging_bytes=self._staging)
+        return CacheBudget(act_ratio=self.cache.act_ratio, staging_bytes=self._staging, workload=self._workload,
+                           profile=self._profile)
+
+    def _decide(self, batch: int, prompt: int, new_tokens: int) -> float:
+        """The ACT ratio for this call: the configured one, or for ``"auto"`` the cost model's choice
+        on this device's profile (measured once and cached, see :func:`hscompile.tune`)."""
+        requested = self.config.cache.act_ratio
+        if requested != "auto":
+            return float(requested)
+        dims = ModelDims.from_model(self.model)
+        if self._profile is None:
+            self._profile = tune(self.config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True, overhead=False)
+        try:
+            self.decision = choose(
+                dims, self._profile, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                device_budget=device_budget(self.config), depths=(self.config.schedule.prefetch_depth,),
+                block_size=self.config.cache.block_size,
+            )
+        except ValueError:  # nothing fits: placement refuses the budget with the minimum that would work
+            return self.act_ratio
+        return self.decision.best.choice.act_ratio
 
     def _check_compiled_budget(self) -> None:
         """Refuse, before any work, a call whose longest step would not fit a graph compiled earlier."""
@@ -289,7 +323,13 @@ class Generator:
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         self.cache.request = request
         try:
-            out = self._compiled(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+            # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
+            # that differs between two models of the same class as a run-time input.
+            pinned = (torch._dynamo.config.patch(specialize_float=True) if hasattr(torch._dynamo.config, "specialize_float")
+                      else contextlib.nullcontext())
+            with pinned:
+                out = self._compiled(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                     logits_to_keep=1)
         finally:
             self.cache.request = None
         return out.logits[:, -1, :].float().cpu()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .layout import GLOBAL_GROUP
 
@@ -18,6 +19,10 @@ class CacheBudget:
     staging_bytes: int
     """Device bytes one layer's cache steps hold at once at the longest context this graph will
     see (loaded K/V and checkpoints, recomputed K/V, the padded past, the mask)."""
+    workload: tuple[int, int, int] | None = None
+    """``(batch, prompt, new_tokens)`` of the generation that compiles the graph, for predictions."""
+    profile: Any = None
+    """The :class:`~hscompile.runtime.tuner.HardwareProfile` predictions use."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,9 @@ class Policy:
     """Tokens per KV/ACT block."""
     reason: str
     """Why: which budget or resource decided it."""
+    predicted: Any = None
+    """The cost model's :class:`~hscompile.runtime.cost_model.StepEstimate` of the longest decode
+    step (generation graphs compiled with a profile), or None."""
 
     @property
     def copied_groups(self) -> tuple[int, ...]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Hardware profiles measured during the tests go to a directory of their own, not the user's cache.
+os.environ.setdefault("HSCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="hscompile-test-cache-"))
 
 import hscompile  # noqa: E402,F401  (registers the backend)
 

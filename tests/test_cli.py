@@ -63,3 +63,25 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys, args, m
     args = [a.format(dir=empty, config=config) for a in args]
     assert main(args) == 2
     assert message in capsys.readouterr().out
+
+
+def test_predict_on_a_bundled_profile_ranks_the_choices(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA_13B, "num_key_value_heads": 40}))
+    assert main(["predict", str(path), "--profile", "h100-pcie5", "--batch", "16", "--prompt", "256",
+                 "--new-tokens", "16", "--device-memory", "16GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "H100" in out and "tokens/s" in out and "choice (*)" in out
+
+
+def test_tune_measures_and_prints_the_profile(capsys):
+    assert main(["tune", "--device", "cpu", "--width", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "host -> device" in out and "matmul float32" in out and "hscompile per layer" in out
+
+
+def test_predict_with_an_unknown_profile_is_an_error(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_13B))
+    assert main(["predict", str(path), "--profile", "tpu-v9"]) == 2
+    assert "no hardware profile" in capsys.readouterr().out

@@ -396,7 +396,10 @@ class _Analysis:
                                    ("scale", call.scale, (float, int, type(None)))):
             if not isinstance(value, kinds):
                 raise UnsupportedModelError(
-                    f"attention {sdpa.name!r} in {path}: {name}={value!r} is computed at run time; it must be a constant"
+                    f"attention {sdpa.name!r} in {path}: {name}={value!r} is computed at run time; it must be a constant. "
+                    "Dynamo lifts a float attribute (like attention's scale) as a run-time input when it changed since "
+                    "an earlier compilation of the same class (another model size in this process): set "
+                    "torch._dynamo.config.specialize_float = True, or torch._dynamo.reset() between models"
                 )
         if not all(isinstance(a, fx.Node) for a in (call.query, call.key, call.value)):
             raise UnsupportedModelError(f"attention {sdpa.name!r} in {path}: query, key and value must be tensors")

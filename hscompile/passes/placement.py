@@ -29,7 +29,7 @@ from ..policy import CacheBudget, DeviceMemoryPlan, Policy
 from .memory import ActivationEstimate
 from .plan import ModelPlan
 
-__all__ = ["CUDA_WORKSPACE_RESERVE", "group_layouts", "place", "resolve_act_ratio"]
+__all__ = ["CUDA_WORKSPACE_RESERVE", "device_budget", "group_layouts", "place", "resolve_act_ratio"]
 
 CUDA_WORKSPACE_RESERVE = 64 * 2**20
 """Device bytes kept free on CUDA for library workspaces (cuBLAS, attention kernels) that no
@@ -64,7 +64,8 @@ def _weights_device(plan: ModelPlan, example_inputs: Sequence[Any]) -> torch.dev
     return devices.pop()
 
 
-def _budget(config: HybridServeConfig) -> int | None:
+def device_budget(config: HybridServeConfig) -> int | None:
+    """The device budget in bytes: ``device_memory``, else free CUDA memory, else no limit."""
     if config.memory.device_memory is not None:
         return config.memory.device_memory
     if config.device.type == "cuda" and torch.cuda.is_available():
@@ -88,7 +89,7 @@ def place(
     can_stream = weights_device.type in ("cpu", "meta")
     in_place = weights_device == device
     layouts = group_layouts(plan)
-    budget = _budget(config)
+    budget = device_budget(config)
     depth = config.schedule.prefetch_depth
 
     def layer_bytes(index: int) -> int:
@@ -153,6 +154,17 @@ def place(
 
     memory, slots, slot = memory_plan(resident)
     streamed = tuple(range(resident, n))
+    predicted = None
+    if cache is not None and cache.profile is not None and cache.workload is not None:
+        from ..runtime.cost_model import Choice, ModelDims, simulate_step
+
+        batch, prompt, new_tokens = cache.workload
+        dims = ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
+                                   global_bytes=global_bytes)
+        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio), cache.profile, batch=batch, new=1,
+                                  past=prompt + new_tokens - 1, block_size=config.cache.block_size)
+        reason += (f"; predicted longest decode step {predicted.seconds * 1e3:.2f} ms on {cache.profile.device_name}, "
+                   f"bound by {predicted.bound}")
     if streamed and config.memory.host_memory is not None:
         host_bytes = sum(layouts[i].nbytes for i in streamed)
         if host_bytes > config.memory.host_memory:
@@ -175,4 +187,5 @@ def place(
         act_ratio=cache.act_ratio if cache is not None else None,
         block_size=config.cache.block_size,
         reason=reason,
+        predicted=predicted,
     )

@@ -219,3 +219,17 @@ def test_generate_reuses_one_generator_per_model_and_options(family):
     b = hscompile.generate(model, ids, attention_mask=mask, max_new_tokens=3, options=dict(options))
     assert torch.equal(a, b)
     assert hscompile.inspect(model).compilations == 2  # prefill + decode, compiled once
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_auto_ratio_is_the_cost_models_choice_and_keeps_parity(references, family):
+    model, ids, mask, expected = references(family)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4})
+    assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+    decision = generator.decision
+    assert decision is not None and generator.stats()["act_ratio"] == decision.best.choice.act_ratio
+    assert decision.best.seconds == min(p.seconds for p in decision.considered)
+    if family in GQA_FAMILIES:  # 64 hidden vs 2 * 2 * 16 K/V values: checkpoints are never cheaper
+        assert {p.choice.act_ratio for p in decision.considered} == {0.0}
+    policy = generator.compiled_graphs[-1].policy
+    assert policy.predicted is not None and "predicted longest decode step" in policy.reason

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hscompile.runtime.cost_model import (
+    Choice,
+    ModelDims,
+    _device_bytes,
+    choose,
+    generation_seconds,
+    simulate_step,
+)
+from hscompile.runtime.tuner import load_profile
+
+A100 = load_profile("a100-40gb-pcie4")
+H100 = load_profile("h100-pcie5")
+
+
+def _dims(layers=40, hidden=5120, heads=40, kv_heads=40, ffn=4, vocab=50272):
+    head_dim = hidden // heads
+    layer = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 2 * hidden * ffn * hidden
+    return ModelDims(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype="float16",
+                     layer_weight_bytes=layer * 2, global_weight_bytes=vocab * hidden * 2, layer_matmul_params=layer,
+                     recompute_matmul_params=2 * hidden * kv_heads * head_dim, head_matmul_params=vocab * hidden)
+
+
+def test_weights_that_stream_cost_link_time_that_work_can_hide():
+    dims = _dims()
+    # Little work per layer (one sequence, short past): the copies are exposed.
+    resident = simulate_step(dims, Choice(40, 1, 0.0), A100, batch=1, new=1, past=16)
+    streamed = simulate_step(dims, Choice(10, 1, 0.0), A100, batch=1, new=1, past=16)
+    assert resident.exposed_link == 0 and streamed.exposed_link > 0.5 * streamed.weight_link
+    assert streamed.weight_link == pytest.approx(30 * dims.layer_weight_bytes / A100.h2d_bytes_per_s)
+    # Much work per layer (a big batch's cache traffic): the same copies hide behind it.
+    busy = simulate_step(dims, Choice(10, 1, 0.0), A100, batch=64, new=1, past=512)
+    assert busy.exposed_link < 0.05 * busy.weight_link
+
+
+def test_a_faster_link_is_never_slower():
+    dims = _dims()
+    for choice in (Choice(10, 1, 0.0), Choice(10, 1, 1.0)):
+        slow = simulate_step(dims, choice, A100, batch=32, new=1, past=1024)
+        fast = simulate_step(dims, choice, H100, batch=32, new=1, past=1024)
+        assert fast.seconds < slow.seconds
+
+
+def test_checkpoints_halve_mha_cache_bytes_and_the_search_uses_them_when_the_link_binds():
+    dims = _dims()  # MHA: a checkpoint is half the bytes of K/V
+    decision = choose(dims, A100, batch=64, prompt=512, new_tokens=32, device_budget=20 * 2**30)
+    assert decision.best.choice.act_ratio > 0
+    assert decision.best.decode.bound == "cache transfers"
+
+
+def test_gqa_never_chooses_checkpoints_for_bandwidth():
+    dims = _dims(layers=32, hidden=4096, heads=32, kv_heads=8, vocab=128256)  # Llama-3-8B: K+V is half the hidden state
+    assert not dims.checkpoints_save_bytes
+    decision = choose(dims, A100, batch=64, prompt=512, new_tokens=32, device_budget=12 * 2**30)
+    assert {p.choice.act_ratio for p in decision.considered} == {0.0}
+    assert "not smaller than K/V" in decision.reason
+
+
+def test_predicted_throughput_grows_with_batch_while_weights_dominate():
+    dims = _dims()
+    per_token = []
+    for batch in (1, 8, 64):
+        total, _, _ = generation_seconds(dims, Choice(10, 1, 0.0), H100, batch=batch, prompt=128, new_tokens=16)
+        per_token.append(total / (batch * 16))
+    assert per_token[0] > per_token[1] > per_token[2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layers=st.integers(2, 48),
+    hidden=st.sampled_from([256, 1024, 2048, 4096]),
+    kv_ratio=st.sampled_from([1, 2, 4, 8]),
+    batch=st.integers(1, 64),
+    prompt=st.integers(8, 1024),
+    new=st.integers(2, 64),
+    budget_fraction=st.floats(0.05, 2.0),
+)
+def test_the_search_respects_the_device_budget_or_says_nothing_fits(layers, hidden, kv_ratio, batch, prompt, new,
+                                                                     budget_fraction):
+    heads = hidden // 64
+    dims = _dims(layers=layers, hidden=hidden, heads=heads, kv_heads=max(heads // kv_ratio, 1), vocab=32000)
+    weights = dims.global_weight_bytes + layers * dims.layer_weight_bytes
+    budget = int(weights * budget_fraction)
+    try:
+        decision = choose(dims, A100, batch=batch, prompt=prompt, new_tokens=new, device_budget=budget)
+    except ValueError:
+        smallest = _device_bytes(dims, Choice(0, 1, 0.0), batch=batch, context=prompt + new, activations=0)
+        assert smallest > budget
+        return
+    for prediction in decision.considered:
+        assert prediction.device_bytes <= budget
+        assert prediction.seconds > 0 and prediction.tokens_per_s > 0
+    assert decision.best.seconds == min(p.seconds for p in decision.considered)
