@@ -325,9 +325,7 @@ class Generator:
         try:
             # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
             # that differs between two models of the same class as a run-time input.
-            pinned = (torch._dynamo.config.patch(specialize_float=True) if hasattr(torch._dynamo.config, "specialize_float")
-                      else contextlib.nullcontext())
-            with pinned:
+            with _tracing_settings():
                 out = self._compiled(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                                      logits_to_keep=1)
         finally:
@@ -374,6 +372,25 @@ class Generator:
             eos = self._eos_tokens()
             return eos[0] if eos else 0
         return int(pad)
+
+
+def _tracing_settings() -> contextlib.AbstractContextManager:
+    """Dynamo settings for the generator's own calls.
+
+    Floats such as attention's scale stay constants (dynamo would lift one that differs between
+    two models of the same class as a run-time input), and each generator may add its graphs to
+    the model class's code without hitting the recompile limit that several generators (or other
+    compilations of that class) in one process would reach together.
+    """
+    config = torch._dynamo.config
+    settings: dict[str, object] = {}
+    if hasattr(config, "specialize_float"):
+        settings["specialize_float"] = True
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            settings[name] = max(getattr(config, name), 64)
+            break
+    return config.patch(**settings) if settings else contextlib.nullcontext()
 
 
 def _select(logits, do_sample, temperature, top_k, top_p, sampler) -> torch.Tensor:

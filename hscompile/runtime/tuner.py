@@ -12,8 +12,9 @@ What is measured:
 * **link**: host-to-device and device-to-host copy rates from pinned memory (the CPU has no
   pinned memory and no link: the rates are ``memcpy``'s);
 * **device memory**: a device-to-device copy, counting bytes read and written;
-* **matmul**: GEMMs at the model's widths for growing row counts, fitted to
-  ``rate(m) = peak * m / (m + half_rows)`` (small ``m`` is memory-bound, large ``m`` compute-bound);
+* **matmul**: GEMMs at the model's width for growing row counts, fitted to
+  ``rate(m) = peak * m / (m + half_rows)``, and the rate at which a one-row GEMM reads a weight
+  too big for cache (decode's bound; a copy's bandwidth can be several times higher);
 * **attention**: causal SDPA at one prefill-like shape;
 * **per-call overhead**: the time of a trivial operator call (Python dispatch plus launch).
 """
@@ -64,6 +65,9 @@ class HardwareProfile:
     """GEMM peak by dtype name (``"float16"``, ...)."""
     matmul_half_rows: float
     """GEMM rows at which the rate reaches half its peak."""
+    weight_stream_bytes_per_s: float = 0.0
+    """How fast a one-row GEMM reads a weight too big for cache: the rate decode steps are
+    bound by (0: use ``memory_bytes_per_s``)."""
     attention_flops_per_s: dict[str, float]
     call_seconds: float
     """Fixed cost of one operator call (dispatch + launch)."""
@@ -92,7 +96,8 @@ class HardwareProfile:
         peak = self._rate(self.matmul_flops_per_s, dtype)
         item = _itemsize(dtype)
         compute = 2 * rows * k * n * (rows + self.matmul_half_rows) / (peak * rows)
-        memory = (k * n + rows * k + rows * n) * item / self.memory_bytes_per_s
+        weights = self.weight_stream_bytes_per_s or self.memory_bytes_per_s
+        memory = k * n * item / weights + (rows * k + rows * n) * item / self.memory_bytes_per_s
         return max(compute, memory) + self.call_seconds
 
     def attention_seconds(self, batch: int, heads: int, queries: int, keys: int, head_dim: int, dtype: str) -> float:
@@ -131,14 +136,15 @@ class HardwareProfile:
         if data.get("schema") != PROFILE_SCHEMA:
             raise ValueError(f"profile schema {data.get('schema')!r}, expected {PROFILE_SCHEMA}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data) - {"source", "layer_overhead_seconds", "copies_overlap"})
+        missing = sorted(names - set(data) - {"source", "layer_overhead_seconds", "copies_overlap",
+                                               "weight_stream_bytes_per_s"})
         unknown = sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"profile fields missing: {missing}, unknown: {unknown}")
         for key in ("h2d_bytes_per_s", "d2h_bytes_per_s", "memory_bytes_per_s", "host_bytes_per_s"):
             if not isinstance(data[key], (int, float)) or not data[key] > 0:
                 raise ValueError(f"profile field {key!r} must be a positive number, got {data[key]!r}")
-        for key in ("matmul_half_rows", "call_seconds", "layer_overhead_seconds"):
+        for key in ("matmul_half_rows", "call_seconds", "layer_overhead_seconds", "weight_stream_bytes_per_s"):
             if key in data and (not isinstance(data[key], (int, float)) or not data[key] >= 0):
                 raise ValueError(f"profile field {key!r} must be a number >= 0, got {data[key]!r}")
         for key in ("matmul_flops_per_s", "attention_flops_per_s"):
@@ -223,19 +229,28 @@ def _memory(device: torch.device, nbytes: int, repeat: int) -> float:
     return 2 * nbytes / _timed(lambda: b.copy_(a), device, repeat)
 
 
-def _fit_matmul(device: torch.device, dtype: torch.dtype, width: int, rows: Sequence[int], repeat: int) -> tuple[float, float]:
-    """``(peak, half_rows)`` of ``rate(m) = peak * m / (m + half_rows)``, least squares on ``1/rate`` vs ``1/m``."""
-    weight = torch.randn(width, width, device=device).to(dtype)
+def _fit_matmul(
+    device: torch.device, dtype: torch.dtype, width: int, rows: Sequence[int], repeat: int
+) -> tuple[float, float, float]:
+    """``(peak, half_rows, weight_stream)``: ``rate(m) = peak * m / (m + half_rows)`` fitted by least
+    squares on ``1/rate`` vs ``1/m`` over ``rows``, and the weight bytes a one-row product reads
+    per second.
+
+    The weight is shaped like a decoder MLP's (``width x 4 * width``): large enough to live in
+    memory rather than cache, as a layer's weights do during decode."""
+    weight = torch.randn(width, 4 * width, device=device).to(dtype)
+    one = torch.randn(1, width, device=device).to(dtype)
+    stream = weight.numel() * weight.element_size() / _timed(lambda: one @ weight, device, repeat)
     points = []
     for m in rows:
         x = torch.randn(m, width, device=device).to(dtype)
         seconds = _timed(lambda x=x: x @ weight, device, repeat)
-        points.append((1.0 / m, seconds / (2 * m * width * width)))  # 1/rate = 1/peak + (half/peak) / m
+        points.append((1.0 / m, seconds / (2 * m * width * 4 * width)))  # 1/rate = 1/peak + (half/peak) / m
     xs, ys = zip(*points)
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
     intercept = max(mean_y - slope * mean_x, min(ys) / 2)  # a non-positive intercept would mean infinite peak
-    return 1.0 / intercept, max(slope, 0.0) / intercept
+    return 1.0 / intercept, max(slope, 0.0) / intercept, stream
 
 
 def _attention(device: torch.device, dtype: torch.dtype, width: int, repeat: int) -> float:
@@ -300,17 +315,18 @@ def measure(
     in this process (do it in a process of its own, e.g. ``hscompile tune``)."""
     repeat = 3 if quick else 7
     nbytes = (16 if quick else 128) * 2**20
-    rows = (1, 8, 64, 256) if quick or device.type == "cpu" else (1, 16, 128, 1024, 4096)
+    rows = (8, 64, 256) if quick or device.type == "cpu" else (16, 128, 1024, 4096)
     h2d, d2h = _link(device, nbytes, repeat)
     memory = _memory(device, nbytes, repeat)
     host = _memory(torch.device("cpu"), nbytes, repeat)
-    matmul, half = {}, []
+    matmul, half, streams = {}, [], []
     attention = {}
     for name in dtypes:
         dtype = getattr(torch, name)
-        peak, half_rows = _fit_matmul(device, dtype, width, rows, repeat)
+        peak, half_rows, stream = _fit_matmul(device, dtype, width, rows, repeat)
         matmul[name] = peak
         half.append(half_rows)
+        streams.append(stream)
         attention[name] = _attention(device, dtype, width, repeat)
     device_memory, host_memory = _memory_sizes(device)
     return HardwareProfile(
@@ -323,6 +339,7 @@ def measure(
         host_bytes_per_s=host,
         matmul_flops_per_s=matmul,
         matmul_half_rows=statistics.fmean(half),
+        weight_stream_bytes_per_s=min(streams),
         attention_flops_per_s=attention,
         call_seconds=_call(device),
         copies_overlap=device.type == "cuda",

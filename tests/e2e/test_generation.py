@@ -233,3 +233,15 @@ def test_auto_ratio_is_the_cost_models_choice_and_keeps_parity(references, famil
         assert {p.choice.act_ratio for p in decision.considered} == {0.0}
     policy = generator.compiled_graphs[-1].policy
     assert policy.predicted is not None and "predicted longest decode step" in policy.reason
+
+
+def test_many_generators_of_one_model_class_do_not_hit_dynamos_recompile_limit():
+    # Each generator adds a prefill and a decode graph to LlamaForCausalLM's code: six of them
+    # are more graphs than dynamo's default limit of 8 allows for one function.
+    ids, mask = _batch()
+    for seed in range(6):
+        model = tiny_model("llama", layers=2, seed=seed)
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        out = hscompile.Generator(model, {"device": "cpu", "lowering": "eager"}).generate(ids, mask, max_new_tokens=3)
+        assert torch.equal(out, expected)
