@@ -5,12 +5,20 @@
     hscompile tune [--device cuda] [--dtype float16] [--width 4096] [--force]
     hscompile predict PATH --profile h100-pcie5|FILE [--batch 32] [--prompt 512] [--new-tokens 32]
                            [--device-memory 8GiB] [--dtype float16]
+    hscompile bench [PATH] [--device cuda] [--device-memory 8GiB] [--batch 8] [--prompt 512]
+                    [--new-tokens 32] [--policy auto --policy all-kv ...] [--json out.json] [--trace t.json]
+    hscompile generate [PATH] [--device cuda] [--device-memory 8GiB] [--batch 4] [--prompt 32]
+                       [--new-tokens 64]
 
 ``inspect`` builds the model of a ``config.json`` or a local checkpoint directory on the meta
 device (nothing is downloaded or loaded), runs the passes and prints the plan and the
 schedule: per layer resident or streamed, its slot and prefetch distance, bytes. ``tune``
 measures this machine's device and caches its profile. ``predict`` tells what a model would do
-on a profiled machine, measured here or not (bundled: a100-40gb-pcie4, h100-pcie5).
+on a profiled machine, measured here or not (bundled: a100-40gb-pcie4, h100-pcie5). ``bench``
+measures generation throughput of hscompile's policies beside transformers' (and Accelerate's)
+on a model built from a config with random weights (PATH, or an embedded small Llama-style one),
+and can write the run as a Chrome/Perfetto trace. ``generate`` runs a generation with a
+progress bar and prints its stats.
 """
 
 from __future__ import annotations
@@ -99,6 +107,103 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+DEFAULT_BENCH_CONFIG = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermediate_size=1376,
+                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                            max_position_embeddings=4096)
+"""The model ``bench`` and ``generate`` build when no PATH is given: a small MHA Llama-style
+decoder (about 30M parameters) that runs anywhere."""
+
+
+def _random_model(path: str | None, dtype: str | None) -> torch.nn.Module:
+    """A model with random weights, built on the host from ``path``'s config (or the default)."""
+    import transformers
+
+    if path is None:
+        config = transformers.AutoConfig.for_model(**DEFAULT_BENCH_CONFIG)
+    else:
+        from .planning import load_config
+
+        config = load_config(path)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else torch.float32)
+    return model.eval()
+
+
+def _bench_options(args: argparse.Namespace) -> dict[str, object]:
+    from .config import parse_bytes
+
+    options: dict[str, object] = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    if args.device_memory:
+        options["device_memory"] = parse_bytes(args.device_memory, key="device_memory")
+    if getattr(args, "lowering", None):
+        options["lowering"] = args.lowering
+    return options
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import Progress
+
+    from . import bench
+    from .runtime.tuner import tune
+
+    policies = args.policy or list(bench.POLICIES)
+    workload = bench.Workload(args.batch, args.prompt, args.new_tokens)
+    model = _random_model(args.path, args.dtype)
+    options = _bench_options(args)
+    if "device_memory" not in options:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        options["device_memory"] = weights // 2  # well below the weights, as the benchmark is about
+    with console.status("profiling the device (cached after the first time)..."):
+        profile = tune(str(options["device"]), dtypes=(str(next(model.parameters()).dtype).removeprefix("torch."),),
+                       width=model.config.hidden_size, quick=True, overhead=False)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("policies", total=len(policies))
+
+        def advance(policy: str) -> None:
+            progress.update(task, description=f"measuring {policy}", completed=policies.index(policy))
+
+        results = bench.run(model, workload, options=options, profile=profile, policies=policies, progress=advance)
+    title = (f"{args.path or 'default model'}: batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, "
+             f"device {options['device']} ({profile.device_name}), budget {int(options['device_memory']) / 2**20:.0f} MiB")
+    console.print(bench.results_table(results, title))
+    if args.json:
+        bench.write_json(args.json, results, {"title": title, "command": " ".join(sys.argv), "device": profile.device_name,
+                                              "torch": torch.__version__})
+        console.print(f"wrote {args.json}")
+    if args.trace:
+        from .generation import Generator
+
+        torch._dynamo.reset()
+        generator = Generator(model, {**options, "act_ratio": "auto"})
+        ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt))
+        generator.generate(ids, max_new_tokens=3)  # compile outside the trace
+        with bench.trace(args.trace):
+            generator.generate(ids, max_new_tokens=3)
+        console.print(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def _generate(args: argparse.Namespace, console: Console) -> int:
+    from .generation import Generator
+
+    model = _random_model(args.path, args.dtype)
+    options = _bench_options(args)
+    generator = Generator(model, options)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    out = generator.generate(ids, max_new_tokens=args.new_tokens, progress=True)
+    seconds = time.perf_counter() - start
+    stats = generator.stats()
+    new = out.shape[1] - args.prompt
+    console.print(f"generated {args.batch} x {new} tokens in {seconds:.2f} s ({args.batch * new / seconds:.1f} tokens/s, "
+                  "including compilation)")
+    for key in ("act_ratio", "minibatch_size", "resident_layers", "streamed_layers", "peak_device_bytes",
+                "weight_h2d_bytes", "cache_h2d_bytes", "recomputed_tokens"):
+        if key in stats:
+            console.print(f"  {key}: {stats[key]}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hscompile", description="HybridServe compiler for LLM inference beyond device memory")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +235,27 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--device-memory", dest="device_memory", help="device budget (default: the profile's memory)")
     predict.add_argument("--dtype", help="weights dtype (default float16)")
     predict.set_defaults(run=_predict)
+
+    from .bench import POLICIES
+
+    for name, help_text, run in (("bench", "measure generation throughput of policies side by side", _bench),
+                                 ("generate", "generate with a random-weight model and print the stats", _generate)):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("path", nargs="?", help="a config.json or checkpoint directory (default: a small Llama-style model)")
+        command.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
+        command.add_argument("--device-memory", dest="device_memory",
+                             help="device budget, e.g. 8GiB (bench default: half the weights)")
+        command.add_argument("--batch", type=int, default=8 if name == "bench" else 4)
+        command.add_argument("--prompt", type=int, default=128 if name == "bench" else 32)
+        command.add_argument("--new-tokens", dest="new_tokens", type=int, default=16 if name == "bench" else 32)
+        command.add_argument("--dtype", help="weights dtype (default float32)")
+        command.add_argument("--lowering", choices=("inductor", "eager"))
+        if name == "bench":
+            command.add_argument("--policy", action="append", choices=POLICIES,
+                                 help="a policy to measure (repeatable; default: all)")
+            command.add_argument("--json", help="write the results and ratios as JSON here")
+            command.add_argument("--trace", help="write a Chrome/Perfetto trace of an auto-policy generation here")
+        command.set_defaults(run=run)
     return parser
 
 

@@ -211,7 +211,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Fraction of cached tokens kept as activation checkpoints (K/V recomputed on the device)."),
     OptionSpec("block_size", ("cache", "block_size"), "int tokens in [1, 65536]", "16", "Tokens per KV/ACT cache block."),
     OptionSpec("mini_batch_size", ("schedule", "mini_batch_size"), "int >= 1 or 'auto'", "'auto'",
-               "Sequences per mini-batch; weights cross the link once per step and serve every mini-batch."),
+               "Sequences per mini-batch of a generation step (at least 2); each layer's weights cross the link "
+               "once per step and serve every mini-batch."),
     OptionSpec("prefetch_depth", ("schedule", "prefetch_depth"), "int >= 1", "1",
                "Layers of weights prefetched ahead of the compute."),
     OptionSpec("lowering", ("lowering",), "'inductor' or 'eager'", "'inductor'",

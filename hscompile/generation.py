@@ -42,7 +42,8 @@ from .passes.placement import device_budget, resolve_act_ratio
 from .policy import CacheBudget
 from .runtime.blocks import CacheSpec, HybridCache
 from .runtime.cache import CacheRuntime, StepRequest
-from .runtime.cost_model import Decision, ModelDims, choose
+from .runtime.cost_model import Decision, ModelDims, choose, sequence_cost
+from .runtime.minibatch import SequenceCost, form_minibatches, minibatch_count
 from .runtime.tuner import HardwareProfile, tune
 
 __all__ = ["Generator", "generate"]
@@ -83,7 +84,10 @@ class Generator:
         self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
         self.cache = CacheRuntime(device=self.config.device, act_ratio=self.act_ratio, host_budget=None)
         self.decision: Decision | None = None
-        """The cost model's choice for the last ``act_ratio="auto"`` call (alternatives and why)."""
+        """The cost model's choice for the last call with an ``"auto"`` option (alternatives and why)."""
+        self.minibatch_size: int | None = None
+        """Rows per mini-batch of the last call (None: every step runs whole)."""
+        self._dims: ModelDims | None = None
         self._profile: HardwareProfile | None = None
         self._workload: tuple[int, int, int] | None = None
         self._staging = 0
@@ -105,12 +109,14 @@ class Generator:
         top_p: float | None = None,
         seed: int | None = None,
         act_ratio: float | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Prompt + new tokens, ``(batch, prompt + n)``, like ``transformers``' ``generate``.
 
         ``input_ids`` is a left-padded batch; ``attention_mask`` marks real tokens with 1.
         ``act_ratio`` overrides the options' ratio for this call (the compiled graphs do not
-        depend on it, so sweeping it costs no compilation).
+        depend on it, so sweeping it costs no compilation). ``progress`` shows a progress bar
+        over the steps on the terminal (off by default: a library stays quiet).
         """
         ids, mask = self._validate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
         if act_ratio is not None and (
@@ -120,18 +126,19 @@ class Generator:
         lengths = mask.sum(dim=1)
         totals = [int(n) + max_new_tokens for n in lengths]
         self._workload = (ids.shape[0], int(lengths.max()), max_new_tokens)
-        self.cache.act_ratio = float(act_ratio) if act_ratio is not None else self._decide(*self._workload)
+        self.cache.act_ratio, self.minibatch_size = self._decide(*self._workload, act_ratio=act_ratio)
         spec = self.spec
         waves = self._waves(spec, totals)
         self._staging = self._worst_staging(spec, max(len(w) for w in waves), max(totals))
         self._check_compiled_budget()
         sampler = torch.Generator().manual_seed(seed) if seed is not None else None
         pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
-        for wave in waves:
-            out = self._generate_wave(spec, ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
-                                      do_sample, temperature, top_k, top_p, sampler)
-            for row, index in enumerate(wave):
-                pieces[index] = out[row]
+        with _progress(progress, len(waves) * max_new_tokens) as tick:
+            for wave in waves:
+                out = self._generate_wave(spec, ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
+                                          do_sample, temperature, top_k, top_p, sampler, tick)
+                for row, index in enumerate(wave):
+                    pieces[index] = out[row]
         width = max(p.shape[0] for p in pieces)
         pad = self._pad_token()
         return torch.stack([torch.cat((p, p.new_full((width - p.shape[0],), pad))) for p in pieces])
@@ -148,6 +155,7 @@ class Generator:
             **latest,
             **decision,
             "act_ratio": self.cache.act_ratio,
+            "minibatch_size": self.minibatch_size,
             "graphs": len(self._backend.compiled),
             **self.cache.counters.as_stats(),
         }
@@ -269,21 +277,32 @@ class Generator:
         past = longest - 1
         kv_blocks, act_blocks = HybridCache.blocks_for(spec, self.cache.act_ratio, past)
         act = min(past, act_blocks * spec.block_size)
-        return spec.staging_bytes(batch, past, 1, batch * (past - act), batch * act)
+        if self.minibatch_size is not None:  # one mini-batch is staged at a time
+            batch = math.ceil(batch / minibatch_count(batch, self.minibatch_size))
+        staged = spec.staging_bytes(batch, past, 1, batch * (past - act), batch * act)
+        if self.cache._overlapping():  # the next mini-batch's loads are in flight
+            staged += batch * ((past - act) * spec.kv_values_per_token + act * spec.hidden) * spec.dtype.itemsize
+        return staged
 
     def _budget(self) -> CacheBudget:
         if self.cache.spec is None:
             self.cache.configure(self.spec)
+        minibatches = 1
+        if self._workload is not None and self.minibatch_size is not None:
+            minibatches = math.ceil(self._workload[0] / self.minibatch_size)
         return CacheBudget(act_ratio=self.cache.act_ratio, staging_bytes=self._staging, workload=self._workload,
-                           profile=self._profile)
+                           profile=self._profile, minibatches=minibatches)
 
-    def _decide(self, batch: int, prompt: int, new_tokens: int) -> float:
-        """The ACT ratio for this call: the configured one, or for ``"auto"`` the cost model's choice
-        on this device's profile (measured once and cached, see :func:`hscompile.tune`)."""
-        requested = self.config.cache.act_ratio
-        if requested != "auto":
-            return float(requested)
-        dims = ModelDims.from_model(self.model)
+    def _decide(self, batch: int, prompt: int, new_tokens: int, *, act_ratio: float | None) -> tuple[float, int | None]:
+        """``(act_ratio, mini-batch rows or None)`` for this call: the configured values, and for
+        ``"auto"`` the cost model's choice on this device's profile (measured once and cached,
+        see :func:`hscompile.tune`)."""
+        ratio = act_ratio if act_ratio is not None else self.config.cache.act_ratio
+        size = self.config.schedule.mini_batch_size
+        fixed_size = None if size == "auto" or size >= batch else size
+        if ratio != "auto" and size != "auto":
+            return float(ratio), fixed_size
+        dims = self._model_dims()
         if self._profile is None:
             self._profile = tune(self.config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True, overhead=False)
         try:
@@ -291,10 +310,45 @@ class Generator:
                 dims, self._profile, batch=batch, prompt=prompt, new_tokens=new_tokens,
                 device_budget=device_budget(self.config), depths=(self.config.schedule.prefetch_depth,),
                 block_size=self.config.cache.block_size,
+                ratios=(float(ratio),) if ratio != "auto" else (0.0, 0.25, 0.5, 0.75, 1.0),
+                minibatches=None if size == "auto" else (math.ceil(batch / size),),
             )
         except ValueError:  # nothing fits: placement refuses the budget with the minimum that would work
-            return self.act_ratio
-        return self.decision.best.choice.act_ratio
+            return (self.act_ratio if ratio == "auto" else float(ratio)), fixed_size
+        best = self.decision.best.choice
+        chosen = float(ratio) if ratio != "auto" else best.act_ratio
+        if size != "auto":
+            return chosen, fixed_size
+        return chosen, (math.ceil(batch / best.minibatches) if best.minibatches > 1 else None)
+
+    def _model_dims(self) -> ModelDims:
+        if self._dims is None:
+            self._dims = ModelDims.from_model(self.model)
+        return self._dims
+
+    def _groups(self, mask: torch.Tensor | None) -> list[list[int]] | None:
+        """The mini-batches of the next step (None: run it whole): sequences grouped so each
+        group's cache loads and compute are balanced, in the order that overlaps them best
+        (:func:`~hscompile.runtime.minibatch.form_minibatches`). ``mask`` is the prefill's mask,
+        None for a decode step (its costs come from what the cache holds)."""
+        size = self.minibatch_size
+        cache = self.cache.cache
+        batch = len(self.cache.sequences) if mask is None else mask.shape[0]
+        if size is None or size >= batch or (mask is None and cache is None):
+            return None
+        if mask is not None:  # a prefill: every row is computed at the padded length
+            costs = [SequenceCost(0.0, float(n)) for n in mask.sum(dim=1).tolist()]
+        else:
+            assert cache is not None
+            dims, block = self._model_dims(), cache.spec.block_size
+            costs = []
+            for seq in self.cache.sequences:
+                table = cache.sequences[seq]
+                act = sum(min(block, max(0, table.length - i * block)) for i, k in enumerate(table.kinds) if k == "act")
+                load, compute = sequence_cost(dims, self._profile, kv_tokens=table.length - act, act_tokens=act, new=1)
+                costs.append(SequenceCost(load, compute))
+        groups = form_minibatches(costs, size)
+        return groups if len(groups) > 1 else None
 
     def _check_compiled_budget(self) -> None:
         """Refuse, before any work, a call whose longest step would not fit a graph compiled earlier."""
@@ -313,7 +367,8 @@ class Generator:
 
     # -- the engine --------------------------------------------------------------------------
 
-    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest) -> torch.Tensor:
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest,
+              prefill: torch.Tensor | None = None) -> torch.Tensor:
         """One step: the model on ``ids`` through the compiled graph; the last position's logits."""
         device = next(self.model.parameters()).device
         ids, mask, positions = (t.to(device) for t in (ids, mask, positions))
@@ -321,6 +376,7 @@ class Generator:
             for dim in (0, 1):
                 if tensor.shape[dim] > 1:  # one prefill graph for every prompt shape
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        request.groups = self._groups(prefill)
         self.cache.request = request
         try:
             # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
@@ -332,20 +388,22 @@ class Generator:
             self.cache.request = None
         return out.logits[:, -1, :].float().cpu()
 
-    def _generate_wave(self, spec, ids, mask, totals, max_new_tokens, do_sample, temperature, top_k, top_p, sampler):
+    def _generate_wave(self, spec, ids, mask, totals, max_new_tokens, do_sample, temperature, top_k, top_p, sampler,
+                       tick=lambda: None):
         batch = ids.shape[0]
         eos = self._eos_tokens()
         pad = self._pad_token()
         try:
             positions = mask.cumsum(dim=1) - 1
             positions.masked_fill_(mask == 0, 1)
-            logits = self._call(ids, mask, positions, StepRequest(real=mask.bool(), admit=list(totals)))
+            logits = self._call(ids, mask, positions, StepRequest(real=mask.bool(), admit=list(totals)), prefill=mask)
             unfinished = torch.ones(batch, dtype=torch.bool)
             generated: list[torch.Tensor] = []
             for step in range(max_new_tokens):
                 tokens = _select(logits, do_sample, temperature, top_k, top_p, sampler)
                 tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
                 generated.append(tokens)
+                tick()
                 if eos:
                     unfinished &= ~torch.isin(tokens, torch.tensor(eos))
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
@@ -374,6 +432,19 @@ class Generator:
         return int(pad)
 
 
+@contextlib.contextmanager
+def _progress(show: bool, total: int):
+    """A ``tick()`` per generated token position: a rich progress bar when ``show``, else nothing."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("generating", total=total)
+        yield lambda: bar.advance(task)
+
+
 def _tracing_settings() -> contextlib.AbstractContextManager:
     """Dynamo settings for the generator's own calls.
 
@@ -383,6 +454,13 @@ def _tracing_settings() -> contextlib.AbstractContextManager:
     compilations of that class) in one process would reach together.
     """
     config = torch._dynamo.config
+    stack = contextlib.ExitStack()
+    # Distinct symbols for distinct dimensions (no duck sizing), so a batch that happens to equal
+    # the prompt length keeps its own symbol and the step can still run as mini-batches.
+    from torch.fx.experimental import _config as shapes
+
+    if hasattr(shapes, "use_duck_shape"):
+        stack.enter_context(shapes.patch(use_duck_shape=False))
     settings: dict[str, object] = {}
     if hasattr(config, "specialize_float"):
         settings["specialize_float"] = True
@@ -390,7 +468,9 @@ def _tracing_settings() -> contextlib.AbstractContextManager:
         if hasattr(config, name):
             settings[name] = max(getattr(config, name), 64)
             break
-    return config.patch(**settings) if settings else contextlib.nullcontext()
+    if settings:
+        stack.enter_context(config.patch(**settings))
+    return stack
 
 
 def _select(logits, do_sample, temperature, top_k, top_p, sampler) -> torch.Tensor:
@@ -422,6 +502,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     options: Mapping[str, object] | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Generate with weight streaming and the hybrid KV/ACT cache; returns prompt + new tokens.
 
@@ -431,5 +512,5 @@ def generate(
     generator = _REGISTRY.generator(model, options, lambda: Generator(model, options))
     return generator.generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed,
+        top_k=top_k, top_p=top_p, seed=seed, progress=progress,
     )

@@ -165,12 +165,14 @@ class Inspection:
         if policy.streamed_layers:
             table.add_row("ring", f"{policy.ring_slots} slots x {format_bytes(policy.slot_bytes)}, prefetch depth {policy.prefetch_depth}")
         table.add_row("act ratio", "no cache" if policy.act_ratio is None else f"{policy.act_ratio:.2f}")
+        if policy.act_ratio is not None:
+            table.add_row("mini-batches", f"{policy.minibatches} per step (each layer's weights serve them all)")
         if policy.predicted is not None:
             p = policy.predicted
             table.add_row(
                 "predicted",
                 f"longest decode step {p.seconds * 1e3:.2f} ms, bound by {p.bound}: compute {p.compute * 1e3:.2f} + cache "
-                f"{p.cache * 1e3:.2f} + recompute {p.recompute * 1e3:.2f} + waiting for weights {p.exposed_link * 1e3:.2f} ms "
+                f"{p.cache * 1e3:.2f} + recompute {p.recompute * 1e3:.2f} + waiting on the link {p.exposed_link * 1e3:.2f} ms "
                 f"(weight copies {p.weight_link * 1e3:.2f} ms in all)",
             )
         table.add_row("block size", f"{policy.block_size} tokens")

@@ -23,6 +23,8 @@ class CacheBudget:
     """``(batch, prompt, new_tokens)`` of the generation that compiles the graph, for predictions."""
     profile: Any = None
     """The :class:`~hscompile.runtime.tuner.HardwareProfile` predictions use."""
+    minibatches: int = 1
+    """Mini-batches a step of that generation runs as."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,8 @@ class Policy:
     """Tokens per KV/ACT block."""
     reason: str
     """Why: which budget or resource decided it."""
+    minibatches: int = 1
+    """Mini-batches a step of the generation that compiled this graph runs as (1 for other graphs)."""
     predicted: Any = None
     """The cost model's :class:`~hscompile.runtime.cost_model.StepEstimate` of the longest decode
     step (generation graphs compiled with a profile), or None."""

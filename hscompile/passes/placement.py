@@ -161,7 +161,7 @@ def place(
         batch, prompt, new_tokens = cache.workload
         dims = ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
                                    global_bytes=global_bytes)
-        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio), cache.profile, batch=batch, new=1,
+        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio, cache.minibatches), cache.profile, batch=batch, new=1,
                                   past=prompt + new_tokens - 1, block_size=config.cache.block_size)
         reason += (f"; predicted longest decode step {predicted.seconds * 1e3:.2f} ms on {cache.profile.device_name}, "
                    f"bound by {predicted.bound}")
@@ -187,5 +187,6 @@ def place(
         act_ratio=cache.act_ratio if cache is not None else None,
         block_size=config.cache.block_size,
         reason=reason,
+        minibatches=cache.minibatches if cache is not None else 1,
         predicted=predicted,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from ..errors import BudgetError, UnsupportedModelError
 from ..ops import in_attention_layout
 from ..passes.recompute import RecomputeProgram
 from .blocks import CacheSpec, HybridCache
+from .device import DeviceBackend, device_backend
 
 __all__ = ["CacheCounters", "CacheRuntime", "StepPlan", "StepRequest"]
 
@@ -45,6 +47,9 @@ class StepRequest:
     admit: list[int] | None = None
     """For the first step of a batch: the token capacity of each sequence (prompt + new tokens).
     The batch replaces whatever the cache held."""
+    groups: list[list[int]] | None = None
+    """Mini-batches: row indices of the batch, in the order they run (None: one mini-batch). The
+    executor runs the step whole, and resets this to None, when its graph cannot be split."""
 
 
 @dataclass(slots=True)
@@ -53,6 +58,8 @@ class StepPlan:
 
     batch: int
     new_tokens: int
+    sequences: list[int]
+    """The cache's sequence ids of this plan's rows, in row order."""
     past: list[int]
     width: int
     """Past length of the longest sequence: the padded layout's past width."""
@@ -81,6 +88,8 @@ class CacheCounters:
     cache_h2d_bytes: int = 0
     cache_d2h_bytes: int = 0
     steps: int = 0
+    minibatches: int = 0
+    """Mini-batches run, summed over steps (a step run whole counts one)."""
 
     def as_stats(self) -> dict[str, int]:
         """The counters under the names ``inspect(...).stats`` uses."""
@@ -91,6 +100,7 @@ class CacheCounters:
             "cache_h2d_bytes": self.cache_h2d_bytes,
             "cache_d2h_bytes": self.cache_d2h_bytes,
             "cache_steps": self.steps,
+            "minibatches": self.minibatches,
         }
 
 
@@ -111,7 +121,18 @@ class CacheRuntime:
     cache: HybridCache | None = None
     sequences: list[int] = field(default_factory=list)
     step: StepPlan | None = None
+    """The plan of the mini-batch running now (see :meth:`select`)."""
+    plans: list[StepPlan] = field(default_factory=list)
+    """One plan per mini-batch of the step in progress (empty between steps)."""
+    index: int = 0
+    """The mini-batch running now."""
+    overlap_loads: bool | None = None
+    """Issue the next mini-batch's (or layer's) cache loads before this one computes. Default:
+    on CUDA, where they run on a copy stream beside the compute; on the CPU they would only
+    hold memory longer."""
     counters: CacheCounters = field(default_factory=CacheCounters)
+    _pending: dict[tuple[str, int, int], tuple[torch.Tensor, Any, torch.Tensor]] = field(default_factory=dict)
+    _backend: DeviceBackend | None = None
     _tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _pos_kv: torch.Tensor | None = None
     _pos_act: torch.Tensor | None = None
@@ -137,14 +158,22 @@ class CacheRuntime:
 
     def step_begin(self, hidden: torch.Tensor, past: torch.Tensor | None) -> None:
         """Start a step (the ``cache_step`` op): from the driver's request, else from the inputs."""
+        if self.plans:  # a later mini-batch of a step already planned
+            if hidden.shape[0] != self.plans[self.index].batch:
+                raise RuntimeError(f"mini-batch {self.index} has {self.plans[self.index].batch} rows, graph got "
+                                   f"{hidden.shape[0]}")
+            return
         request, self.request = self.request, None
         batch, new = hidden.shape[0], hidden.shape[1]
         if request is not None:
-            if tuple(request.real.shape) != (batch, new):
-                raise RuntimeError(f"step request for {tuple(request.real.shape)} tokens, graph got {(batch, new)}")
+            groups = request.groups or [list(range(request.real.shape[0]))]
+            if (request.real.shape[0], request.real.shape[1]) != (sum(map(len, groups)), new) \
+                    or len(groups[self.index]) != batch:
+                raise RuntimeError(f"step request for {tuple(request.real.shape)} tokens in mini-batches of "
+                                   f"{[len(g) for g in groups]} rows, graph got {(batch, new)}")
             if request.admit is not None:
                 self._start_batch(request.admit, growable=False)
-            self.begin_step(request.real.cpu())
+            self.begin_step(request.real.cpu(), groups=groups)
             return
         # transformers' own loop: it stores every token, padding included, and passes its cache
         # length as the past's size; mirror that layout exactly.
@@ -194,6 +223,9 @@ class CacheRuntime:
             for seq in list(self.cache.sequences):
                 self.cache.release(seq)
         self.step = None
+        self.plans = []
+        self.index = 0
+        self._pending.clear()
         self.request = None
 
     def start(self, cache: HybridCache, sequences: Sequence[int]) -> None:
@@ -230,15 +262,29 @@ class CacheRuntime:
         block = index // size
         return ids[block] * size + index % size, is_act[block]
 
-    def begin_step(self, real: torch.Tensor, positions: torch.Tensor | None = None) -> None:
-        """Plan a step whose new tokens are ``real`` (``(batch, seq)`` bool: False for padding)."""
+    def select(self, index: int) -> None:
+        """Make mini-batch ``index`` of the step the one the cache ops act on."""
+        self.index = index
+        if self.plans:
+            self.step = self.plans[index]
+
+    def begin_step(self, real: torch.Tensor, groups: Sequence[Sequence[int]] | None = None) -> None:
+        """Plan a step whose new tokens are ``real`` (``(batch, seq)`` bool: False for padding), one
+        plan per mini-batch of ``groups`` (row indices; default: the whole batch)."""
+        assert self.cache is not None
+        rows = groups if groups is not None else [range(real.shape[0])]
+        self.plans = [self._plan(real[list(r)], [self.sequences[b] for b in r]) for r in rows]
+        self.counters.minibatches += len(self.plans)
+        self.step = self.plans[self.index]
+
+    def _plan(self, real: torch.Tensor, sequences: list[int]) -> StepPlan:
         assert self.cache is not None
         batch, new = real.shape
-        past = [self.cache.sequences[s].length for s in self.sequences]
+        past = [self.cache.sequences[s].length for s in sequences]
         width = max(past)
         kv_slots, kv_dest, act_slots, act_dest = [], [], [], []
         st_kv_src, st_kv_slots, st_act_src, st_act_slots, new_kv, new_act = [], [], [], [], [], []
-        for b, seq in enumerate(self.sequences):
+        for b, seq in enumerate(sequences):
             if past[b]:
                 slots, is_act = self._slots(seq, 0, past[b])
                 dest = b * width + (width - past[b]) + torch.arange(past[b])
@@ -266,9 +312,10 @@ class CacheRuntime:
 
         act_slot_tensor = cat(act_slots)
         assert self._pos_act is not None
-        self.step = StepPlan(
+        return StepPlan(
             batch=batch,
             new_tokens=new,
+            sequences=sequences,
             past=past,
             width=width,
             padded=any(p != width for p in past),
@@ -287,37 +334,75 @@ class CacheRuntime:
 
     def end_step(self) -> None:
         """Commit the step: the new tokens are now part of every sequence's past."""
-        assert self.step is not None and self.cache is not None
-        for b, seq in enumerate(self.sequences):
-            self.cache.sequences[seq].length += self.step.new_kv[b] + self.step.new_act[b]
-        self.counters.kv_tokens += sum(self.step.new_kv)
-        self.counters.act_tokens += sum(self.step.new_act)
+        assert self.plans and self.cache is not None
+        for plan in self.plans:
+            for b, seq in enumerate(plan.sequences):
+                self.cache.sequences[seq].length += plan.new_kv[b] + plan.new_act[b]
+            self.counters.kv_tokens += sum(plan.new_kv)
+            self.counters.act_tokens += sum(plan.new_act)
         self.counters.steps += 1
         self.step = None
+        self.plans = []
+        self.index = 0
+        self._pending.clear()
 
     def staging_bytes(self) -> int:
         """Device bytes one layer's cache steps hold at once in this step (for the budget check)."""
-        step, cache = self.step, self.cache
-        if step is None or cache is None:
+        cache = self.cache
+        if not self.plans or cache is None:
             return 0
-        return cache.spec.staging_bytes(
-            step.batch, step.width, step.new_tokens, int(step.kv_slots.numel()), int(step.act_slots.numel())
-        )
+        staged = [cache.spec.staging_bytes(p.batch, p.width, p.new_tokens, int(p.kv_slots.numel()),
+                                           int(p.act_slots.numel())) for p in self.plans]
+        if not self._overlapping():
+            return max(staged)
+        # the next mini-batch's loads are in flight while this one computes
+        item = cache.spec.dtype.itemsize
+        loaded = [(int(p.kv_slots.numel()) * cache.spec.kv_values_per_token + int(p.act_slots.numel()) * cache.spec.hidden)
+                  * item for p in self.plans]
+        return max(staged) + max(loaded)
 
     # -- the ops -------------------------------------------------------------------------
 
-    def _gather(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        packed = pool.index_select(0, slots)
-        self.counters.cache_h2d_bytes += packed.numel() * packed.element_size()
-        return packed.to(self.device)
+    def _overlapping(self) -> bool:
+        return self.device.type == "cuda" if self.overlap_loads is None else self.overlap_loads
+
+    def _issue(self, kind: str, layer: int, index: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Gather mini-batch ``index``'s past tokens of ``layer`` on the host and start their copy."""
+        assert self.cache is not None
+        plan = self.plans[index]
+        pool = (self.cache.kv if kind == "kv" else self.cache.act)[layer]
+        slots = plan.kv_slots if kind == "kv" else plan.act_slots
+        if self._backend is None:
+            self._backend = device_backend(self.device)
+        host = torch.empty((slots.numel(), *pool.shape[1:]), dtype=pool.dtype,
+                           pin_memory=self.device.type == "cuda")
+        torch.index_select(pool, 0, slots, out=host)
+        self.counters.cache_h2d_bytes += host.numel() * host.element_size()
+        if self.device.type == "cpu":
+            return host, None, host
+        out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        done = self._backend.copy_to_device(out, host, after=None, label=f"{kind} L{layer} mb{index}")
+        return out, done, host  # the host buffer lives until the copy is done
+
+    def _load(self, kind: str, layer: int) -> torch.Tensor:
+        assert self.cache is not None and self.plans
+        pending = self._pending.pop((kind, layer, self.index), None)
+        out, done, _ = pending if pending is not None else self._issue(kind, layer, self.index)
+        if done is not None:
+            assert self._backend is not None
+            self._backend.wait(done)
+        if self._overlapping():
+            # The next load in run order: this layer's next mini-batch, else the next layer's first.
+            following = (layer, self.index + 1) if self.index + 1 < len(self.plans) else (layer + 1, 0)
+            if following[0] < self.cache.spec.num_layers and (kind, *following) not in self._pending:
+                self._pending[(kind, *following)] = self._issue(kind, *following)
+        return out
 
     def load_kv(self, layer: int) -> torch.Tensor:
-        assert self.step is not None and self.cache is not None
-        return self._gather(self.cache.kv[layer], self.step.kv_slots)
+        return self._load("kv", layer)
 
     def load_act(self, layer: int) -> torch.Tensor:
-        assert self.step is not None and self.cache is not None
-        return self._gather(self.cache.act[layer], self.step.act_slots)
+        return self._load("act", layer)
 
     def recompute(self, layer: int, act: torch.Tensor, weights: Sequence[torch.Tensor],
                   rotary_weights: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -33,14 +33,17 @@ recompute, so ratios above 0 are not considered.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..passes.plan import ModelPlan
 from .tuner import HardwareProfile
 
-__all__ = ["Choice", "ModelDims", "Prediction", "StepEstimate", "choose", "generation_seconds", "simulate_step"]
+__all__ = [
+    "Choice", "ModelDims", "Prediction", "StepEstimate", "choose", "generation_seconds", "minibatch_counts",
+    "minibatch_rows", "sequence_cost", "simulate_step",
+]
 
 ELEMENTWISE_PASSES = 12
 """Reads + writes of the hidden state per layer outside the GEMMs (2 norms, 2 residuals, rotary,
@@ -134,6 +137,8 @@ class Choice:
     resident_layers: int
     prefetch_depth: int
     act_ratio: float
+    minibatches: int = 1
+    """Mini-batches a step's batch runs as (near-equal rows; each layer serves them all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,25 +149,30 @@ class StepEstimate:
     compute: float
     """Layer GEMMs, attention, elementwise work and calls, summed over layers."""
     cache: float
-    """Cache steps on the compute stream: host gathers, copies, assembly, stores."""
+    """Cache steps: host gathers, copies of past tokens, assembly, stores (the copies overlap
+    compute on a device with a copy engine; ``exposed_link`` holds what did not)."""
     recompute: float
     """K/V recompute from checkpoints."""
     weight_link: float
     """Weight copies on the copy engine (overlapped with compute where the schedule allows)."""
     exposed_link: float
-    """Time the compute stream waited for weights."""
+    """Time the compute stream waited for the link (weights or cache loads), or spent copying
+    itself where the device has no copy engine."""
 
     @property
     def bound(self) -> str:
         """The resource that sets the step time."""
         parts = {"compute": self.compute, "cache transfers": self.cache, "recompute": self.recompute,
-                 "weight link": self.exposed_link}
+                 "link": self.exposed_link}
         return max(parts, key=parts.__getitem__)
 
 
 def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int, past: int,
-                 act_ratio: float, block_size: int) -> tuple[float, float, float]:
-    """``(compute, cache, recompute)`` seconds of one layer in one step."""
+                 act_ratio: float, block_size: int) -> tuple[float, float, float, float]:
+    """``(compute, cache, recompute, link)`` seconds of one layer for ``batch`` sequences in one step.
+
+    ``cache`` is the cache work on the compute stream (host gather, assembly of the padded past,
+    stores); ``link`` is the past tokens' copy over the link."""
     rows = batch * new
     compute = (
         profile.gemm_seconds(rows, dims.hidden, max(dims.layer_matmul_params // dims.hidden, 1), dims.dtype)
@@ -174,12 +184,13 @@ def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int
     kv_tokens = batch * past - act_tokens
     loaded = kv_tokens * dims.kv_bytes + act_tokens * dims.act_bytes
     stored = rows * max(dims.kv_bytes, dims.act_bytes) if act_ratio else rows * dims.kv_bytes
-    cache = 0.0
+    cache = link = 0.0
     if past:
         cache = (
-            profile.host_seconds(loaded) + profile.h2d_seconds(loaded)
+            profile.host_seconds(loaded)
             + profile.memory_seconds(3 * batch * (past + new) * dims.kv_bytes)  # padded past, concatenation
         )
+        link = profile.h2d_seconds(loaded)
     cache += profile.d2h_seconds(stored) + profile.host_seconds(stored)
     recompute = 0.0
     if act_tokens:
@@ -187,7 +198,7 @@ def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int
             profile.gemm_seconds(act_tokens, dims.hidden, max(dims.recompute_matmul_params // dims.hidden, 1), dims.dtype)
             + profile.memory_seconds(6 * act_tokens * dims.act_bytes)  # norm, rotary, layout
         )
-    return compute, cache, recompute
+    return compute, cache, recompute, link
 
 
 def _act_tokens(past: int, ratio: float, block_size: int) -> int:
@@ -198,53 +209,93 @@ def _act_tokens(past: int, ratio: float, block_size: int) -> int:
     return min(past, round(ratio * blocks) * block_size)
 
 
+def sequence_cost(dims: ModelDims, profile: HardwareProfile | None, *, kv_tokens: int, act_tokens: int,
+                  new: int) -> tuple[float, float]:
+    """``(load, compute)`` of one sequence in one layer of a step: its past tokens' copy over the
+    link, and its attention, recompute and host gather on the compute side. In seconds on
+    ``profile``; without one, bytes moved and bytes read stand in for time."""
+    loaded = kv_tokens * dims.kv_bytes + act_tokens * dims.act_bytes
+    past = kv_tokens + act_tokens
+    if profile is None:
+        return float(loaded), float(act_tokens * dims.act_bytes * 4 + (past + new) * dims.kv_bytes)
+    compute = profile.attention_seconds(1, dims.heads, new, past + new, dims.head_dim, dims.dtype) + profile.host_seconds(loaded)
+    if act_tokens:
+        compute += profile.gemm_seconds(act_tokens, dims.hidden, max(dims.recompute_matmul_params // dims.hidden, 1),
+                                        dims.dtype)
+    return profile.h2d_seconds(loaded), compute
+
+
+def minibatch_rows(batch: int, minibatches: int) -> list[int]:
+    """Rows of each of ``minibatches`` near-equal mini-batches of ``batch`` sequences."""
+    count = max(1, min(minibatches, batch))
+    return [batch // count + (1 if i < batch % count else 0) for i in range(count)]
+
+
 def simulate_step(dims: ModelDims, choice: Choice, profile: HardwareProfile, *, batch: int, new: int, past: int,
                   block_size: int = 16) -> StepEstimate:
     """One step replayed on the compute stream and the copy engine (see the module docstring)."""
-    compute, cache, recompute = _layer_costs(dims, profile, batch, new, past, choice.act_ratio, block_size)
-    per_layer = compute + cache + recompute
-    link = profile.h2d_seconds(dims.layer_weight_bytes)
+    sizes = minibatch_rows(batch, choice.minibatches)
+    costs = {b: _layer_costs(dims, profile, b, new, past, choice.act_ratio, block_size) for b in set(sizes)}
+    weight_link = profile.h2d_seconds(dims.layer_weight_bytes)
     streamed = list(range(choice.resident_layers, dims.layers))
     depth = choice.prefetch_depth
     slots = min(depth + 1, len(streamed))
-    copy_end: dict[int, float] = {}
-    compute_end: dict[int, float] = {}
-    engine = 0.0
-    clock = 0.0
-    serial = 0.0  # copies run on the compute thread where the device has no copy engine
+    overlap = profile.copies_overlap
+    weights_ready: dict[int, float] = {}
+    layer_end: dict[int, float] = {}
+    engine = clock = waited = serial = 0.0
 
-    def copy(i: int, issued: float) -> None:
+    def copy(seconds: float, issued: float, freed: float = 0.0) -> float:
+        """Queue a copy on the link; its end time. Without a copy engine it runs on the compute thread."""
         nonlocal engine, clock, serial
-        if not profile.copies_overlap:
-            clock += link
-            serial += link
-            copy_end[i] = clock
-            return
-        freed = compute_end.get(i - slots, 0.0) if i >= slots else 0.0
-        start = max(issued, engine, freed)
-        engine = copy_end[i] = start + link
+        if not overlap:
+            clock += seconds
+            serial += seconds
+            return clock
+        engine = max(issued, engine, freed) + seconds
+        return engine
+
+    def weights(i: int, issued: float) -> None:
+        freed = layer_end.get(i - slots, 0.0) if i >= slots else 0.0
+        weights_ready[i] = copy(weight_link, issued, freed)
 
     for i in range(min(depth, len(streamed))):
-        copy(i, 0.0)
+        weights(i, 0.0)
     clock += profile.gemm_seconds(batch * new, 1, dims.hidden, dims.dtype)  # embedding lookup, positions, masks
-    waited = 0.0
-    for layer in range(dims.layers):
-        if layer < choice.resident_layers:
-            clock += per_layer
-            continue
-        i = layer - choice.resident_layers
-        if i + depth < len(streamed):
-            copy(i + depth, clock)
-        start = max(clock, copy_end[i])
-        waited += start - clock
-        clock = compute_end[i] = start + per_layer
+    # Cache loads run one ahead in run order (the next mini-batch, else the next layer's first).
+    order = [(layer, j) for layer in range(dims.layers) for j in range(len(sizes))]
+    loads_ready: dict[tuple[int, int], float] = {}
+    if past and overlap:
+        loads_ready[order[0]] = copy(costs[sizes[0]][3], 0.0)
+    for k, (layer, j) in enumerate(order):
+        compute, cache, recompute, link = costs[sizes[j]]
+        if j == 0 and layer >= choice.resident_layers:
+            i = layer - choice.resident_layers
+            if i + depth < len(streamed):
+                weights(i + depth, clock)
+            start = max(clock, weights_ready[i])
+            waited += start - clock
+            clock = start
+        if past:
+            if overlap:
+                start = max(clock, loads_ready[(layer, j)])
+                waited += start - clock
+                clock = start
+                if k + 1 < len(order):
+                    loads_ready[order[k + 1]] = copy(costs[sizes[order[k + 1][1]]][3], clock)
+            else:
+                copy(link, clock)
+        clock += compute + cache + recompute
+        if j == len(sizes) - 1 and layer >= choice.resident_layers:
+            layer_end[layer - choice.resident_layers] = clock
     clock += profile.gemm_seconds(batch, dims.hidden, max(dims.head_matmul_params // dims.hidden, 1), dims.dtype)
+    total = [sum(costs[b][n] for b in sizes) for n in range(4)]
     return StepEstimate(
         seconds=clock,
-        compute=compute * dims.layers,
-        cache=cache * dims.layers,
-        recompute=recompute * dims.layers,
-        weight_link=link * len(streamed),
+        compute=total[0] * dims.layers,
+        cache=(total[1] + total[3]) * dims.layers,
+        recompute=total[2] * dims.layers,
+        weight_link=weight_link * len(streamed),
         exposed_link=waited + serial,
     )
 
@@ -294,39 +345,67 @@ class Decision:
     reason: str = ""
 
 
-def _device_bytes(dims: ModelDims, choice: Choice, *, batch: int, context: int, activations: int) -> int:
+def _device_bytes(dims: ModelDims, choice: Choice, *, batch: int, context: int, activations: int,
+                  overlap: bool = False) -> int:
     streamed = dims.layers - choice.resident_layers
     ring = min(choice.prefetch_depth + 1, streamed) * dims.layer_weight_bytes
     heads = dims.heads
-    staging = batch * context * (dims.kv_bytes * 4 + 2 * heads * dims.head_dim * dims.item + dims.act_bytes)
+    rows = max(minibatch_rows(batch, choice.minibatches))
+    staging = rows * context * (dims.kv_bytes * 4 + 2 * heads * dims.head_dim * dims.item + dims.act_bytes)
+    if overlap:  # the next mini-batch's loads are in flight
+        staging += rows * context * max(dims.kv_bytes, dims.act_bytes)
     return dims.global_weight_bytes + choice.resident_layers * dims.layer_weight_bytes + ring + activations + staging
+
+
+def minibatch_counts(batch: int, min_rows: int = 2) -> tuple[int, ...]:
+    """Mini-batch counts worth trying for ``batch`` sequences: 1, 2, 4, ... while each has ``min_rows``."""
+    counts = [1]
+    while batch // (counts[-1] * 2) >= min_rows:
+        counts.append(counts[-1] * 2)
+    return tuple(counts)
 
 
 def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int, new_tokens: int,
            device_budget: int | None, activations: int = 0, block_size: int = 16,
-           ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), depths: tuple[int, ...] = (1, 2)) -> Decision:
-    """The fastest predicted choice that fits ``device_budget`` (``None``: no limit)."""
+           ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), depths: tuple[int, ...] = (1, 2),
+           minibatches: tuple[int, ...] | None = None) -> Decision:
+    """The fastest predicted choice that fits ``device_budget`` (``None``: no limit).
+
+    It searches prefetch depths, resident layers (the most that fit), ACT ratios (GQA-aware, see
+    the module docstring) and mini-batch counts (default: :func:`minibatch_counts`)."""
     context = prompt + new_tokens
-    candidates = ratios if dims.checkpoints_save_bytes else (0.0,)
+    # GQA: checkpoints cannot save link bytes, so only all-KV is searched (a ratio a caller fixed stays).
+    candidates = ratios if dims.checkpoints_save_bytes or len(ratios) == 1 else (0.0,)
+    counts = minibatches if minibatches is not None else minibatch_counts(batch)
     considered: list[Prediction] = []
     for depth in depths:
-        for resident in range(dims.layers, -1, -1):
-            if resident == dims.layers and depth != depths[0]:
-                continue  # nothing streams: the depth does not matter
-            choice0 = Choice(resident, depth, 0.0)
-            need = _device_bytes(dims, choice0, batch=batch, context=context, activations=activations)
-            if device_budget is not None and need > device_budget:
-                continue
-            for ratio in candidates:
-                choice = Choice(resident, depth, ratio)
-                total, prefill, decode = generation_seconds(dims, choice, profile, batch=batch, prompt=prompt,
-                                                            new_tokens=new_tokens, block_size=block_size)
-                considered.append(Prediction(choice, total, batch * new_tokens / total, prefill, decode, need))
-            break  # the most resident layers that fit is never slower
+        for count in counts:
+            for resident in range(dims.layers, -1, -1):
+                if resident == dims.layers and depth != depths[0]:
+                    continue  # nothing streams: the depth does not matter
+                choice0 = Choice(resident, depth, 0.0, count)
+                need = _device_bytes(dims, choice0, batch=batch, context=context, activations=activations,
+                                     overlap=profile.copies_overlap)
+                if device_budget is not None and need > device_budget:
+                    continue
+                for ratio in candidates:
+                    choice = Choice(resident, depth, ratio, count)
+                    total, prefill, decode = generation_seconds(dims, choice, profile, batch=batch, prompt=prompt,
+                                                                new_tokens=new_tokens, block_size=block_size)
+                    considered.append(Prediction(choice, total, batch * new_tokens / total, prefill, decode, need))
+                break  # the most resident layers that fit is never slower
     if not considered:
         raise ValueError("no choice fits the device budget")
-    best = min(considered, key=lambda p: p.seconds)
+    fastest = min(p.seconds for p in considered)
+    # Within 1% of the fastest, prefer fewer mini-batches: the model cannot resolve smaller gains.
+    best = min((p for p in considered if p.seconds <= fastest * 1.01), key=lambda p: (p.choice.minibatches, p.seconds))
     why = f"{best.decode.bound} binds the decode step"
+    if best.choice.minibatches > 1:
+        one = _device_bytes(dims, replace(best.choice, minibatches=1), batch=batch, context=context,
+                            activations=activations, overlap=profile.copies_overlap)
+        why += (f"; {best.choice.minibatches} mini-batches per step" + (
+            " (the cache staging of one whole batch would not fit beside these resident layers)"
+            if device_budget is not None and one > device_budget else " overlap cache loads with compute"))
     if not dims.checkpoints_save_bytes:
         why += (f"; a checkpoint ({dims.act_bytes} B/token/layer) is not smaller than K/V ({dims.kv_bytes} B), "
                 "so checkpoints were not considered")

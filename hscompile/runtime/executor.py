@@ -22,6 +22,7 @@ from ..policy import Policy
 from .cache import CacheRuntime
 from .context import bind
 from .device import DeviceBackend
+from .minibatch import MIN_ROWS, BatchSplit, MiniBatchRunner, batch_split
 from .weights import WeightRuntime
 
 __all__ = ["Executor", "Runtime"]
@@ -120,13 +121,39 @@ class Executor:
         self.schedule = schedule
         self.runtime = runtime
         self.calls = 0
+        self.split = batch_split(schedule) if runtime.cache is not None else BatchSplit(reason="not a generation graph")
+        """Whether (and how) a step can run as mini-batches; see :mod:`hscompile.runtime.minibatch`."""
+        self._runner: MiniBatchRunner | None = None
 
     def __call__(self, *args: Any) -> Any:
         self.runtime.begin_call(args)
+        groups = self._groups()
         with bind(self.runtime), torch.no_grad():
-            out = self.schedule(*args)
+            if groups is None:
+                out = self.schedule(*args)
+            else:
+                cache = self.runtime.cache
+                assert cache is not None
+                if self._runner is None:
+                    self._runner = MiniBatchRunner(self.schedule, self.split)
+                try:
+                    out = self._runner(args, groups, cache.select)
+                finally:
+                    cache.select(0)
         self.calls += 1
         return out
 
+    def _groups(self) -> list[list[int]] | None:
+        """The mini-batches of this call, or None to run it whole (one requested, or the graph
+        cannot be split: then the request is told so)."""
+        cache = self.runtime.cache
+        request = cache.request if cache is not None else None
+        if request is None or request.groups is None or len(request.groups) < 2:
+            return None
+        if not self.split.splittable or min(len(g) for g in request.groups) < MIN_ROWS:
+            request.groups = None
+            return None
+        return request.groups
+
     def stats(self) -> dict[str, Any]:
-        return {"calls": self.calls, **self.runtime.stats()}
+        return {"calls": self.calls, "minibatch_split": self.split.reason or "yes", **self.runtime.stats()}

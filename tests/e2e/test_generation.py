@@ -88,6 +88,57 @@ def test_inductor_generation_with_streaming_and_checkpoints(references):
     assert generator.stats()["lowering"] == "inductor"
 
 
+def _five_prompts():
+    ids = prompts(5, 9, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[3, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_minibatches_keep_parity_and_each_layers_weights_serve_them_all(family):
+    model = _model(family, layers=4)
+    ids, mask = _five_prompts()
+    expected = _reference(model, ids, mask)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "mini_batch_size": 2,
+                                            "device_memory": int(weight_bytes(model) * 0.9), "prefetch_depth": 1})
+    for ratio in (1.0, 0.5, 0.0):  # the first call sizes the budget's staging: all-ACT stages the most
+        assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS, act_ratio=ratio), expected), ratio
+    stats = generator.stats()
+    assert stats["minibatch_size"] == 2 and stats["minibatch_split"] == "yes"
+    assert stats["minibatches"] == 2 * stats["cache_steps"]  # 5 sequences: mini-batches of 3 and 2 rows
+    # Streamed weights cross the link once per layer per step, whatever the number of mini-batches.
+    assert stats["streamed_layers"] > 0
+    assert stats["prefetches"] == stats["calls"] * stats["streamed_layers"]
+    assert stats["peak_device_bytes"] <= stats["device_budget"]
+
+
+def test_loads_issued_ahead_give_the_same_tokens_and_bytes():
+    model = _model("opt", layers=3)
+    ids, mask = _five_prompts()
+    runs = []
+    for ahead in (False, True):
+        generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4,
+                                                "mini_batch_size": 2, "act_ratio": 0.5})
+        generator.cache.overlap_loads = ahead  # the CUDA order of loads, with synchronous copies
+        runs.append((generator.generate(ids, mask, max_new_tokens=6), generator.stats()))
+    (a, first), (b, second) = runs
+    assert torch.equal(a, b)
+    assert first["cache_h2d_bytes"] == second["cache_h2d_bytes"] > 0
+    assert first["recomputed_tokens"] == second["recomputed_tokens"] > 0
+
+
+@pytest.mark.inductor
+def test_inductor_partitions_run_on_every_minibatch_size():
+    model = _model("llama", layers=3)
+    ids, mask = _five_prompts()
+    expected = _reference(model, ids, mask, new=5)
+    generator = hscompile.Generator(model, {"device": "cpu", "act_ratio": 0.5, "block_size": 4, "mini_batch_size": 2})
+    assert torch.equal(generator.generate(ids, mask, max_new_tokens=5), expected)
+    assert generator.stats()["minibatches"] == 2 * generator.stats()["cache_steps"]
+
+
 def test_the_rewritten_graph_shows_load_recompute_attend_store_per_layer():
     model = _model("llama", layers=3)
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})

@@ -1,0 +1,294 @@
+"""Mini-batches: one step of a batch run layer by layer, each layer serving every mini-batch.
+
+A step of a large batch does not run as one piece. Its sequences are split into mini-batches
+(:func:`form_minibatches`), and :class:`MiniBatchRunner` executes the schedule so that
+
+* every weight operation (``prefetch_weights``, ``wait_weights``, the slot views) runs **once**
+  per step: a streamed layer's weights cross the link once and serve every mini-batch;
+* the compute of a layer (its partitions and cache steps) runs once **per mini-batch**, one
+  mini-batch after the other, so a layer's cache staging holds one mini-batch at a time and,
+  on CUDA, the next mini-batch's cache copy overlaps this one's compute
+  (:class:`~hscompile.runtime.cache.CacheRuntime`);
+* ``release_weights`` and ``cache_commit`` run once, after every mini-batch is done.
+
+How it splits (:func:`batch_split`, computed once per schedule): a node is *batched* if it
+depends on a batched input, else *shared*. The batched inputs are the placeholders whose first
+dimension is a batch symbol of the graph (the size placeholders equal to one are given the
+mini-batch's size), and the cache loads, which read the running mini-batch's plan. The nodes are cut into *segments* at the run-once barriers and where the batched
+work moves on to the next layer; a segment runs mini-batch by mini-batch, its shared nodes on the first pass only, so every shared effect keeps
+its order relative to the other shared effects and the barriers. A graph whose batch is not
+symbolic (compiled for one batch size), whose batch symbol also sizes another dimension, or
+whose batched outputs do not lead with the batch, is not split: it runs whole, and
+:attr:`BatchSplit.reason` says why.
+
+:func:`form_minibatches` groups sequences into mini-batches with balanced loads and compute and
+orders them by Johnson's rule, which minimises the makespan of the two-stage pipeline
+"cache load on the link, then compute on the device" a layer is.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from ..passes.graph_utils import fake_value
+
+__all__ = ["BatchSplit", "MiniBatchRunner", "SequenceCost", "batch_split", "form_minibatches", "makespan",
+           "minibatch_count"]
+
+MIN_ROWS = 2
+"""Rows of the smallest mini-batch of a graph with a symbolic batch. Dynamo compiles such a graph
+for sizes >= 2 (it specialises 0 and 1), so its partitions are only ever run on 2 rows or more."""
+
+_PER_MINIBATCH = frozenset({ops.load_kv._opoverload, ops.load_act._opoverload})
+"""Ops without batched inputs that still act on the running mini-batch (its cache plan)."""
+
+_BARRIERS = frozenset({ops.release_weights._opoverload, ops.cache_commit._opoverload})
+"""Batched nodes that run once per step, after every mini-batch of the segment before them."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSplit:
+    """Which placeholders a schedule splits by mini-batch (see the module docstring)."""
+
+    batch_inputs: tuple[int, ...] = ()
+    """Indices of tensor placeholders split along dim 0."""
+    size_inputs: tuple[int, ...] = ()
+    """Indices of size placeholders that equal the batch (given the mini-batch's size)."""
+    reason: str | None = "not analysed"
+    """Why the schedule runs whole; None when it can be split."""
+
+    @property
+    def splittable(self) -> bool:
+        return self.reason is None
+
+
+def _symbol(value: object) -> Any:
+    """The sympy symbol a size is, or None for a number or a compound expression."""
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        return expr if expr.is_Symbol else None
+    return None
+
+
+def batch_split(schedule: fx.GraphModule) -> BatchSplit:
+    """See the module docstring. Pure: reads the placeholders' and outputs' fake values."""
+    placeholders = [n for n in schedule.graph.nodes if n.op == "placeholder"]
+    fakes = [fake_value(n) for n in placeholders]
+    batch_symbols: set[Any] = set()
+    batch_inputs: list[int] = []
+    for index, fake in enumerate(fakes):
+        if isinstance(fake, torch.Tensor) and fake.dim() >= 1 and not isinstance(fake, torch.nn.Parameter):
+            symbol = _symbol(fake.shape[0])
+            if symbol is not None:
+                batch_symbols.add(symbol)
+                batch_inputs.append(index)
+    if not batch_symbols:
+        return BatchSplit(reason="the graph was compiled for one batch size (its batch is not symbolic)")
+    for fake in fakes:
+        if isinstance(fake, torch.Tensor):
+            for size in fake.shape[1:]:
+                if isinstance(size, torch.SymInt) and size.node.expr.free_symbols & batch_symbols:
+                    return BatchSplit(reason=f"a batch symbol also sizes another dimension ({fake.shape})")
+    size_inputs: list[int] = []
+    for index, fake in enumerate(fakes):
+        if isinstance(fake, torch.SymInt) and fake.node.expr.free_symbols & batch_symbols:
+            if _symbol(fake) not in batch_symbols:
+                return BatchSplit(reason=f"a size input is an expression of the batch ({fake.node.expr})")
+            size_inputs.append(index)
+    batched = _batched_nodes(schedule, {placeholders[i] for i in batch_inputs} | {placeholders[i] for i in size_inputs})
+    output = next(n for n in schedule.graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        if node in batched:
+            fake = fake_value(node)
+            if not isinstance(fake, torch.Tensor) or fake.dim() == 0 or _symbol(fake.shape[0]) not in batch_symbols:
+                return BatchSplit(reason=f"output {node.name} does not lead with the batch")
+    return BatchSplit(tuple(batch_inputs), tuple(size_inputs), None)
+
+
+def _batched_nodes(schedule: fx.GraphModule, roots: set[fx.Node]) -> set[fx.Node]:
+    batched = set(roots)
+    for node in schedule.graph.nodes:
+        if node.op != "placeholder" and (any(a in batched for a in node.all_input_nodes) or node.target in _PER_MINIBATCH):
+            batched.add(node)
+    return batched
+
+
+class MiniBatchRunner:
+    """Runs a schedule over mini-batches of rows (see the module docstring)."""
+
+    def __init__(self, schedule: fx.GraphModule, split: BatchSplit) -> None:
+        assert split.splittable, split.reason
+        self.schedule = schedule
+        self.split = split
+        nodes = list(schedule.graph.nodes)
+        self._placeholders = [n for n in nodes if n.op == "placeholder"]
+        roots = {self._placeholders[i] for i in split.batch_inputs + split.size_inputs}
+        self._batched = _batched_nodes(schedule, roots)
+        self._output = nodes[-1]
+        body = [n for n in nodes if n.op not in ("placeholder", "output")]
+        # Segments end at barriers and where batched work moves to the next layer (the cache
+        # loads run layer by layer, every mini-batch within a layer): [(nodes, barrier or None)].
+        self._segments: list[tuple[list[fx.Node], fx.Node | None]] = []
+        current: list[fx.Node] = []
+        layer = None
+        for node in body:
+            if node.op == "call_function" and node.target in _BARRIERS:
+                self._segments.append((current, node))
+                current = []
+                continue
+            step = getattr(node.meta.get("hybridserve"), "layer", None)
+            if node in self._batched and step is not None:
+                if layer is not None and step != layer and current:
+                    self._segments.append((current, None))
+                    current = []
+                layer = step
+            current.append(node)
+        self._segments.append((current, None))
+        self._modules = {n.target: schedule.get_submodule(n.target) for n in body if n.op == "call_module"}
+
+    def __call__(self, args: Sequence[Any], rows: Sequence[Sequence[int]],
+                 select: Callable[[int], None]) -> Any:
+        """Run the schedule on ``args`` for the mini-batches ``rows`` (row indices of the batch).
+
+        ``select(i)`` is called before mini-batch ``i`` runs (the cache runtime switches plans)."""
+        batch = sum(len(r) for r in rows)
+        shared: dict[fx.Node, Any] = {}
+        envs: list[dict[fx.Node, Any]] = [{} for _ in rows]
+        indices = [torch.tensor(r, dtype=torch.long) for r in rows]
+        batch_inputs, size_inputs = set(self.split.batch_inputs), set(self.split.size_inputs)
+        for position, (node, value) in enumerate(zip(self._placeholders, args, strict=True)):
+            if position in batch_inputs:
+                if value.shape[0] != batch:
+                    raise RuntimeError(f"input {node.name} has {value.shape[0]} rows, the mini-batches {batch}")
+                for env, index in zip(envs, indices):
+                    env[node] = value.index_select(0, index.to(value.device))
+            elif position in size_inputs:
+                for env, r in zip(envs, rows):
+                    env[node] = len(r)
+            else:
+                shared[node] = value
+        for segment, barrier in self._segments:
+            for i, env in enumerate(envs):
+                select(i)
+                for node in segment:
+                    if node in self._batched:
+                        env[node] = self._run(node, lambda n, env=env: env[n] if n in env else shared[n])
+                    elif i == 0:
+                        shared[node] = self._run(node, shared.__getitem__)
+            if barrier is not None:
+                # Run once; what it waits for is every mini-batch's values (it returns nothing).
+                after = [[env[n] if n in env else shared[n] for n in barrier.all_input_nodes] for env in envs]
+                self._run_barrier(barrier, after)
+        return self._outputs(envs, shared, indices, batch)
+
+    def _run(self, node: fx.Node, lookup: Callable[[fx.Node], Any]) -> Any:
+        args = fx.node.map_arg(node.args, lookup)
+        kwargs = fx.node.map_arg(node.kwargs, lookup)
+        if node.op == "call_module":
+            return self._modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.schedule)
+        raise RuntimeError(f"cannot run node {node.format_node()}")
+
+    def _run_barrier(self, node: fx.Node, after: list[list[Any]]) -> None:
+        if node.target is ops.release_weights._opoverload:
+            group = node.args[0]
+            node.target(group, [t for values in after for t in values if isinstance(t, torch.Tensor)])
+        else:  # cache_commit
+            node.target([t for values in after for t in values if isinstance(t, torch.Tensor)])
+
+    def _outputs(self, envs, shared, indices, batch):
+        def gather(node: fx.Node) -> Any:
+            if node not in self._batched:
+                return shared[node]
+            pieces = [env[node] for env in envs]
+            order = torch.cat(indices)
+            out = pieces[0].new_empty((batch, *pieces[0].shape[1:]))
+            out.index_copy_(0, order.to(out.device), torch.cat(pieces))
+            return out
+
+        return fx.node.map_arg(self._output.args[0], gather)
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceCost:
+    """One sequence's share of a layer's step: seconds on the link and on the device."""
+
+    load: float
+    compute: float
+
+
+def makespan(groups: Sequence[Sequence[SequenceCost]], *, overlap: bool) -> float:
+    """Time of one layer over mini-batches run in order: with ``overlap``, mini-batch ``i + 1``'s
+    load runs beside mini-batch ``i``'s compute (a two-stage flow shop); without, all is serial."""
+    if not overlap:
+        return sum(c.load + c.compute for g in groups for c in g)
+    link = device = 0.0
+    for group in groups:
+        link += sum(c.load for c in group)
+        device = max(device, link) + sum(c.compute for c in group)
+    return device
+
+
+def minibatch_count(n: int, size: int, *, min_rows: int = MIN_ROWS) -> int:
+    """Mini-batches :func:`form_minibatches` makes of ``n`` sequences for ``size`` rows each:
+    ``ceil(n / size)``, fewer where one would have fewer than ``min_rows`` rows. The largest has
+    ``ceil(n / count)`` rows: at most ``size``, or ``2 * min_rows - 1`` when ``size < min_rows``
+    or rounding forces the count down."""
+    if size < 1:
+        raise ValueError(f"mini-batch size must be >= 1, got {size}")
+    count = max(1, math.ceil(n / max(size, min(min_rows, n))))
+    while count > 1 and n // count < min_rows:
+        count -= 1
+    return count
+
+
+def form_minibatches(costs: Sequence[SequenceCost], size: int, *, min_rows: int = MIN_ROWS) -> list[list[int]]:
+    """Group sequences (indices of ``costs``) into mini-batches of at most ``size`` rows.
+
+    Invariants: every index appears exactly once; there are :func:`minibatch_count` groups of
+    ``floor(n / count)`` or ``ceil(n / count)`` rows, never fewer than ``min_rows`` unless the
+    whole batch is (then it is one group); one group comes in batch order.
+
+    Sequences are placed, heaviest first, into the group where the larger of its load and
+    compute sums grows least, which pairs load-heavy sequences with compute-heavy ones; the
+    groups are then ordered by Johnson's rule (load-light groups first by increasing load, then
+    the rest by decreasing compute), optimal for a two-stage pipeline.
+    """
+    n = len(costs)
+    count = minibatch_count(n, size, min_rows=min_rows)
+    if count == 1:
+        return [list(range(n))]
+    capacity = math.ceil(n / count)
+    floor = n // count
+    groups: list[list[int]] = [[] for _ in range(count)]
+    load = [0.0] * count
+    work = [0.0] * count
+    order = sorted(range(n), key=lambda i: (-(costs[i].load + costs[i].compute), i))
+    for placed, i in enumerate(order):
+        remaining = n - placed
+        # Groups still below the floor must be reachable by the sequences left.
+        short = sum(max(floor - len(g), 0) for g in groups)
+        open_ = [g for g in range(count) if len(groups[g]) < capacity
+                 and (remaining > short or len(groups[g]) < floor)]
+        best = min(open_, key=lambda g: (max(load[g] + costs[i].load, work[g] + costs[i].compute), len(groups[g]), g))
+        groups[best].append(i)
+        load[best] += costs[i].load
+        work[best] += costs[i].compute
+    for group in groups:
+        group.sort()
+    first = sorted((g for g in range(count) if load[g] <= work[g]), key=lambda g: (load[g], g))
+    last = sorted((g for g in range(count) if load[g] > work[g]), key=lambda g: (-work[g], g))
+    return [groups[g] for g in first + last]

@@ -1,0 +1,73 @@
+"""The benchmark harness and the bench/generate commands, on tiny models (figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from models import tiny_config, tiny_model
+from streaming import weight_bytes
+
+from hscompile import bench
+from hscompile.cli import main
+from hscompile.runtime.tuner import tune
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return tune("cpu", quick=True, overhead=False)
+
+
+def test_every_policy_is_measured_or_says_why_not(profile):
+    model = tiny_model("opt", layers=4)
+    workload = bench.Workload(batch=2, prompt=8, new_tokens=5)
+    options = {"device": "cpu", "lowering": "eager", "device_memory": int(weight_bytes(model) * 0.8)}
+    results = {r.policy: r for r in bench.run(model, workload, options=options, profile=profile)}
+    assert list(results) == list(bench.POLICIES)
+    for policy in ("auto", "all-kv", "all-act", "resident", "transformers", "token-recompute"):
+        r = results[policy]
+        assert r.ran and r.tokens_per_s > 0 and r.decode_step_ms >= 0, (policy, r.note)
+    streamed = results["all-kv"]
+    # a decode step moves the streamed layers' weights and the past tokens' K/V over the link
+    assert streamed.link_bytes_per_step > 0 and streamed.peak_device_bytes <= options["device_memory"]
+    assert results["resident"].link_bytes_per_step < streamed.link_bytes_per_step
+    assert streamed.predicted_tokens_per_s > 0 and "act_ratio 0.00" in streamed.note
+    assert "act_ratio 1.00" in results["all-act"].note
+    assert not results["accelerate"].ran and "CUDA" in results["accelerate"].note
+    versus = bench.ratios(list(results.values()), "all-kv")
+    assert versus["all-kv"] == 1.0
+
+
+def test_unknown_policies_and_empty_workloads_are_refused(profile):
+    model = tiny_model("opt", layers=2)
+    with pytest.raises(ValueError, match="unknown benchmark policies.*valid"):
+        bench.run(model, bench.Workload(1, 4, 2), options={"device": "cpu"}, profile=profile, policies=["flexgen"])
+    with pytest.raises(ValueError, match="new_tokens must be >= 1"):
+        bench.run(model, bench.Workload(1, 4, 0), options={"device": "cpu"}, profile=profile, policies=["auto"])
+
+
+def test_bench_command_writes_a_table_json_and_a_perfetto_trace(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config("llama", layers=3).to_json_string())
+    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
+    code = main(["bench", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "6",
+                 "--new-tokens", "4", "--device-memory", "480KiB", "--policy", "auto", "--policy", "all-kv", "--policy", "transformers",
+                 "--json", str(out), "--trace", str(trace)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "prompt 6, 4 new tokens" in text and f"wrote {out}" in text.replace("\n", "")
+    report = json.loads(out.read_text())
+    assert [r["policy"] for r in report["results"]] == ["auto", "all-kv", "transformers"]
+    assert report["auto_vs"]["all-kv"] > 0 and report["auto_vs"]["transformers"] > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any("hybridserve::load_kv" in n for n in names) and any("hybridserve::cache_attention" in n for n in names)
+
+
+def test_generate_command_prints_what_it_did(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config("gpt2", layers=2).to_json_string())
+    assert main(["generate", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "5",
+                 "--new-tokens", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "generated 2 x 3 tokens" in text and "act_ratio" in text
