@@ -121,6 +121,8 @@ def _hscompile(model: torch.nn.Module, policy: str, workload: Workload, options:
         whole, step = _timed(fn, workload)
     except BudgetError as error:
         return BenchResult(policy, note=f"does not fit: {error}")
+    except Exception as error:  # reported in the table, not hidden, and the other policies still run
+        return BenchResult(policy, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
     (full_bytes, full_steps), (short_bytes, short_steps) = counted[1], counted[2]
     per_step = (full_bytes - short_bytes) // max(full_steps - short_steps, 1) if workload.new_tokens > 2 else full_bytes
     stats = generator.stats()
