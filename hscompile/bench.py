@@ -110,7 +110,7 @@ def _hscompile(model: torch.nn.Module, policy: str, workload: Workload, options:
     torch._dynamo.reset()
     try:
         generator = Generator(model, opts)
-        counted: list[int] = []
+        counted: list[tuple[int, int]] = []
 
         def fn(new: int) -> None:
             before = _link_bytes(generator)
