@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import hscompile
+from hscompile.bench import weight_bytes
 from hscompile.runtime.cost_model import Choice, ModelDims, simulate_step
 from hscompile.runtime.tuner import tune
 
@@ -53,7 +54,7 @@ def main() -> None:
         config = transformers.LlamaConfig(vocab_size=2048, max_position_embeddings=1024, **sizes)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = weight_bytes(model)
         for fraction, ratio in ((2.0, 0.0), (0.7, 1.0)):
             torch._dynamo.reset()
             budget = int(weights * fraction) + (96 * 2**20 if args.device == "cuda" else 0)

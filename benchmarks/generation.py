@@ -75,7 +75,7 @@ def main() -> None:
     for name in names:
         family, sizes = catalogue[name]
         model = build(family, dict(sizes), dtype)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = bench.weight_bytes(model)
         options = {"device": args.device, "device_memory": int(weights * args.budget_fraction), "lowering": args.lowering}
         results = bench.run(model, workload, options=options, profile=profile, policies=args.policy or bench.POLICIES,
                             progress=lambda p, name=name: console.log(f"{name}: {p}"))

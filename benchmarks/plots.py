@@ -7,7 +7,10 @@ Builds one model from a config (random weights; MHA so that checkpoints can pay 
 under a device budget of half its weights, and for each point times a generation with
 ``hscompile.Generator`` (warm: the second of two runs) and predicts it with
 :func:`hscompile.runtime.cost_model.generation_seconds` for the policy the run used. Writes
-``throughput_vs_batch.png``, ``throughput_vs_act_ratio.png`` and the numbers as JSON.
+``throughput_vs_batch.png``, ``throughput_vs_act_ratio.png``, ``timeline.png`` (one decode step
+of the middle batch at act_ratio 0.5 in two mini-batches, recorded with
+:func:`hscompile.record_timeline`; ``timeline.json`` is the whole generation as a Perfetto trace)
+and the numbers as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from hscompile import Generator
+from hscompile import Generator, bench, record_timeline
 from hscompile.runtime.cost_model import Choice, ModelDims, generation_seconds
 from hscompile.runtime.tuner import tune
 
@@ -62,13 +65,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     model = _model(args.device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = bench.weight_bytes(model)
     profile = tune(args.device, dtypes=(str(next(model.parameters()).dtype).removeprefix("torch."),),
                    width=model.config.hidden_size, quick=True, overhead=False)
     batches = (1, 2, 4, 8, 16) if args.device == "cpu" else (4, 8, 16, 32, 64)
-    # Budget for the largest batch's staging; every point runs under it.
-    generator = Generator(model, {"device": args.device, "device_memory": int(weights * 0.5) + 512 * 2**20,
-                                  "mini_batch_size": "auto"})
+    # Below the weights, plus room for the largest batch's staging (and CUDA's workspace); every
+    # point runs under it.
+    budget = int(weights * 0.5) + 512 * 2**20 if args.device == "cuda" else int(weights * 0.7)
+    generator = Generator(model, {"device": args.device, "device_memory": budget, "mini_batch_size": "auto"})
     by_batch = [_point(generator, model, profile, b, args.prompt, args.new, 0.5) for b in reversed(batches)][::-1]
     batch = batches[len(batches) // 2]
     by_ratio = [_point(generator, model, profile, batch, args.prompt, args.new, r) for r in (1.0, 0.75, 0.5, 0.25, 0.0)][::-1]
@@ -82,11 +86,26 @@ def main() -> None:
         axes.plot(xs, [r["predicted_tokens_per_s"] for r in rows], "s--", label="cost model")
         axes.set_xlabel(label)
         axes.set_ylabel("tokens/s")
-        axes.set_title(f"{profile.device_name}, prompt {args.prompt}, {args.new} new")
+        axes.set_title(f"{profile.device_name}, prompt {args.prompt}, {args.new} new, budget {budget / weights:.2f}x weights",
+                       fontsize=8)
         axes.legend()
         figure.tight_layout()
         figure.savefig(out / f"{name}.png", dpi=120)
-    (out / "plots.json").write_text(json.dumps({"device": profile.device_name, "by_batch": by_batch,
+    # The timeline: one generation recorded; its last decode step drawn.
+    ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+    size = max(2, batch // 2)
+    torch._dynamo.reset()
+    generator = Generator(model, {"device": args.device, "device_memory": budget, "mini_batch_size": size,
+                                  "act_ratio": 0.5})
+    generator.generate(ids, max_new_tokens=3)
+    with record_timeline() as timeline:
+        generator.generate(ids, max_new_tokens=3)
+    timeline.write(out / "timeline.json")
+    bench.plot_timeline(timeline.spans(), out / "timeline.png",
+                        title=f"{profile.device_name}: one decode step, batch {batch} in mini-batches of {size}, "
+                              f"prompt {args.prompt}, act_ratio 0.5, budget {budget / weights:.2f}x the weights")
+    (out / "plots.json").write_text(json.dumps({"device": profile.device_name, "budget": budget, "weights": weights,
+                                                "torch": torch.__version__, "by_batch": by_batch,
                                                 "by_ratio": by_ratio}, indent=2))
 
 

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 import hscompile
+from hscompile.bench import weight_bytes
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     rows = []
     for fraction in args.fractions:

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 import hscompile
+from hscompile.bench import weight_bytes
 from hscompile.config import format_bytes
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()  # in host memory
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     # On CUDA the plan also reserves room for library workspaces (see docs/ARCHITECTURE.md).
     budget = int(weights * args.fraction) + (96 * 2**20 if args.device == "cuda" else 0)
 

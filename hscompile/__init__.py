@@ -21,6 +21,7 @@ from .inspection import Inspection, inspect
 from .passes.plan import ModelPlan
 from .planning import plan_model
 from .policy import DeviceMemoryPlan, Policy
+from .runtime.timeline import Span, Timeline, record_timeline
 from .runtime.tuner import HardwareProfile, load_profile, tune
 
 __all__ = [
@@ -37,12 +38,15 @@ __all__ = [
     "Inspection",
     "ModelPlan",
     "Policy",
+    "Span",
+    "Timeline",
     "UnsupportedModelError",
     "hybridserve_backend",
     "generate",
     "inspect",
     "load_profile",
     "plan_model",
+    "record_timeline",
     "tune",
 ]
 

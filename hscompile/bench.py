@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from .runtime.cost_model import Choice, ModelDims, generation_seconds
+from .runtime.timeline import LANES, Span
 from .runtime.tuner import HardwareProfile
 
-__all__ = ["POLICIES", "BenchResult", "Workload", "results_table", "run", "trace"]
+__all__ = ["POLICIES", "BenchResult", "Workload", "plot_timeline", "results_table", "run", "trace", "weight_bytes"]
 
 POLICIES = ("auto", "all-kv", "all-act", "resident", "transformers", "offloaded-cache", "token-recompute", "accelerate")
 """Every policy :func:`run` knows, in report order."""
@@ -67,6 +68,11 @@ class BenchResult:
     @property
     def ran(self) -> bool:
         return self.tokens_per_s is not None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters, each counted once (tied embeddings are one tensor)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _prompts(workload: Workload, vocab: int) -> torch.Tensor:
@@ -103,7 +109,7 @@ def _hscompile(model: torch.nn.Module, policy: str, workload: Workload, options:
     opts = dict(options)
     if policy == "resident":
         opts.pop("device_memory", None)
-        weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        weights = weight_bytes(model)
         if profile.device_memory_bytes and weights > profile.device_memory_bytes:
             return BenchResult(policy, note=f"the weights ({weights / 2**30:.1f} GiB) do not fit the device")
     opts["act_ratio"] = _HSCOMPILE[policy]
@@ -170,7 +176,7 @@ def _transformers(model: torch.nn.Module, policy: str, workload: Workload, optio
         device_map = accelerate.infer_auto_device_map(model, max_memory={device.index or 0: budget, "cpu": 2**40})
         runner = accelerate.dispatch_model(model, device_map=device_map)
     elif device.type == "cuda":
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = weight_bytes(model)
         budget = options.get("device_memory")
         if budget is not None and weights > budget:
             return BenchResult(policy, note="the weights do not fit the device budget (transformers has no offload here)")
@@ -259,10 +265,62 @@ def write_json(path: str | Path, results: Sequence[BenchResult], meta: dict[str,
     }, indent=2))
 
 
+def plot_timeline(spans: Sequence[Span], path: str | Path, *, title: str, call: int = -1) -> None:
+    """Draw one call of a recorded timeline (default: the last, a decode step) as a PNG: a row per
+    lane, compute coloured by mini-batch, copies by what they carry. Needs matplotlib (the
+    ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plotting a timeline needs matplotlib: pip install 'hscompile[plot]'") from error
+    calls = [s for s in spans if s.lane == "calls"]
+    if not calls:
+        raise ValueError("the timeline holds no call of a compiled model: was the model run inside record_timeline()?")
+    window = calls[call]
+    shown = [s for s in spans if s.start_ms >= window.start_ms - 1e-6 and s.end_ms <= window.end_ms + 1e-3
+             and s is not window]
+    lanes = [lane for lane in LANES if lane != "calls" and any(s.lane == lane for s in shown)]
+    # Colour says what a span is; compute and host spans of odd mini-batches are drawn lighter.
+    colours = {"attn_in": "tab:blue", "attn_out": "tab:blue", "pre": "tab:blue", "post": "tab:blue",
+               "attention": "tab:purple", "recompute": "tab:red", "load_kv": "tab:olive", "load_act": "tab:olive",
+               "store": "tab:brown", "to_device": "tab:gray", "to_host": "tab:gray",
+               "copy: weights": "tab:gray", "copy: cache": "tab:green"}
+    names = {"tab:blue": "dense layers", "tab:purple": "attention", "tab:red": "K/V recompute",
+             "tab:olive": "cache gather", "tab:brown": "cache store", "tab:gray": "weights / inputs",
+             "tab:green": "cache copy"}
+    figure, axes = plt.subplots(figsize=(12, 0.7 * len(lanes) + 1.6))
+    used: dict[str, Any] = {}
+    for row, lane in enumerate(reversed(lanes)):
+        for s in (s for s in shown if s.lane == lane):
+            colour = colours.get(lane) or colours.get(s.args.get("kind", ""), "tab:gray")
+            bars = axes.broken_barh([(s.start_ms - window.start_ms, max(s.ms, 1e-4))], (row - 0.4, 0.8),
+                                    facecolors=colour, alpha=0.55 if (s.args.get("minibatch") or 0) % 2 else 1.0,
+                                    edgecolors="white", linewidth=0.3)
+            used.setdefault(names[colour], bars)
+            if s.ms > 0.04 * window.ms:
+                layer = s.args.get("layer")
+                text = s.label.split()[0] if layer is None else f"L{layer}"
+                if "minibatch" in s.args:
+                    text += f" mb{s.args['minibatch']}"
+                axes.text(s.start_ms - window.start_ms + s.ms / 2, row, text, ha="center", va="center", fontsize=6)
+    axes.legend(list(used.values()), list(used), loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(used),
+                fontsize=7, frameon=False)
+    axes.set_yticks(range(len(lanes)), list(reversed(lanes)))
+    axes.set_xlim(0, window.ms)
+    axes.set_xlabel(f"ms into the {window.label} call")
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
 @contextlib.contextmanager
 def trace(path: str | Path) -> Iterator[None]:
-    """Record what runs inside the block as a Chrome/Perfetto trace at ``path`` (torch.profiler:
-    every hybridserve op, partition and copy, and on CUDA the copy and compute streams)."""
+    """Record what runs inside the block as a torch.profiler Chrome trace at ``path``: every
+    aten op and kernel, for a look below hscompile's own :func:`~hscompile.record_timeline`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]

@@ -7,6 +7,7 @@
                            [--device-memory 8GiB] [--dtype float16]
     hscompile bench [PATH] [--device cuda] [--device-memory 8GiB] [--batch 8] [--prompt 512]
                     [--new-tokens 32] [--policy auto --policy all-kv ...] [--json out.json] [--trace t.json]
+                    [--timeline t.png] [--profile p.json]
     hscompile generate [PATH] [--device cuda] [--device-memory 8GiB] [--batch 4] [--prompt 32]
                        [--new-tokens 64]
 
@@ -17,7 +18,8 @@ measures this machine's device and caches its profile. ``predict`` tells what a 
 on a profiled machine, measured here or not (bundled: a100-40gb-pcie4, h100-pcie5). ``bench``
 measures generation throughput of hscompile's policies beside transformers' (and Accelerate's)
 on a model built from a config with random weights (PATH, or an embedded small Llama-style one),
-and can write the run as a Chrome/Perfetto trace. ``generate`` runs a generation with a
+and can record an auto-policy run: its timeline (per layer and mini-batch, compute against
+copies) as a Chrome/Perfetto trace and a PNG, or torch.profiler's op-level trace. ``generate`` runs a generation with a
 progress bar and prints its stats.
 """
 
@@ -151,8 +153,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     model = _random_model(args.path, args.dtype)
     options = _bench_options(args)
     if "device_memory" not in options:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        options["device_memory"] = weights // 2  # well below the weights, as the benchmark is about
+        options["device_memory"] = bench.weight_bytes(model) // 2  # well below the weights, as the benchmark is about
     with console.status("profiling the device (cached after the first time)..."):
         profile = tune(str(options["device"]), dtypes=(str(next(model.parameters()).dtype).removeprefix("torch."),),
                        width=model.config.hidden_size, quick=True, overhead=False)
@@ -170,17 +171,38 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         bench.write_json(args.json, results, {"title": title, "command": " ".join(sys.argv), "device": profile.device_name,
                                               "torch": torch.__version__})
         console.print(f"wrote {args.json}")
-    if args.trace:
-        from .generation import Generator
-
-        torch._dynamo.reset()
-        generator = Generator(model, {**options, "act_ratio": "auto"})
-        ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt))
-        generator.generate(ids, max_new_tokens=3)  # compile outside the trace
-        with bench.trace(args.trace):
-            generator.generate(ids, max_new_tokens=3)
-        console.print(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if args.trace or args.profile or args.timeline:
+        _record(args, model, options, console)
     return 0
+
+
+def _record(args: argparse.Namespace, model: torch.nn.Module, options: dict[str, object], console: Console) -> None:
+    """Record an auto-policy generation: hscompile's timeline (and a PNG of its last step), or
+    torch.profiler's op-level trace."""
+    from . import bench
+    from .generation import Generator
+    from .runtime.timeline import record_timeline
+
+    torch._dynamo.reset()
+    generator = Generator(model, {**options, "act_ratio": "auto"})
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    generator.generate(ids, max_new_tokens=3)  # compile outside the recording
+    if args.trace or args.timeline:
+        with record_timeline() as timeline:
+            generator.generate(ids, max_new_tokens=3)
+        stats = generator.stats()
+        if args.trace:
+            timeline.write(args.trace)
+            console.print(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+        if args.timeline:
+            title = (f"{args.path or 'default model'} on {options['device']}: batch {args.batch}, prompt {args.prompt}, "
+                     f"act_ratio {stats['act_ratio']:.2f}, {stats['minibatch_size'] or args.batch} rows per mini-batch")
+            bench.plot_timeline(timeline.spans(), args.timeline, title=title)
+            console.print(f"wrote {args.timeline}")
+    if args.profile:
+        with bench.trace(args.profile):
+            generator.generate(ids, max_new_tokens=3)
+        console.print(f"wrote {args.profile} (torch.profiler; open in https://ui.perfetto.dev)")
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
@@ -254,7 +276,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--policy", action="append", choices=POLICIES,
                                  help="a policy to measure (repeatable; default: all)")
             command.add_argument("--json", help="write the results and ratios as JSON here")
-            command.add_argument("--trace", help="write a Chrome/Perfetto trace of an auto-policy generation here")
+            command.add_argument("--trace", help="write the timeline of an auto-policy generation here (Chrome/Perfetto "
+                                                 "JSON: compute, copy and host lanes per layer and mini-batch)")
+            command.add_argument("--timeline", help="draw that timeline's last decode step as a PNG here (matplotlib)")
+            command.add_argument("--profile", help="write a torch.profiler trace (every op and kernel) of it here")
         command.set_defaults(run=run)
     return parser
 

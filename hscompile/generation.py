@@ -42,7 +42,7 @@ from .passes.placement import device_budget, resolve_act_ratio
 from .policy import CacheBudget
 from .runtime.blocks import CacheSpec, HybridCache
 from .runtime.cache import CacheRuntime, StepRequest
-from .runtime.cost_model import Decision, ModelDims, choose, sequence_cost
+from .runtime.cost_model import RATIOS, Decision, ModelDims, choose, sequence_cost
 from .runtime.minibatch import SequenceCost, form_minibatches, minibatch_count
 from .runtime.tuner import HardwareProfile, tune
 
@@ -310,7 +310,7 @@ class Generator:
                 dims, self._profile, batch=batch, prompt=prompt, new_tokens=new_tokens,
                 device_budget=device_budget(self.config), depths=(self.config.schedule.prefetch_depth,),
                 block_size=self.config.cache.block_size,
-                ratios=(float(ratio),) if ratio != "auto" else (0.0, 0.25, 0.5, 0.75, 1.0),
+                ratios=(float(ratio),) if ratio != "auto" else RATIOS,
                 minibatches=None if size == "auto" else (math.ceil(batch / size),),
             )
         except ValueError:  # nothing fits: placement refuses the budget with the minimum that would work

@@ -46,22 +46,38 @@ def test_unknown_policies_and_empty_workloads_are_refused(profile):
         bench.run(model, bench.Workload(1, 4, 0), options={"device": "cpu"}, profile=profile, policies=["auto"])
 
 
-def test_bench_command_writes_a_table_json_and_a_perfetto_trace(tmp_path, capsys):
+def test_bench_command_writes_a_table_json_a_timeline_and_a_profile(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(tiny_config("llama", layers=3).to_json_string())
-    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
+    out, trace, profile = tmp_path / "bench.json", tmp_path / "trace.json", tmp_path / "profile.json"
     code = main(["bench", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "6",
                  "--new-tokens", "4", "--device-memory", "480KiB", "--policy", "auto", "--policy", "all-kv", "--policy", "transformers",
-                 "--json", str(out), "--trace", str(trace)])
+                 "--json", str(out), "--trace", str(trace), "--profile", str(profile)])
     assert code == 0
     text = capsys.readouterr().out
     assert "prompt 6, 4 new tokens" in text and f"wrote {out}" in text.replace("\n", "")
     report = json.loads(out.read_text())
     assert [r["policy"] for r in report["results"]] == ["auto", "all-kv", "transformers"]
     assert report["auto_vs"]["all-kv"] > 0 and report["auto_vs"]["transformers"] > 0
+    # hscompile's timeline: lanes per layer, weights streamed under this budget
     events = json.loads(trace.read_text())["traceEvents"]
-    names = {e.get("name", "") for e in events}
+    lanes = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert {"calls", "compute", "copy: weights", "host"} <= lanes
+    labels = {e["name"] for e in events if e["ph"] == "X"}
+    assert {"prefill", "decode", "L2 attention", "L0 load_kv"} <= labels
+    # torch.profiler's: the hybridserve ops themselves
+    names = {e.get("name", "") for e in json.loads(profile.read_text())["traceEvents"]}
     assert any("hybridserve::load_kv" in n for n in names) and any("hybridserve::cache_attention" in n for n in names)
+
+
+def test_bench_command_draws_the_timeline(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "timeline.png"
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config("opt", layers=4).to_json_string())
+    assert main(["bench", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "4",
+                 "--new-tokens", "3", "--device-memory", "600KiB", "--policy", "auto", "--timeline", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in capsys.readouterr().out.replace("\n", "")
 
 
 def test_generate_command_prints_what_it_did(tmp_path, capsys):

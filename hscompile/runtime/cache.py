@@ -381,7 +381,8 @@ class CacheRuntime:
         if self.device.type == "cpu":
             return host, None, host
         out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        done = self._backend.copy_to_device(out, host, after=None, label=f"{kind} L{layer} mb{index}")
+        done = self._backend.copy_to_device(out, host, after=None, label=f"L{layer} {kind} mb{index}",
+                                            lane="copy: cache")
         return out, done, host  # the host buffer lives until the copy is done
 
     def _load(self, kind: str, layer: int) -> torch.Tensor:

@@ -41,9 +41,12 @@ from ..passes.plan import ModelPlan
 from .tuner import HardwareProfile
 
 __all__ = [
-    "Choice", "ModelDims", "Prediction", "StepEstimate", "choose", "generation_seconds", "minibatch_counts",
+    "RATIOS", "Choice", "ModelDims", "Prediction", "StepEstimate", "choose", "generation_seconds", "minibatch_counts",
     "minibatch_rows", "sequence_cost", "simulate_step",
 ]
+
+RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""The ACT ratios the search tries by default."""
 
 ELEMENTWISE_PASSES = 12
 """Reads + writes of the hidden state per layer outside the GEMMs (2 norms, 2 residuals, rotary,
@@ -367,7 +370,7 @@ def minibatch_counts(batch: int, min_rows: int = 2) -> tuple[int, ...]:
 
 def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int, new_tokens: int,
            device_budget: int | None, activations: int = 0, block_size: int = 16,
-           ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), depths: tuple[int, ...] = (1, 2),
+           ratios: tuple[float, ...] = RATIOS, depths: tuple[int, ...] = (1, 2),
            minibatches: tuple[int, ...] | None = None) -> Decision:
     """The fastest predicted choice that fits ``device_budget`` (``None``: no limit).
 

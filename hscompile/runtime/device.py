@@ -8,36 +8,19 @@ is device-agnostic, which is what lets the whole runtime be tested on a machine 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["CpuDevice", "CudaDevice", "DeviceBackend", "Timeline", "device_backend"]
+from .timeline import active_timeline
 
-
-@dataclass(slots=True)
-class Timeline:
-    """Events recorded on the copy and compute streams while a call runs (CUDA only).
-
-    ``spans`` holds ``(stream, label, start_event, end_event)``; :meth:`resolve` turns them into
-    milliseconds relative to the first event once the device is synchronised.
-    """
-
-    spans: list[tuple[str, str, Any, Any]] = field(default_factory=list)
-
-    def resolve(self) -> list[tuple[str, str, float, float]]:
-        if not self.spans:
-            return []
-        origin = self.spans[0][2]
-        return [(s, label, origin.elapsed_time(a), origin.elapsed_time(b)) for s, label, a, b in self.spans]
+__all__ = ["CpuDevice", "CudaDevice", "DeviceBackend", "device_backend"]
 
 
 class DeviceBackend:
     """The operations the runtime needs from a device. See :class:`CpuDevice` and :class:`CudaDevice`."""
 
     device: torch.device
-    timeline: Timeline | None = None
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host ``uint8`` buffer copies can start from (pinned where that makes copies asynchronous)."""
@@ -46,10 +29,12 @@ class DeviceBackend:
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
-    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str) -> Any:
+    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                       lane: str = "copy: weights") -> Any:
         """Copy ``src`` (host) into ``dst`` (device) once ``after`` (an event or None) has happened.
 
-        Returns an event that marks the copy done (None where copies are synchronous).
+        Returns an event that marks the copy done (None where copies are synchronous). ``label``
+        and ``lane`` name the copy on a timeline being recorded.
         """
         raise NotImplementedError
 
@@ -63,13 +48,6 @@ class DeviceBackend:
     def synchronize(self) -> None:
         """Wait for all outstanding work."""
 
-    def mark(self, label: str) -> Any:
-        """Start a compute span for the timeline (no-op unless a timeline is attached)."""
-        return None
-
-    def end_mark(self, label: str, start: Any) -> None:
-        """End a compute span started by :meth:`mark`."""
-
 
 class CpuDevice(DeviceBackend):
     """Synchronous copies on the CPU, with the same accounting as CUDA."""
@@ -80,8 +58,14 @@ class CpuDevice(DeviceBackend):
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str) -> Any:
-        dst.copy_(src)
+    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                       lane: str = "copy: weights") -> Any:
+        timeline = active_timeline()
+        if timeline is None:
+            dst.copy_(src)
+        else:
+            with timeline.span(lane, label, bytes=src.numel() * src.element_size()):
+                dst.copy_(src)
         return None
 
 
@@ -95,18 +79,19 @@ class CudaDevice(DeviceBackend):
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str) -> Any:
-        timing = self.timeline is not None
-        start = torch.cuda.Event(enable_timing=timing)
-        done = torch.cuda.Event(enable_timing=timing)
+    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                       lane: str = "copy: weights") -> Any:
+        timeline = active_timeline()
+        done = torch.cuda.Event()
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 self.copy_stream.wait_event(after)
-            start.record(self.copy_stream)
+            record = None if timeline is None else timeline.begin(
+                lane, label, stream=self.copy_stream, bytes=src.numel() * src.element_size())
             dst.copy_(src, non_blocking=True)
             done.record(self.copy_stream)
-        if self.timeline is not None:
-            self.timeline.spans.append(("copy", label, start, done))
+            if record is not None:
+                timeline.end(record, stream=self.copy_stream)
         return done
 
     def wait(self, event: Any) -> None:
@@ -120,20 +105,6 @@ class CudaDevice(DeviceBackend):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
-
-    def mark(self, label: str) -> Any:
-        if self.timeline is None:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def end_mark(self, label: str, start: Any) -> None:
-        if self.timeline is None or start is None:
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(torch.cuda.current_stream(self.device))
-        self.timeline.spans.append(("compute", label, start, end))
 
 
 def device_backend(device: torch.device) -> DeviceBackend:

@@ -8,6 +8,7 @@ it around each call of the schedule, after checking that the call fits the budge
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from .cache import CacheRuntime
 from .context import bind
 from .device import DeviceBackend
 from .minibatch import MIN_ROWS, BatchSplit, MiniBatchRunner, batch_split
+from .timeline import Timeline, active_timeline, node_span
 from .weights import WeightRuntime
 
 __all__ = ["Executor", "Runtime"]
@@ -128,20 +130,37 @@ class Executor:
     def __call__(self, *args: Any) -> Any:
         self.runtime.begin_call(args)
         groups = self._groups()
-        with bind(self.runtime), torch.no_grad():
+        timeline = active_timeline()
+        stream = _compute_stream(self.runtime.backend.device) if timeline is not None else None
+        with bind(self.runtime), torch.no_grad(), self._call_span(timeline, groups, stream):
             if groups is None:
-                out = self.schedule(*args)
+                out = self.schedule(*args) if timeline is None else _Recording(self.schedule, timeline, stream).run(*args)
             else:
                 cache = self.runtime.cache
                 assert cache is not None
                 if self._runner is None:
                     self._runner = MiniBatchRunner(self.schedule, self.split)
                 try:
-                    out = self._runner(args, groups, cache.select)
+                    out = self._runner(args, groups, cache.select, timeline=timeline, stream=stream)
                 finally:
                     cache.select(0)
         self.calls += 1
         return out
+
+    def _call_span(self, timeline: Timeline | None, groups: list[list[int]] | None, stream: Any) -> Any:
+        """The ``calls`` span of this call: a generation step is named prefill or decode."""
+        if timeline is None:
+            return contextlib.nullcontext()
+        cache = self.runtime.cache
+        count = 1 if groups is None else len(groups)
+        if cache is not None and cache.request is not None:
+            step = cache.counters.steps
+            label = "prefill" if cache.request.admit is not None else "decode"
+        else:
+            step, label = self.calls, f"call {self.calls}"
+        if count > 1:
+            label += f" ({count} mini-batches)"
+        return timeline.span("calls", label, stream=stream, step=step, minibatches=count)
 
     def _groups(self) -> list[list[int]] | None:
         """The mini-batches of this call, or None to run it whole (one requested, or the graph
@@ -157,3 +176,25 @@ class Executor:
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "minibatch_split": self.split.reason or "yes", **self.runtime.stats()}
+
+
+def _compute_stream(device: torch.device) -> Any:
+    """The stream compute spans are timed on (None: the host clock)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+class _Recording(fx.Interpreter):
+    """Runs a schedule whole, as its generated code would, recording each step's span."""
+
+    def __init__(self, schedule: fx.GraphModule, timeline: Timeline, stream: Any) -> None:
+        super().__init__(schedule)
+        self.timeline = timeline
+        self.stream = stream
+
+    def run_node(self, n: fx.Node) -> Any:
+        span = node_span(n, None)
+        if span is None:
+            return super().run_node(n)
+        lane, label, args = span
+        with self.timeline.span(lane, label, stream=self.stream if lane == "compute" else None, **args):
+            return super().run_node(n)

@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..passes.graph_utils import fake_value
+from .timeline import Timeline, node_span
 
 __all__ = ["BatchSplit", "MiniBatchRunner", "SequenceCost", "batch_split", "form_minibatches", "makespan",
            "minibatch_count"]
@@ -155,10 +156,12 @@ class MiniBatchRunner:
         self._modules = {n.target: schedule.get_submodule(n.target) for n in body if n.op == "call_module"}
 
     def __call__(self, args: Sequence[Any], rows: Sequence[Sequence[int]],
-                 select: Callable[[int], None]) -> Any:
+                 select: Callable[[int], None], *, timeline: Timeline | None = None, stream: Any = None) -> Any:
         """Run the schedule on ``args`` for the mini-batches ``rows`` (row indices of the batch).
 
-        ``select(i)`` is called before mini-batch ``i`` runs (the cache runtime switches plans)."""
+        ``select(i)`` is called before mini-batch ``i`` runs (the cache runtime switches plans).
+        With a ``timeline``, each step's span is recorded with its mini-batch (compute spans
+        timed on ``stream`` where that is a CUDA stream)."""
         batch = sum(len(r) for r in rows)
         shared: dict[fx.Node, Any] = {}
         envs: list[dict[fx.Node, Any]] = [{} for _ in rows]
@@ -180,9 +183,14 @@ class MiniBatchRunner:
                 select(i)
                 for node in segment:
                     if node in self._batched:
-                        env[node] = self._run(node, lambda n, env=env: env[n] if n in env else shared[n])
+                        lookup = lambda n, env=env: env[n] if n in env else shared[n]  # noqa: E731
+                        if timeline is None:
+                            env[node] = self._run(node, lookup)
+                        else:
+                            env[node] = self._recorded(node, lookup, timeline, stream, i)
                     elif i == 0:
-                        shared[node] = self._run(node, shared.__getitem__)
+                        shared[node] = (self._run(node, shared.__getitem__) if timeline is None
+                                        else self._recorded(node, shared.__getitem__, timeline, stream, None))
             if barrier is not None:
                 # Run once; what it waits for is every mini-batch's values (it returns nothing).
                 after = [[env[n] if n in env else shared[n] for n in barrier.all_input_nodes] for env in envs]
@@ -201,6 +209,15 @@ class MiniBatchRunner:
         if node.op == "get_attr":
             return operator.attrgetter(node.target)(self.schedule)
         raise RuntimeError(f"cannot run node {node.format_node()}")
+
+    def _recorded(self, node: fx.Node, lookup: Callable[[fx.Node], Any], timeline: Timeline, stream: Any,
+                  minibatch: int | None) -> Any:
+        span = node_span(node, minibatch)
+        if span is None:
+            return self._run(node, lookup)
+        lane, label, args = span
+        with timeline.span(lane, label, stream=stream if lane == "compute" else None, **args):
+            return self._run(node, lookup)
 
     def _run_barrier(self, node: fx.Node, after: list[list[Any]]) -> None:
         if node.target is ops.release_weights._opoverload:

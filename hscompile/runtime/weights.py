@@ -35,7 +35,6 @@ class _Slot:
     occupant: int | None = None
     ready: Any = None
     free: Any = None
-    compute_start: Any = None
 
 
 def _pack(flat: torch.Tensor, layout: GroupLayout, sources: dict[str, torch.Tensor]) -> None:
@@ -119,7 +118,7 @@ class WeightRuntime:
             )
         layout = self.layouts[group]
         slot.ready = self.backend.copy_to_device(
-            slot.buffer.narrow(0, 0, layout.nbytes), self._host[group], after=slot.free, label=f"layer {group}"
+            slot.buffer.narrow(0, 0, layout.nbytes), self._host[group], after=slot.free, label=f"weights L{group}"
         )
         slot.occupant = group
         self.streamed_h2d_bytes += layout.nbytes
@@ -133,7 +132,6 @@ class WeightRuntime:
         if slot.occupant != group:
             raise RuntimeError(f"wait for layer {group}, which was not prefetched (its slot holds {slot.occupant})")
         self.backend.wait(slot.ready)
-        slot.compute_start = self.backend.mark(f"layer {group}")
         return slot.buffer.narrow(0, 0, self.layouts[group].nbytes)
 
     def release(self, group: int) -> None:
@@ -142,7 +140,6 @@ class WeightRuntime:
         slot = self._slots[self._slot_of[group]]
         if slot.occupant != group:
             raise RuntimeError(f"release of layer {group}, which does not hold a slot")
-        self.backend.end_mark(f"layer {group}", slot.compute_start)
         slot.free = self.backend.record()
         slot.occupant = None
 

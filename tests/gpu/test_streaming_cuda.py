@@ -11,9 +11,7 @@ from models import FAMILIES, prompts, tiny_model
 from streaming import weight_bytes
 
 import hscompile
-from hscompile.backend import compiled_models
 from hscompile.errors import BudgetError
-from hscompile.runtime.device import Timeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -80,19 +78,15 @@ def test_copies_overlap_compute():
     ids = prompts(16, 128)
     with torch.no_grad():
         compiled(ids)
-    runtime = compiled_models(model)[-1].executor.runtime
-    runtime.backend.timeline = Timeline()
-    with torch.no_grad():
+    with hscompile.record_timeline() as timeline, torch.no_grad():
         compiled(ids)
-    torch.cuda.synchronize()
-    spans = runtime.backend.timeline.resolve()
-    runtime.backend.timeline = None
-    copies = {label: (a, b) for stream, label, a, b in spans if stream == "copy"}
-    computes = [(label, a, b) for stream, label, a, b in spans if stream == "compute"]
-    overlapping = [
-        label for label, a, b in computes
-        for other, (c, d) in copies.items() if other != label and c < b and d > a
-    ]
+    spans = timeline.spans()
+    copies = [s for s in spans if s.lane == "copy: weights"]
+    computes = [s for s in spans if s.lane == "compute" and s.args["layer"] is not None]
+    assert copies and computes
+    # a layer's weights arrive while an earlier layer computes: the copy stream runs beside the compute stream
+    overlapping = [(c.label, s.label) for c in copies for s in computes
+                   if f"L{s.args['layer']}" != c.label.split()[-1] and c.overlaps(s)]
     assert overlapping, spans
 
 
