@@ -68,10 +68,10 @@ def main() -> None:
     weights = bench.weight_bytes(model)
     profile = tune(args.device, dtypes=(str(next(model.parameters()).dtype).removeprefix("torch."),),
                    width=model.config.hidden_size, quick=True, overhead=False)
-    batches = (1, 2, 4, 8, 16) if args.device == "cpu" else (4, 8, 16, 32, 64)
+    batches = (1, 2, 4, 8) if args.device == "cpu" else (4, 8, 16, 32, 64)
     # Below the weights, plus room for the largest batch's staging (and CUDA's workspace); every
     # point runs under it.
-    budget = int(weights * 0.5) + 512 * 2**20 if args.device == "cuda" else int(weights * 0.7)
+    budget = int(weights * 0.5) + 512 * 2**20 if args.device == "cuda" else int(weights * 0.85)
     generator = Generator(model, {"device": args.device, "device_memory": budget, "mini_batch_size": "auto"})
     by_batch = [_point(generator, model, profile, b, args.prompt, args.new, 0.5) for b in reversed(batches)][::-1]
     batch = batches[len(batches) // 2]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 
 from .partition import Partition
@@ -117,7 +118,12 @@ def _remake(fake_inputs: Sequence[Any], device: torch.device | None = None) -> t
 def _partition_examples(schedule: fx.GraphModule, fake_inputs: Sequence[Any]) -> dict[str, tuple[Any, ...]]:
     fake_mode, inputs = _remake(fake_inputs)
     recorder = _ExampleRecorder(schedule)
-    with fake_mode, torch.no_grad():
+    # The python dispatcher routes composite ops (linear -> matmul, ...) through their SymInt-aware
+    # Python decompositions, as dynamo's own fake propagation does. Without it torch 2.11 runs
+    # the C++ composite kernels, which call sizes()/numel() on symbolic tensors: that specializes
+    # a dynamic dimension (a guard on the batch) or raises "Cannot call numel() on tensor with
+    # symbolic sizes/strides".
+    with fake_mode, torch.no_grad(), enable_python_dispatcher():
         recorder.run(*inputs)
     return recorder.examples
 
