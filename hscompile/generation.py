@@ -309,6 +309,7 @@ class Generator:
             self.decision = choose(
                 dims, self._profile, batch=batch, prompt=prompt, new_tokens=new_tokens,
                 device_budget=device_budget(self.config), depths=(self.config.schedule.prefetch_depth,),
+                activations=dims.prefill_activation_bytes(batch, prompt),
                 block_size=self.config.cache.block_size,
                 ratios=(float(ratio),) if ratio != "auto" else RATIOS,
                 minibatches=None if size == "auto" else (math.ceil(batch / size),),

@@ -91,6 +91,16 @@ class ModelDims:
     def checkpoints_save_bytes(self) -> bool:
         return self.act_bytes < self.kv_bytes
 
+    def prefill_activation_bytes(self, rows: int, tokens: int) -> int:
+        """A floor on the device activations of a prefill of ``rows x tokens``: a layer's widest
+        point, its MLP's intermediate values (``mlp weights / hidden`` per token: up and gate
+        outputs of a gated MLP, fc1 and its activation of a plain one) beside the residual stream.
+        Attention's workspace and the head's logits (one position is kept) are not counted; the
+        placement's own estimate, from the compiled graph, is the one the budget is checked against."""
+        attention = 2 * self.hidden * (self.heads + self.kv_heads) * self.head_dim
+        mlp = max(self.layer_matmul_params - attention, 0)
+        return rows * tokens * self.item * (mlp // self.hidden + self.hidden)
+
     @classmethod
     def from_plan(cls, plan: ModelPlan, *, layout_bytes: int | None = None, global_bytes: int | None = None) -> ModelDims:
         """From an analysis plan (what the backend has when it places a graph)."""

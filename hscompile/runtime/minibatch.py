@@ -154,6 +154,38 @@ class MiniBatchRunner:
             current.append(node)
         self._segments.append((current, None))
         self._modules = {n.target: schedule.get_submodule(n.target) for n in body if n.op == "call_module"}
+        self._free_at, self._free_after = self._lifetimes()
+
+    def _lifetimes(self) -> tuple[list[list[list[fx.Node]]], list[list[fx.Node]]]:
+        """When each value dies, so a call holds what a layer needs and not every layer's values
+        (the generated code of a GraphModule frees the same way).
+
+        ``free_at[s][p]``: batched values whose last user is node ``p`` of segment ``s``: dropped
+        from a mini-batch's values once that mini-batch has run it. ``free_after[s]``: values
+        last used by segment ``s``'s barrier, and shared values last used in segment ``s``:
+        dropped once every mini-batch has run the segment. Values the output needs are kept."""
+        where: dict[fx.Node, tuple[int, int]] = {}
+        for s, (segment, barrier) in enumerate(self._segments):
+            for p, node in enumerate(segment):
+                where[node] = (s, p)
+            if barrier is not None:
+                where[barrier] = (s, len(segment))
+        free_at: list[list[list[fx.Node]]] = [[[] for _ in segment] for segment, _ in self._segments]
+        free_after: list[list[fx.Node]] = [[] for _ in self._segments]
+        for node in [*self._placeholders, *where]:
+            if any(user.op == "output" for user in node.users):
+                continue
+            uses = [where[user] for user in node.users if user in where]
+            if node in where:
+                uses.append(where[node])  # unused: dropped right after it runs
+            if not uses:
+                continue
+            s, p = max(uses)
+            if node in self._batched and p < len(self._segments[s][0]):
+                free_at[s][p].append(node)
+            else:
+                free_after[s].append(node)
+        return free_at, free_after
 
     def __call__(self, args: Sequence[Any], rows: Sequence[Sequence[int]],
                  select: Callable[[int], None], *, timeline: Timeline | None = None, stream: Any = None) -> Any:
@@ -178,10 +210,10 @@ class MiniBatchRunner:
                     env[node] = len(r)
             else:
                 shared[node] = value
-        for segment, barrier in self._segments:
+        for (segment, barrier), free_at, free_after in zip(self._segments, self._free_at, self._free_after):
             for i, env in enumerate(envs):
                 select(i)
-                for node in segment:
+                for node, dead in zip(segment, free_at):
                     if node in self._batched:
                         lookup = lambda n, env=env: env[n] if n in env else shared[n]  # noqa: E731
                         if timeline is None:
@@ -191,10 +223,17 @@ class MiniBatchRunner:
                     elif i == 0:
                         shared[node] = (self._run(node, shared.__getitem__) if timeline is None
                                         else self._recorded(node, shared.__getitem__, timeline, stream, None))
+                    for value in dead:
+                        del env[value]
             if barrier is not None:
                 # Run once; what it waits for is every mini-batch's values (it returns nothing).
                 after = [[env[n] if n in env else shared[n] for n in barrier.all_input_nodes] for env in envs]
                 self._run_barrier(barrier, after)
+                del after
+            for value in free_after:
+                for env in envs:
+                    env.pop(value, None)
+                shared.pop(value, None)
         return self._outputs(envs, shared, indices, batch)
 
     def _run(self, node: fx.Node, lookup: Callable[[fx.Node], Any]) -> Any:

@@ -286,6 +286,34 @@ def test_auto_ratio_is_the_cost_models_choice_and_keeps_parity(references, famil
     assert policy.predicted is not None and "predicted longest decode step" in policy.reason
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_searchs_activation_floor_is_below_the_placements_estimate(family):
+    # The search is told a floor (it must not refuse what fits); the placement checks its own,
+    # graph-derived figure. The floor should still be most of it.
+    from hscompile.runtime.cost_model import ModelDims
+
+    model = tiny_model(family, layers=3, hidden=128, heads=4)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.0})
+    generator.generate(prompts(8, 32), max_new_tokens=2)
+    prefill = generator.compiled_graphs[0].executor.runtime.last_activation_bytes
+    floor = ModelDims.from_model(model).prefill_activation_bytes(8, 32)
+    assert prefill / 2 <= floor <= prefill
+
+
+def test_auto_under_a_tight_budget_counts_activations_and_splits_the_batch():
+    # At 0.75x the weights one whole-batch step does not fit (prefill activations + cache
+    # staging); the search, told the prefill's activations, takes mini-batches instead, and the
+    # placement accepts them. Searching as if activations were free picked one mini-batch and was refused.
+    model = tiny_model("llama", layers=6, hidden=128, heads=4, kv_heads=4)
+    ids = prompts(8, 32)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager",
+                                            "device_memory": int(weight_bytes(model) * 0.75)})
+    got = generator.generate(ids, max_new_tokens=3)
+    assert generator.minibatch_size is not None and generator.minibatch_size < 8
+    assert generator.decision.best.choice.minibatches > 1
+    assert torch.equal(got, _reference(model, ids, torch.ones_like(ids), new=3))
+
+
 def test_many_generators_of_one_model_class_do_not_hit_dynamos_recompile_limit():
     # Each generator adds a prefill and a decode graph to LlamaForCausalLM's code: six of them
     # are more graphs than dynamo's default limit of 8 allows for one function.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +93,42 @@ def test_a_graph_compiled_for_one_batch_size_is_not_split(capture_graph):
     gm, example = capture_graph(model, prompts(3, 5))
     compiled = compile_graph(gm, example, HybridServeConfig.from_options({"device": "cpu", "lowering": "eager"}))
     assert "one batch size" in batch_split(compiled.executor.schedule).reason
+
+
+def _peak_values_held(layers: int, monkeypatch) -> int:
+    """Most tensors the runner's steps made that were alive at once, in a mini-batched generation."""
+    import weakref
+
+    import hscompile
+    from hscompile.runtime.minibatch import MiniBatchRunner
+
+    alive: list[weakref.ref] = []
+    peak = [0]
+    run = MiniBatchRunner._run
+
+    def counting(self, node, lookup):
+        value = run(self, node, lookup)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, torch.Tensor):
+                alive.append(weakref.ref(item))
+        alive[:] = [r for r in alive if r() is not None]
+        peak[0] = max(peak[0], len(alive))
+        return value
+
+    monkeypatch.setattr(MiniBatchRunner, "_run", counting)
+    model = tiny_model("llama", layers=layers)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5, "mini_batch_size": 2})
+    generator.generate(prompts(4, 6), max_new_tokens=2)
+    assert generator.stats()["minibatches"] > generator.stats()["cache_steps"]  # it did run mini-batches
+    return peak[0]
+
+
+def test_a_call_holds_one_layers_values_not_every_layers(monkeypatch):
+    # The runner drops each value after its last use, as generated code does: what it holds at
+    # once does not grow with depth (without that, six layers hold three times what two do).
+    import torch._dynamo
+
+    shallow = _peak_values_held(2, monkeypatch)
+    torch._dynamo.reset()
+    deep = _peak_values_held(6, monkeypatch)
+    assert deep <= shallow + 2, (shallow, deep)
