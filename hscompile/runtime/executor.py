@@ -24,7 +24,7 @@ from .cache import CacheRuntime
 from .context import bind
 from .device import DeviceBackend
 from .minibatch import MIN_ROWS, BatchSplit, MiniBatchRunner, batch_split
-from .timeline import Timeline, active_timeline, node_span
+from .timeline import Timeline, active_timeline
 from .weights import WeightRuntime
 
 __all__ = ["Executor", "Runtime"]
@@ -192,9 +192,5 @@ class _Recording(fx.Interpreter):
         self.stream = stream
 
     def run_node(self, n: fx.Node) -> Any:
-        span = node_span(n, None)
-        if span is None:
-            return super().run_node(n)
-        lane, label, args = span
-        with self.timeline.span(lane, label, stream=self.stream if lane == "compute" else None, **args):
+        with self.timeline.step(n, None, self.stream):
             return super().run_node(n)

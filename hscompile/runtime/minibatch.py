@@ -28,6 +28,7 @@ orders them by Johnson's rule, which minimises the makespan of the two-stage pip
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..passes.graph_utils import fake_value
-from .timeline import Timeline, node_span
+from .timeline import Timeline
 
 __all__ = ["BatchSplit", "MiniBatchRunner", "SequenceCost", "batch_split", "form_minibatches", "makespan",
            "minibatch_count"]
@@ -50,6 +51,9 @@ for sizes >= 2 (it specialises 0 and 1), so its partitions are only ever run on 
 
 _PER_MINIBATCH = frozenset({ops.load_kv._opoverload, ops.load_act._opoverload})
 """Ops without batched inputs that still act on the running mini-batch (its cache plan)."""
+
+_NO_SPAN = contextlib.nullcontext()
+"""Stands in for a timeline span when nothing is recorded (reusable: it holds no state)."""
 
 _BARRIERS = frozenset({ops.release_weights._opoverload, ops.cache_commit._opoverload})
 """Batched nodes that run once per step, after every mini-batch of the segment before them."""
@@ -216,13 +220,11 @@ class MiniBatchRunner:
                 for node, dead in zip(segment, free_at):
                     if node in self._batched:
                         lookup = lambda n, env=env: env[n] if n in env else shared[n]  # noqa: E731
-                        if timeline is None:
+                        with timeline.step(node, i, stream) if timeline is not None else _NO_SPAN:
                             env[node] = self._run(node, lookup)
-                        else:
-                            env[node] = self._recorded(node, lookup, timeline, stream, i)
                     elif i == 0:
-                        shared[node] = (self._run(node, shared.__getitem__) if timeline is None
-                                        else self._recorded(node, shared.__getitem__, timeline, stream, None))
+                        with timeline.step(node, None, stream) if timeline is not None else _NO_SPAN:
+                            shared[node] = self._run(node, shared.__getitem__)
                     for value in dead:
                         del env[value]
             if barrier is not None:
@@ -248,15 +250,6 @@ class MiniBatchRunner:
         if node.op == "get_attr":
             return operator.attrgetter(node.target)(self.schedule)
         raise RuntimeError(f"cannot run node {node.format_node()}")
-
-    def _recorded(self, node: fx.Node, lookup: Callable[[fx.Node], Any], timeline: Timeline, stream: Any,
-                  minibatch: int | None) -> Any:
-        span = node_span(node, minibatch)
-        if span is None:
-            return self._run(node, lookup)
-        lane, label, args = span
-        with timeline.span(lane, label, stream=stream if lane == "compute" else None, **args):
-            return self._run(node, lookup)
 
     def _run_barrier(self, node: fx.Node, after: list[list[Any]]) -> None:
         if node.target is ops.release_weights._opoverload:

@@ -118,6 +118,15 @@ class Timeline:
         finally:
             self.end(record, stream=stream)
 
+    def step(self, node: fx.Node, minibatch: int | None, stream: Any) -> contextlib.AbstractContextManager[None]:
+        """A span around a schedule node's run, if its kind takes one (see :func:`node_span`);
+        compute spans are timed on ``stream`` where that is a CUDA stream."""
+        span = node_span(node, minibatch)
+        if span is None:
+            return contextlib.nullcontext()
+        lane, label, args = span
+        return self.span(lane, label, stream=stream if lane == "compute" else None, **args)
+
     # -- reading -------------------------------------------------------------------------
 
     def _ms(self, stamp: Any) -> float:
