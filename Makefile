@@ -1,33 +1,84 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make demo   - create .venv, install, run the demo
-#   make test   - create .venv, install, run the whole test suite
+#   make demo   - create .venv, install the locked versions, run the demo
+#   make test   - create .venv, install the locked versions, run the whole test suite
+# Both install exactly requirements/test.lock (see README, "Tested versions").
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/test.lock
+# torch for the environments built from ranges (lock, test-latest, test-versions): the CPU wheel
+# 2.13.0 lies on disk here; a newer torch from the registry is a CUDA build of several GB.
+TORCH ?= 2.13.0
+# pytest-xdist workers: one per core, each with one compute thread (two torch processes with a
+# thread per core each slow each other down many times over on 2 cores).
+JOBS ?= auto
+PYTEST_ARGS ?=
+# $(call pytest,VENV) runs the suite with VENV's Python.
+pytest = OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(1)/bin/python -m pytest -n $(JOBS) $(PYTEST_ARGS)
 
-.PHONY: demo test test-fast bench-compile clean
+.PHONY: demo test test-fast test-latest test-versions lock bench-compile clean
 
-$(STAMP): pyproject.toml
+# The lock installs with --no-deps: what it lists is what the venv gets, nothing resolved anew.
+# pip and setuptools are pinned too (the editable install builds without isolation).
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: a loose requirement would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet $$(grep -E '^(pip|setuptools)==' $(LOCK))
+	$(BIN)/python -m pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(call pytest,$(VENV))
 
 # Everything but the tests that compile with Inductor.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not inductor"
+	$(call pytest,$(VENV)) -m "not inductor"
+
+# The newest release of every dependency the registry offers (torch: $(TORCH)), ignoring the
+# lock and the upper bounds in pyproject.toml: breakage by a new release shows up here first.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip setuptools
+	.venv-latest/bin/python -m pip install --quiet torch==$(TORCH)
+	.venv-latest/bin/python -m pip install --quiet --upgrade $$(.venv-latest/bin/python tools/requirements.py latest)
+	.venv-latest/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	.venv-latest/bin/python -m pip list | grep -iE '^(torch|transformers|pytest|hypothesis) '
+	$(call pytest,.venv-latest)
+
+# One point of the tested range: make test-versions TORCH=2.11.0 TRANSFORMERS=5.17.0
+# (torch other than 2.13.0 comes from the registry as a CUDA build of several GB).
+TRANSFORMERS ?= 5.17.0
+VERSIONS_VENV := .venv-torch$(TORCH)-transformers$(TRANSFORMERS)
+test-versions:
+	test -x $(VERSIONS_VENV)/bin/python || $(PYTHON) -m venv $(VERSIONS_VENV)
+	$(VERSIONS_VENV)/bin/python -m pip install --quiet $$(grep -E '^pip==' $(LOCK))
+	# setuptools as the chosen torch allows (2.11 wants < 82), new enough for the build (>= 77)
+	$(VERSIONS_VENV)/bin/python -m pip install --quiet torch==$(TORCH) transformers==$(TRANSFORMERS) 'setuptools>=77'
+	$(VERSIONS_VENV)/bin/python -m pip install --quiet --no-build-isolation -e '.[test]' \
+		torch==$(TORCH) transformers==$(TRANSFORMERS) 'setuptools>=77'
+	$(VERSIONS_VENV)/bin/python -m pip list | grep -iE '^(torch|transformers) '
+	$(call pytest,$(VERSIONS_VENV))
+
+# Regenerate requirements/test.lock from the ranges in pyproject.toml (the newest releases they
+# admit, torch $(TORCH)); run `make test` on the result before committing it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip setuptools
+	.venv-lock/bin/python -m pip install --quiet torch==$(TORCH)
+	.venv-lock/bin/python -m pip install --quiet --no-build-isolation -e '.[test]'
+	.venv-lock/bin/python tools/requirements.py freeze > $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK)"
 
 bench-compile: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .venv-torch* build *.egg-info .pytest_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -87,3 +89,31 @@ class TinyDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.head_norm(x))
+
+
+class WrappedDecoder(TinyDecoder):
+    """:class:`TinyDecoder` whose ``forward`` sits behind a ``def wrapper(*args, **kwargs)``
+    decorator, as transformers >= 5.24 wraps its models' (``deprecate_kwarg``): dynamo's top frame is
+    then the wrapper and the model is ``L['args'][0]``, not ``L['self']``."""
+
+    @staticmethod
+    def _decorate(forward):
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    forward = _decorate(TinyDecoder.forward)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a transformers model takes its cache by: ``cache`` on transformers >= 5.24
+    (where ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    parameters = inspect.signature(inspect.unwrap(model.forward)).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The cache a transformers model returned, under either name (see :func:`cache_keyword`)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]

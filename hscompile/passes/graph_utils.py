@@ -58,10 +58,24 @@ def static_int(value: object) -> int | None:
 _PATH_TOKEN = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]")
 
 
+_ROOT = re.compile(r"^(?:[LG]\['[^']*'\]|[A-Za-z_][A-Za-z0-9_]*)(?:\[(?:\d+|'[^']*')\])*")
+"""The traced module's own source: a local or global name and any subscripts that reach the module
+through the frame's arguments. Dynamo spells every step *inside* the module as an attribute
+(``._modules['x']``, ``.model``), never as a bare subscript, so subscripts right after the name
+still name the root: ``L['self']`` when ``forward`` is the traced frame, ``L['args'][0]`` when a
+``def wrapper(*args, **kwargs)`` decorator is (transformers >= 5.24 wraps ``forward`` in
+``deprecate_kwarg``), ``L['kwargs']['self']`` when ``self`` is passed by keyword."""
+
+
 def normalize_module_path(raw: str) -> str:
-    """``"L['self'].model.layers.0.self_attn"`` or ``"L['self']._modules['model']..."`` -> ``"model.layers.0.self_attn"``."""
-    # Drop the root: L['self'] (the module dynamo traced), or any other local or global name.
-    match = re.match(r"^(?:[LG]\['[^']*'\]|[A-Za-z_][A-Za-z0-9_]*)", raw)
+    """The module path inside the traced model, whatever frame dynamo started from.
+
+    ``"L['self'].model.layers.0.self_attn"``, ``"L['args'][0].model.layers.0.self_attn"`` and
+    ``"L['self']._modules['model']._modules['layers']._modules['0']._modules['self_attn']"`` all give
+    ``"model.layers.0.self_attn"``: a key of ``model.named_modules()`` (and, with the parameter's
+    name appended, of ``model.named_parameters()``).
+    """
+    match = _ROOT.match(raw)
     text = raw[match.end():] if match else raw
     # Paths in nn_module_stack are dotted already ("layers.0.mlp"), sources use _modules['x'].
     parts: list[str] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import FAMILIES, TinyDecoder, prompts, tiny_model
+from models import FAMILIES, TinyDecoder, cache_keyword, prompts, returned_cache, tiny_model
 
 import hscompile
 
@@ -83,12 +83,13 @@ def test_a_returned_cache_holds_placeholders_and_decoding_from_it_matches(family
         expected, got = model(ids), compiled(ids)
         assert torch.equal(got.logits, expected.logits)
         for layer in range(2):
-            placeholder = got.past_key_values.layers[layer].keys
-            assert placeholder.shape == expected.past_key_values.layers[layer].keys.shape
+            placeholder = returned_cache(got).layers[layer].keys
+            assert placeholder.shape == returned_cache(expected).layers[layer].keys.shape
             assert placeholder.untyped_storage().nbytes() <= 8 and bool(placeholder.isnan().all())
         mask = torch.ones(2, 9, dtype=torch.long)
-        next_expected = model(step, past_key_values=expected.past_key_values, attention_mask=mask).logits
-        next_got = compiled(step, past_key_values=got.past_key_values, attention_mask=mask).logits
+        keyword = cache_keyword(model)
+        next_expected = model(step, **{keyword: returned_cache(expected)}, attention_mask=mask).logits
+        next_got = compiled(step, **{keyword: returned_cache(got)}, attention_mask=mask).logits
     assert (next_got - next_expected).abs().max().item() <= TOLERANCE
 
 

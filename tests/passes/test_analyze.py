@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import capture
-from models import FAMILIES, GQA_FAMILIES, TinyDecoder, prompts, tiny_model
+from models import FAMILIES, GQA_FAMILIES, TinyDecoder, WrappedDecoder, prompts, tiny_model
 
 from hscompile.errors import UnsupportedModelError
 from hscompile.passes.analyze import analyze
-from hscompile.passes.graph_utils import fake_value
+from hscompile.passes.graph_utils import fake_value, normalize_module_path
 
 
 def _plan(model, *args, **kwargs):
@@ -41,7 +41,9 @@ def test_layers_weights_and_attention_match_the_config(family):
     names = [tuple(w.local_name for w in layer.weights) for layer in plan.layers]
     assert names[0] == names[1] == names[2]
     model_params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     for layer in plan.layers:
+        assert layer.module_path in modules
         for weight in layer.weights:
             assert weight.qualname == f"{layer.module_path}.{weight.local_name}"
             assert tuple(model_params[weight.qualname].shape) == weight.shape
@@ -118,6 +120,39 @@ def test_a_decoder_nobody_named_is_understood():
     read = {w.local_name for w in plan.layers[1].weights if w.node in plan.layers[1].recompute.weights}
     assert read == {"norm1.weight", "norm1.bias", "wk.weight", "wk.bias", "wv.weight", "wv.bias"}
     assert {w.qualname for w in plan.global_weights} == {"embed.weight", "pos", "head_norm.weight", "head_norm.bias", "head.weight"}
+
+
+@pytest.mark.parametrize("cls", [TinyDecoder, WrappedDecoder])
+def test_names_are_the_models_own_whatever_frame_dynamo_starts_from(cls):
+    # A decorator `def wrapper(*args, **kwargs)` around forward (transformers >= 5.24) makes the
+    # model dynamo's L['args'][0] instead of L['self']; the names must not change with it.
+    torch.manual_seed(0)
+    model = cls().eval()
+    _, _, plan = _plan(model, prompts(2, 9))
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    assert [layer.module_path for layer in plan.layers] == ["blocks.0", "blocks.1", "blocks.2"]
+    for layer in plan.layers:
+        assert layer.module_path in modules
+        for weight in layer.weights:
+            assert tuple(params[weight.qualname].shape) == weight.shape
+    assert {w.qualname for w in plan.global_weights} == {"embed.weight", "pos", "head_norm.weight", "head_norm.bias", "head.weight"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "L['self'].model.layers.0.self_attn",
+        "L['args'][0].model.layers.0.self_attn",
+        "L['kwargs']['self'].model.layers.0.self_attn",
+        "L['self']._modules['model']._modules['layers']._modules['0']._modules['self_attn']",
+        "L['args'][0]._modules['model']._modules['layers']._modules['0']._modules['self_attn']",
+        "G['net']._modules['model'].layers.0.self_attn",
+        "self.model.layers.0.self_attn",
+    ],
+)
+def test_module_paths_drop_the_root_however_dynamo_reached_the_model(raw):
+    assert normalize_module_path(raw) == "model.layers.0.self_attn"
 
 
 class _NoLayers(nn.Module):
