@@ -21,12 +21,12 @@ pytest = OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(1)/bin/python -m py
 
 # The lock installs with --no-deps: what it lists is what the venv gets, nothing resolved anew.
 # pip and setuptools are pinned too (the editable install builds without isolation).
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) requirements/data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $$(grep -E '^(pip|setuptools)==' $(LOCK))
 	$(BIN)/python -m pip install --quiet --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pip check
+	$(BIN)/python tools/requirements.py check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -47,6 +47,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip setuptools
 	.venv-latest/bin/python -m pip install --quiet torch==$(TORCH)
 	.venv-latest/bin/python -m pip install --quiet --upgrade $$(.venv-latest/bin/python tools/requirements.py latest)
+	.venv-latest/bin/python -m pip install --quiet --no-deps --upgrade $$(.venv-latest/bin/python tools/requirements.py data)
 	.venv-latest/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	.venv-latest/bin/python -m pip list | grep -iE '^(torch|transformers|pytest|hypothesis) '
 	$(call pytest,.venv-latest)
@@ -62,6 +63,7 @@ test-versions:
 	$(VERSIONS_VENV)/bin/python -m pip install --quiet torch==$(TORCH) transformers==$(TRANSFORMERS) 'setuptools>=77'
 	$(VERSIONS_VENV)/bin/python -m pip install --quiet --no-build-isolation -e '.[test]' \
 		torch==$(TORCH) transformers==$(TRANSFORMERS) 'setuptools>=77'
+	$(VERSIONS_VENV)/bin/python -m pip install --quiet --no-deps $$($(VERSIONS_VENV)/bin/python tools/requirements.py data)
 	$(VERSIONS_VENV)/bin/python -m pip list | grep -iE '^(torch|transformers) '
 	$(call pytest,$(VERSIONS_VENV))
 
@@ -73,6 +75,7 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip setuptools
 	.venv-lock/bin/python -m pip install --quiet torch==$(TORCH)
 	.venv-lock/bin/python -m pip install --quiet --no-build-isolation -e '.[test]'
+	.venv-lock/bin/python -m pip install --quiet --no-deps $$(.venv-lock/bin/python tools/requirements.py data)
 	.venv-lock/bin/python tools/requirements.py freeze > $(LOCK)
 	rm -rf .venv-lock
 	@echo "wrote $(LOCK)"

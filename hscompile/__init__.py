@@ -15,20 +15,24 @@ from __future__ import annotations
 from . import ops  # noqa: F401  (registers torch.ops.hybridserve.*)
 from .backend import BACKEND_NAME, CompiledModel, hybridserve_backend, register
 from .config import OPTIONS, HybridServeConfig
-from .errors import BudgetError, ConfigError, HybridServeError, UnsupportedModelError
+from .errors import BudgetError, CheckpointError, ConfigError, HybridServeError, UnsupportedModelError
 from .generation import Generator, generate
 from .inspection import Inspection, inspect
+from .loading import from_pretrained
 from .passes.plan import ModelPlan
 from .planning import plan_model
 from .policy import DeviceMemoryPlan, Policy
 from .runtime.timeline import Span, Timeline, record_timeline
 from .runtime.tuner import HardwareProfile, load_profile, tune
+from .text import Completion
 
 __all__ = [
     "BACKEND_NAME",
     "OPTIONS",
     "BudgetError",
+    "CheckpointError",
     "CompiledModel",
+    "Completion",
     "ConfigError",
     "DeviceMemoryPlan",
     "Generator",
@@ -42,6 +46,7 @@ __all__ = [
     "Timeline",
     "UnsupportedModelError",
     "hybridserve_backend",
+    "from_pretrained",
     "generate",
     "inspect",
     "load_profile",

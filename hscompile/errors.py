@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "UnsupportedModelError",
     "BudgetError",
+    "CheckpointError",
     "surface_through_dynamo",
 ]
 
@@ -37,6 +38,11 @@ class UnsupportedModelError(HybridServeError, ValueError):
 
 class BudgetError(HybridServeError, ValueError):
     """A memory budget cannot hold the minimum working set; the message gives the minimum."""
+
+
+class CheckpointError(HybridServeError, ValueError):
+    """A checkpoint directory, or a request to generate from it, is not usable; the message names
+    the file (or input line) and what would be valid."""
 
 
 def surface_through_dynamo(error: HybridServeError) -> Exception:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -38,6 +38,7 @@ from .errors import (
     UnsupportedModelError,
     surface_through_dynamo,
 )
+from .passes.graph_utils import fake_value
 from .passes.placement import device_budget, resolve_act_ratio
 from .policy import CacheBudget
 from .runtime.blocks import CacheSpec, HybridCache
@@ -45,6 +46,9 @@ from .runtime.cache import CacheRuntime, StepRequest
 from .runtime.cost_model import RATIOS, Decision, ModelDims, choose, sequence_cost
 from .runtime.minibatch import SequenceCost, form_minibatches, minibatch_count
 from .runtime.tuner import HardwareProfile, tune
+
+if TYPE_CHECKING:
+    from .text import Completion, Prompt
 
 __all__ = ["Generator", "generate"]
 
@@ -73,12 +77,18 @@ class Generator:
 
     >>> generator = hscompile.Generator(model, options={"device": "cpu", "act_ratio": 0.5})  # doctest: +SKIP
     >>> tokens = generator.generate(input_ids, attention_mask=mask, max_new_tokens=32)  # doctest: +SKIP
+
+    With a ``tokenizer`` (as :func:`hscompile.from_pretrained` gives), :meth:`generate_text` takes
+    and returns text.
     """
 
-    def __init__(self, model: torch.nn.Module, options: Mapping[str, object] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, options: Mapping[str, object] | None = None, *,
+                 tokenizer: Any | None = None) -> None:
         if not hasattr(model, "config"):
             raise UnsupportedModelError("hscompile.generate needs a transformers causal LM (a model with a .config)")
         self.model = model.eval()
+        self.tokenizer = tokenizer
+        """The model's tokenizer (a transformers tokenizer padding on the left), or None."""
         self.config = HybridServeConfig.from_options(options)
         self.spec = self._config_spec()
         self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
@@ -107,9 +117,10 @@ class Generator:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         act_ratio: float | None = None,
         progress: bool = False,
+        stopping: Callable[[int, list[int]], bool] | None = None,
     ) -> torch.Tensor:
         """Prompt + new tokens, ``(batch, prompt + n)``, like ``transformers``' ``generate``.
 
@@ -117,8 +128,15 @@ class Generator:
         ``act_ratio`` overrides the options' ratio for this call (the compiled graphs do not
         depend on it, so sweeping it costs no compilation). ``progress`` shows a progress bar
         over the steps on the terminal (off by default: a library stays quiet).
+
+        ``seed`` makes sampling reproducible per sequence: one int seeds sequence ``i`` with
+        :func:`~hscompile.text.sequence_seed` ``(seed, i)``, a list gives each sequence its own
+        seed. A sequence's tokens then depend on its prompt, settings and seed only, not on the
+        waves or mini-batches it runs in. ``stopping(row, new_token_ids) -> bool`` ends a sequence
+        early (as its end-of-sequence token would): stop strings use it.
         """
         ids, mask = self._validate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+        samplers = _samplers(seed, ids.shape[0]) if do_sample else None
         if act_ratio is not None and (
             isinstance(act_ratio, bool) or not isinstance(act_ratio, (int, float)) or not 0 <= act_ratio <= 1
         ):
@@ -130,18 +148,50 @@ class Generator:
         spec = self.spec
         waves = self._waves(spec, totals)
         self._staging = self._worst_staging(spec, max(len(w) for w in waves), max(totals))
-        self._check_compiled_budget()
-        sampler = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._check_compiled_budget([(len(w), ids.shape[1], False) for w in waves] + [(len(w), 1, True) for w in waves])
         pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
         with _progress(progress, len(waves) * max_new_tokens) as tick:
             for wave in waves:
+                sampling = _Sampling(do_sample, temperature, top_k, top_p,
+                                     [samplers[i] for i in wave] if samplers is not None else None)
                 out = self._generate_wave(spec, ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
-                                          do_sample, temperature, top_k, top_p, sampler, tick)
+                                          sampling, tick, _stopping_for(stopping, wave))
                 for row, index in enumerate(wave):
                     pieces[index] = out[row]
         width = max(p.shape[0] for p in pieces)
-        pad = self._pad_token()
+        pad = self.pad_token_id()
         return torch.stack([torch.cat((p, p.new_full((width - p.shape[0],), pad))) for p in pieces])
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        act_ratio: float | None = None,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """One :class:`~hscompile.text.Completion` per prompt, in order.
+
+        A prompt is a string, or chat messages (``[{"role": "user", "content": "..."}]``) rendered
+        with the tokenizer's chat template; ``chat=True`` renders plain strings as one user turn.
+        Prompts are encoded one by one and left-padded together, so greedy ``token_ids`` equal
+        transformers' ``generate(do_sample=False)`` whether prompts run together or alone. A stop
+        string ends its sequence (``finish_reason="stop"``; the text is cut before it). ``seed`` and
+        ``act_ratio``: see :meth:`generate`.
+        """
+        from .text import complete
+
+        return complete(self, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=stop, chat=chat, act_ratio=act_ratio,
+                        progress=progress)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the cache and of the newest compiled graph."""
@@ -167,12 +217,10 @@ class Generator:
     # -- validation ----------------------------------------------------------------------
 
     def _max_positions(self) -> int | None:
-        config = self.model.config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int):
-                return value
-        return None
+        from .planning import max_positions
+
+        found = max_positions(self.model.config)
+        return found[0] if found is not None else None
 
     def _validate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
@@ -205,21 +253,7 @@ class Generator:
             raise ValueError(
                 "the batch is not left-padded: padding must come before each prompt (e.g. tokenizer.padding_side='left')"
             )
-        limit = self._max_positions()
-        longest = int(lengths.max())
-        if limit is not None and longest > limit:
-            raise ValueError(f"a prompt has {longest} tokens, more than the model's maximum positions ({limit})")
-        if limit is not None and longest + max_new_tokens > limit:
-            raise ValueError(
-                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} tokens "
-                f"exceeds the model's maximum positions ({limit}); use max_new_tokens <= {limit - longest}"
-            )
-        window = getattr(self.model.config, "sliding_window", None)
-        if isinstance(window, int) and longest + max_new_tokens > window:
-            raise UnsupportedModelError(
-                f"this model attends within a sliding window of {window} tokens; generating past it "
-                f"({longest + max_new_tokens} tokens) is not supported yet: use max_new_tokens <= {window - longest}"
-            )
+        self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
         if do_sample:
             if not (isinstance(temperature, (int, float)) and temperature > 0):
                 raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
@@ -228,6 +262,25 @@ class Generator:
             if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
                 raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         return ids, mask
+
+    def check_prompt_length(self, tokens: int, max_new_tokens: int, *, where: str) -> None:
+        """Refuse a prompt of ``tokens`` tokens that, with ``max_new_tokens``, would pass the model's
+        positions (or its sliding window); ``where`` names the prompt in the message."""
+        limit = self._max_positions()
+        if limit is not None and tokens > limit:
+            raise ValueError(f"{where} has {tokens} tokens, more than the model's maximum positions ({limit})")
+        if limit is not None and tokens + max_new_tokens > limit:
+            raise ValueError(
+                f"{where} of {tokens} tokens + max_new_tokens={max_new_tokens} = {tokens + max_new_tokens} tokens "
+                f"exceeds the model's maximum positions ({limit}); use max_new_tokens <= {limit - tokens}"
+            )
+        window = getattr(self.model.config, "sliding_window", None)
+        if isinstance(window, int) and tokens + max_new_tokens > window:
+            raise UnsupportedModelError(
+                f"this model attends within a sliding window of {window} tokens; generating past it "
+                f"({tokens + max_new_tokens} tokens for {where}) is not supported yet: use max_new_tokens <= "
+                f"{window - tokens}"
+            )
 
     # -- the cache -------------------------------------------------------------------------
 
@@ -351,20 +404,28 @@ class Generator:
         groups = form_minibatches(costs, size)
         return groups if len(groups) > 1 else None
 
-    def _check_compiled_budget(self) -> None:
-        """Refuse, before any work, a call whose longest step would not fit a graph compiled earlier."""
+    def _check_compiled_budget(self, steps: Sequence[tuple[int, int, bool]]) -> None:
+        """Refuse, before any work, a call that a graph compiled earlier could not run within the
+        budget. ``steps`` are this call's step shapes ``(batch, tokens, decode)``; a graph is checked
+        only against the steps dynamo would route to it (:func:`_step_activations`), with the
+        activations of that shape and, for decode steps, this call's longest cache staging."""
         for compiled in self._backend.compiled:
             if compiled.executor is None or compiled.policy.device_budget is None:
                 continue
             runtime = compiled.executor.runtime
-            need = runtime.device_bytes_for(runtime.activations.hint + self._staging)
-            if need > compiled.policy.device_budget:
-                raise BudgetError(
-                    f"this generation needs up to {format_bytes(need)} ({need} bytes) of device memory at its longest "
-                    f"step (cache staging {format_bytes(self._staging)}), above device_memory="
-                    f"{format_bytes(compiled.policy.device_budget)}; generate fewer tokens or sequences at once, or "
-                    "use a new hscompile.Generator with a larger budget"
-                )
+            for batch, tokens, decode in steps:
+                activations = _step_activations(compiled, batch, tokens)
+                if activations is None:
+                    continue
+                staging = self._staging if decode else 0
+                need = runtime.device_bytes_for(activations + staging)
+                if need > compiled.policy.device_budget:
+                    raise BudgetError(
+                        f"this generation needs up to {format_bytes(need)} ({need} bytes) of device memory at its "
+                        f"{'decode' if decode else 'prefill'} step of {batch} x {tokens} tokens (cache staging "
+                        f"{format_bytes(staging)}), above device_memory={format_bytes(compiled.policy.device_budget)}; "
+                        "generate fewer tokens or sequences at once, or use a new hscompile.Generator with a larger budget"
+                    )
 
     # -- the engine --------------------------------------------------------------------------
 
@@ -389,11 +450,11 @@ class Generator:
             self.cache.request = None
         return out.logits[:, -1, :].float().cpu()
 
-    def _generate_wave(self, spec, ids, mask, totals, max_new_tokens, do_sample, temperature, top_k, top_p, sampler,
-                       tick=lambda: None):
+    def _generate_wave(self, spec, ids, mask, totals, max_new_tokens, sampling: _Sampling, tick=lambda: None,
+                       stopping: Callable[[int, list[int]], bool] | None = None):
         batch = ids.shape[0]
-        eos = self._eos_tokens()
-        pad = self._pad_token()
+        eos = self.eos_token_ids()
+        pad = self.pad_token_id()
         try:
             positions = mask.cumsum(dim=1) - 1
             positions.masked_fill_(mask == 0, 1)
@@ -401,12 +462,17 @@ class Generator:
             unfinished = torch.ones(batch, dtype=torch.bool)
             generated: list[torch.Tensor] = []
             for step in range(max_new_tokens):
-                tokens = _select(logits, do_sample, temperature, top_k, top_p, sampler)
+                tokens = _select(logits, sampling)
                 tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
                 generated.append(tokens)
                 tick()
                 if eos:
                     unfinished &= ~torch.isin(tokens, torch.tensor(eos))
+                if stopping is not None:
+                    so_far = torch.stack(generated, dim=1)
+                    for row in unfinished.nonzero().flatten().tolist():
+                        if stopping(row, so_far[row].tolist()):
+                            unfinished[row] = False
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
                     break
                 assert self.cache.cache is not None
@@ -417,18 +483,20 @@ class Generator:
             self.cache.end_batch()
         return torch.cat((ids, torch.stack(generated, dim=1)), dim=1)
 
-    def _eos_tokens(self) -> list[int]:
+    def eos_token_ids(self) -> list[int]:
+        """The tokens that end a sequence (the generation config's, else the model config's)."""
         config = getattr(self.model, "generation_config", None) or self.model.config
         eos = getattr(config, "eos_token_id", None)
         if eos is None:
             return []
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
-    def _pad_token(self) -> int:
+    def pad_token_id(self) -> int:
+        """The token rows are padded with (the pad token, else the first end-of-sequence token, else 0)."""
         config = getattr(self.model, "generation_config", None) or self.model.config
         pad = getattr(config, "pad_token_id", None)
         if pad is None:
-            eos = self._eos_tokens()
+            eos = self.eos_token_ids()
             return eos[0] if eos else 0
         return int(pad)
 
@@ -474,11 +542,73 @@ def _tracing_settings() -> contextlib.AbstractContextManager:
     return stack
 
 
-def _select(logits, do_sample, temperature, top_k, top_p, sampler) -> torch.Tensor:
+class _Sampling:
+    """How a wave picks tokens: greedily, or sampling with one random stream per row."""
+
+    __slots__ = ("do_sample", "temperature", "top_k", "top_p", "samplers")
+
+    def __init__(self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                 samplers: list[torch.Generator | None] | None) -> None:
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.samplers = samplers
+
+
+def _samplers(seed: int | Sequence[int] | None, batch: int) -> list[torch.Generator | None]:
+    """One random stream per sequence (see :meth:`Generator.generate`); None rows use torch's global one."""
+    from .text import sequence_seed
+
+    if seed is None:
+        return [None] * batch
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [sequence_seed(seed, i) for i in range(batch)]
+    elif isinstance(seed, Sequence) and not isinstance(seed, str):
+        seeds = list(seed)
+        if len(seeds) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seed must be an int or a list of {batch} ints (one per sequence), got {seed!r}")
+    else:
+        raise ValueError(f"seed must be an int or a list of ints (one per sequence), got {seed!r}")
+    return [torch.Generator().manual_seed(s & (2**63 - 1)) for s in seeds]
+
+
+def _stopping_for(stopping: Callable[[int, list[int]], bool] | None, wave: list[int]):
+    """``stopping`` with a wave's rows mapped back to the call's."""
+    if stopping is None:
+        return None
+    return lambda row, ids: stopping(wave[row], ids)
+
+
+def _step_activations(compiled: CompiledModel, batch: int, tokens: int) -> int | None:
+    """Activation bytes of ``compiled`` for a step of ``batch`` x ``tokens``, or None when dynamo
+    would not route such a step to it.
+
+    The generator's inputs (ids, mask, positions) are all ``(batch, tokens)``: a static size of
+    the graph must equal the step's, and a symbolic one serves any size but 0 and 1 (which dynamo
+    specialises). Other guards are not modelled: a step this accepts may still get a new graph,
+    whose placement then checks the budget itself.
+    """
+    sizes: dict[Any, int] = {}
+    for node in compiled.schedule.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = fake_value(node)
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
+            continue
+        for size, wanted in zip(value.shape, (batch, tokens), strict=True):
+            if isinstance(size, int):
+                if size != wanted:
+                    return None
+            elif wanted < 2 or sizes.setdefault(size.node.expr, wanted) != wanted:
+                return None
+    assert compiled.executor is not None
+    return compiled.executor.runtime.activations.evaluate_sizes(sizes)
+
+
+def _select(logits: torch.Tensor, sampling: _Sampling) -> torch.Tensor:
     """Greedy, or sampling after temperature, top-k and top-p, in transformers' order."""
-    if not do_sample:
+    if not sampling.do_sample:
         return logits.argmax(dim=-1)
-    scores = logits / temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
+    scores = logits / sampling.temperature
     if top_k is not None:
         kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1, None]
         scores = scores.masked_fill(scores < kth, -math.inf)
@@ -488,7 +618,10 @@ def _select(logits, do_sample, temperature, top_k, top_p, sampler) -> torch.Tens
         remove = cumulative <= (1 - top_p)
         remove[..., -1] = False  # keep at least the most likely token
         scores = scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=sampler).squeeze(1)
+    probs = scores.softmax(dim=-1)
+    samplers = sampling.samplers or [None] * probs.shape[0]
+    # Row by row, each from its own stream: a row's draw must not depend on the rows beside it.
+    return torch.cat([torch.multinomial(probs[row], 1, generator=samplers[row]) for row in range(probs.shape[0])])
 
 
 def generate(
@@ -501,7 +634,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     options: Mapping[str, object] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:

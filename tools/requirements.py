@@ -4,6 +4,8 @@ Run with the Python of the environment it describes::
 
     python tools/requirements.py freeze > requirements/test.lock   # pin what this venv has
     python tools/requirements.py latest                           # names to install at their newest
+    python tools/requirements.py data                             # requirements/data.txt's names
+    python tools/requirements.py check                            # pip check, data packages aside
 
 ``make lock`` runs ``freeze`` in a venv built from the ranges in ``pyproject.toml`` (the newest
 releases they admit); ``make test`` installs exactly the lock; ``make test-latest`` installs the
@@ -25,6 +27,8 @@ EXTRAS = ("test",)
 
 # torch is installed on its own (a local CPU wheel here; a loose requirement pulls a CUDA build).
 NOT_UPGRADED = {"torch"}
+DATA = ROOT / "requirements" / "data.txt"
+"""Packages installed for their data files, without their dependencies (see that file)."""
 
 
 def _name(requirement: str) -> str:
@@ -40,10 +44,31 @@ def declared() -> list[str]:
     return requirements
 
 
+def data() -> list[str]:
+    """The names in ``requirements/data.txt``."""
+    lines = (line.split("#", 1)[0].strip() for line in DATA.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def check() -> str:
+    """``pip check``, except what the data packages declare (they are installed without it)."""
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    skipped = {_name(n) for n in data()}
+    problems = [line for line in result.stdout.splitlines()
+                if line.strip() and not line.startswith("No broken") and _name(line) not in skipped]
+    if problems:
+        raise SystemExit("broken requirements:\n" + "\n".join(problems))
+    return "requirements consistent (data packages' own dependencies not installed by design)"
+
+
 def latest() -> str:
     """The declared names without versions (torch excepted), for ``pip install --upgrade``."""
     names = sorted({_name(r) for r in declared()} - NOT_UPGRADED)
     return " ".join(names)
+
+
+def data_names() -> str:
+    return " ".join(data())
 
 
 def freeze() -> str:
@@ -60,7 +85,7 @@ def freeze() -> str:
         if _name(name) == "hscompile":
             continue
         pins[_name(name)] = version.split("+", 1)[0]
-    missing = {_name(r) for r in declared()} - pins.keys()
+    missing = ({_name(r) for r in declared()} | {_name(n) for n in data()}) - pins.keys()
     if missing:
         raise SystemExit(f"this environment lacks declared requirements {sorted(missing)}: install '.[test]' first")
     header = [
@@ -72,7 +97,7 @@ def freeze() -> str:
 
 
 def main(argv: list[str]) -> None:
-    commands = {"freeze": freeze, "latest": latest}
+    commands = {"freeze": freeze, "latest": latest, "data": data_names, "check": check}
     if len(argv) != 1 or argv[0] not in commands:
         raise SystemExit(f"usage: python tools/requirements.py {{{'|'.join(commands)}}}")
     sys.stdout.write(commands[argv[0]]() + ("" if argv[0] == "freeze" else "\n"))

@@ -12,7 +12,7 @@ expression in the graph's size placeholders, evaluated for every call before it 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,15 @@ class ActivationEstimate:
                 peak = max(peak, current)
         self._memo[sizes] = peak
         return peak
+
+    def evaluate_sizes(self, sizes: Mapping[sympy.Symbol, int]) -> int:
+        """The estimate when each size symbol takes the value ``sizes`` gives it; :attr:`hint`
+        (the captured sizes' estimate) when ``sizes`` lacks one of them."""
+        if not self.symbols:
+            return self.hint
+        if any(symbol not in sizes for _, symbol in self.symbols):
+            return self.hint
+        return self._peak(tuple(int(sizes[symbol]) for _, symbol in self.symbols))
 
     def evaluate(self, args: Sequence[Any]) -> int:
         """The estimate for a call with these schedule arguments."""

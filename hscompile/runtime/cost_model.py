@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..config import format_bytes
+from ..errors import BudgetError
 from ..passes.plan import ModelPlan
 from .tuner import HardwareProfile
 
@@ -385,12 +387,17 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
     """The fastest predicted choice that fits ``device_budget`` (``None``: no limit).
 
     It searches prefetch depths, resident layers (the most that fit), ACT ratios (GQA-aware, see
-    the module docstring) and mini-batch counts (default: :func:`minibatch_counts`)."""
+    the module docstring) and mini-batch counts (default: :func:`minibatch_counts`). A budget
+    nothing fits is a :class:`~hscompile.errors.BudgetError` giving the smallest need."""
+    for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     context = prompt + new_tokens
     # GQA: checkpoints cannot save link bytes, so only all-KV is searched (a ratio a caller fixed stays).
     candidates = ratios if dims.checkpoints_save_bytes or len(ratios) == 1 else (0.0,)
     counts = minibatches if minibatches is not None else minibatch_counts(batch)
     considered: list[Prediction] = []
+    smallest: int | None = None
     for depth in depths:
         for count in counts:
             for resident in range(dims.layers, -1, -1):
@@ -399,6 +406,7 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
                 choice0 = Choice(resident, depth, 0.0, count)
                 need = _device_bytes(dims, choice0, batch=batch, context=context, activations=activations,
                                      overlap=profile.copies_overlap)
+                smallest = need if smallest is None else min(smallest, need)
                 if device_budget is not None and need > device_budget:
                     continue
                 for ratio in candidates:
@@ -408,7 +416,8 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
                     considered.append(Prediction(choice, total, batch * new_tokens / total, prefill, decode, need))
                 break  # the most resident layers that fit is never slower
     if not considered:
-        raise ValueError("no choice fits the device budget")
+        raise BudgetError(f"no choice fits the device budget of {format_bytes(device_budget or 0)}: the smallest "
+                          f"(every layer streamed) needs {format_bytes(smallest or 0)}")
     fastest = min(p.seconds for p in considered)
     # Within 1% of the fastest, prefer fewer mini-batches: the model cannot resolve smaller gains.
     best = min((p for p in considered if p.seconds <= fastest * 1.01), key=lambda p: (p.choice.minibatches, p.seconds))
