@@ -138,6 +138,13 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dty
         # (1e30); the model's context length is the limit the original checkpoint states.
         if tokenizer.model_max_length >= _NO_LENGTH_LIMIT and getattr(config, "max_position_embeddings", None):
             tokenizer.model_max_length = int(config.max_position_embeddings)
+        # The special tokens the model was trained with are the config's ids; transformers' GGUF
+        # reader names them differently by version (5.17 swaps SmolLM2's BOS and EOS), so name
+        # them from the ids.
+        for role in ("bos", "eos", "pad"):
+            token_id = getattr(config, f"{role}_token_id", None)
+            if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+                setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
         tokenizer.save_pretrained(staging)
         # An empty out_dir is replaced (rename(2) allows that for an empty directory); one that
         # gained files meanwhile, e.g. from a concurrent conversion, makes the rename fail.

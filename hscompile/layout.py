@@ -76,7 +76,9 @@ def _align(nbytes: int) -> int:
 
 
 def layout_group(group: int, weights: Sequence[WeightRef]) -> GroupLayout:
-    """Pack ``weights`` in the given order (the plan's first-use order)."""
+    """Pack ``weights`` in the given order (layers: by name, see ``placement.group_layouts``).
+
+    Only ``node``, ``shape``, ``dtype`` and ``nbytes`` of each weight are read."""
     packed, offset = [], 0
     for weight in weights:
         packed.append(

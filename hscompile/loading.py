@@ -9,16 +9,18 @@
 
 Every problem is a :class:`~hscompile.errors.CheckpointError` raised before any generation, naming
 the file and what would be valid. Nothing is downloaded (``local_files_only``) and no code from
-the checkpoint runs (``trust_remote_code`` is never set). The weights are read by transformers
-from the memory-mapped safetensors files into the model once; when the model is compiled, the
-layers that stream are moved into one packed host buffer each and their parameters re-pointed
-there (:mod:`hscompile.runtime.weights`), so the weights are held once, never twice.
+the checkpoint runs (``trust_remote_code`` is never set). The weights are read from the
+safetensors files (plain reads, no memory map) straight into their final host buffers: each
+decoder layer's into one packed buffer laid out as the host store streams it, so the compiled
+model adopts those buffers and the weights are held once, never twice (:func:`load_model`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,27 +138,164 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)} (or None for the checkpoint's), got {dtype!r}")
 
 
-def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None) -> torch.nn.Module:
-    """The checkpoint's causal LM on the host, in eval mode, its weights checked against its config."""
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _tensor_index(checkpoint: Checkpoint) -> dict[str, _Stored]:
+    """Every tensor of the checkpoint, read from the safetensors headers (8-byte length + JSON)."""
+    index: dict[str, _Stored] = {}
+    for file in checkpoint.weight_files:
+        try:
+            with file.open("rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if not 0 < length < 100 * 2**20:
+                    raise ValueError(f"a header of {length} bytes")
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{file} is not a safetensors file ({error})") from None
+        base = 8 + length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                begin, end = entry["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{file}: tensor {name!r} has a header hscompile cannot read ({entry!r})"[:300]) from None
+            index[name] = _Stored(file=file, start=base + begin, nbytes=end - begin, dtype=dtype, shape=shape)
+    return index
+
+
+_LAYER_NAME = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
+
+
+def _layers(names: Sequence[str]) -> dict[str, dict[int, list[str]]]:
+    """The tensors of the repeated layers: ``{container: {index: [local names]}}`` for the container
+    (``model.layers``) with the most numbered children; the rest are the model's global tensors."""
+    found: dict[str, dict[int, list[str]]] = {}
+    for name in names:
+        match = _LAYER_NAME.match(name)
+        if match:
+            found.setdefault(match.group(1), {}).setdefault(int(match.group(2)), []).append(match.group(3))
+    if not found:
+        return {}
+    container = max(found, key=lambda c: len(found[c]))
+    return {container: found[container]} if len(found[container]) > 1 else {}
+
+
+class _Ref:
+    """What :func:`~hscompile.layout.layout_group` reads of a weight."""
+
+    __slots__ = ("node", "shape", "dtype", "nbytes")
+
+    def __init__(self, node: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.node, self.shape, self.dtype = node, shape, dtype
+        self.nbytes = math.prod(shape) * dtype.itemsize
+
+
+def _read_into(stored: _Stored, out: torch.Tensor) -> None:
+    """Read a stored tensor into ``out`` (contiguous, its shape): straight into ``out``'s bytes when
+    the dtypes agree, else through a temporary in the file's dtype."""
+    target = out if out.dtype == stored.dtype else torch.empty(stored.shape, dtype=stored.dtype)
+    raw = target.reshape(-1).view(torch.uint8)  # contiguous: a view of the same bytes
+    with stored.file.open("rb") as handle:
+        handle.seek(stored.start)
+        if handle.readinto(memoryview(raw.numpy())) != stored.nbytes:
+            raise CheckpointError(f"{stored.file} ends before the tensor at byte {stored.start}; the file is truncated")
+    if target is not out:
+        out.copy_(target)
+
+
+def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """The checkpoint's tensors, each layer's packed into one host buffer (see :func:`load_model`)."""
+    from .layout import layout_group
+
+    index = _tensor_index(checkpoint)
+    floats = {s.dtype for s in index.values() if s.dtype.is_floating_point}
+    if dtype is None:
+        declared = checkpoint.config.get("dtype") or checkpoint.config.get("torch_dtype")
+        dtype = DTYPES.get(str(declared).removeprefix("torch.")) if declared else None
+        if dtype is None:
+            dtype = floats.pop() if len(floats) == 1 else torch.float32
+
+    def target(stored: _Stored) -> torch.dtype:
+        return dtype if stored.dtype.is_floating_point else stored.dtype
+
+    state: dict[str, torch.Tensor] = {}
+    for container, layers in _layers(list(index)).items():
+        for number, local in layers.items():
+            prefix = f"{container}.{number}."
+            refs = [_Ref(name, index[prefix + name].shape, target(index[prefix + name])) for name in sorted(local)]
+            layout = layout_group(number, refs)
+            # Pinned on CUDA: the host store copies streamed layers from here asynchronously.
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+            for packed in layout.weights:
+                view = flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
+                _read_into(index[prefix + packed.node], view)
+                state[prefix + packed.node] = view
+    for name, stored in index.items():
+        if name not in state:
+            tensor = torch.empty(stored.shape, dtype=target(stored))
+            _read_into(stored, tensor)
+            state[name] = tensor
+    return state, dtype
+
+
+def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *, pin: bool = False) -> torch.nn.Module:
+    """The checkpoint's causal LM on the host, in eval mode, its weights checked against its config.
+
+    The weights are read from the safetensors files straight into their final place: each
+    decoder layer's tensors into one packed host buffer laid out as the host store lays out a
+    streamed layer (``placement.group_layouts``: by name, aligned), pinned when ``pin``; the
+    other tensors into tensors of their own. transformers builds the model around those tensors
+    without copying them, and the compiled model's host store adopts the packed buffers: the
+    weights are held once, from the files to the device. A layer whose layout the plan lays out
+    differently is copied once more when compiled (correct, only more memory).
+    """
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _causal_lm_config(checkpoint)
+    wanted = None if dtype is None else _dtype(dtype)
+    state, resolved = _state_dict(checkpoint, wanted if isinstance(wanted, torch.dtype) else None, pin)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(checkpoint.path), config=config, dtype=_dtype(dtype), local_files_only=True, use_safetensors=True,
-            output_loading_info=True, attn_implementation="sdpa",
+        model, info = model_class.from_pretrained(
+            None, config=config, state_dict=state, dtype=resolved, output_loading_info=True, attn_implementation="sdpa",
         )
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, OSError) as error:  # e.g. a weight whose shape differs from the config's
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"the weights in {checkpoint.path} do not match its config.json: {first}") from None
+    del state
     problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {key: names for key, names in problems.items() if names}
     if problems:
         said = "; ".join(f"{key.replace('_', ' ')}: {', '.join(map(str, names[:5]))}"
                          f"{f' (+{len(names) - 5} more)' if len(names) > 5 else ''}" for key, names in problems.items())
         raise CheckpointError(f"the weights in {checkpoint.path} do not match its config.json ({said})")
+    if (checkpoint.path / "generation_config.json").is_file():
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(str(checkpoint.path), local_files_only=True)
+        except (OSError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{checkpoint.path / 'generation_config.json'} cannot be read: {error}") from None
     return model.eval()
 
 
@@ -194,7 +333,7 @@ def from_pretrained(
     from .generation import Generator
 
     checkpoint = read_checkpoint(path)
-    HybridServeConfig.from_options(options)  # bad options fail before the weights are read
+    config = HybridServeConfig.from_options(options)  # bad options fail before the weights are read
     tokenizer = load_tokenizer(checkpoint)
-    model = load_model(checkpoint, dtype)
+    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda")
     return Generator(model, options, tokenizer=tokenizer)

@@ -59,6 +59,7 @@ def test_converted_directory_holds_a_llama_config_safetensors_and_no_quantizatio
 def test_converted_tokenizer_keeps_the_chat_template_and_adds_no_bos(converted: Path) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(converted, local_files_only=True)
     assert tokenizer(PROMPT).input_ids == PROMPT_IDS
+    # Named from the config's ids (transformers 5.17's GGUF reader swaps them); none is prepended.
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert tokenizer.chat_template
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)

@@ -47,8 +47,15 @@ def resolve_act_ratio(config: HybridServeConfig, hidden: int, kv_values_per_toke
 
 
 def group_layouts(plan: ModelPlan) -> dict[int, GroupLayout]:
-    """The packed layout of every weight group: each layer, and the global group."""
-    layouts = {layer.index: layout_group(layer.index, layer.weights) for layer in plan.layers}
+    """The packed layout of every weight group: each layer, and the global group.
+
+    A layer's weights are packed in the order of their names inside the layer (the same in every
+    layer): a loader can then lay a checkpoint's layers out exactly so before anything is traced
+    (:mod:`hscompile.loading`), and the host store adopts those buffers instead of copying them.
+    """
+    layouts = {
+        layer.index: layout_group(layer.index, sorted(layer.weights, key=lambda w: w.local_name)) for layer in plan.layers
+    }
     layouts[GLOBAL_GROUP] = layout_group(GLOBAL_GROUP, plan.global_weights)
     return layouts
 

@@ -54,6 +54,21 @@ def test_greedy_text_equals_transformers_together_and_alone(checkpoint, act_rati
     assert generator.stats()["streamed_layers"] > 0  # the budget is below the weights
 
 
+def test_loaded_layers_are_packed_as_the_host_store_streams_them_and_never_copied(checkpoint):
+    # from_pretrained reads each layer straight into one packed buffer; the compiled model's host
+    # store adopts those buffers, so no parameter moves and the weights are held once.
+    path, _ = checkpoint
+    generator = hscompile.from_pretrained(path, options={**EAGER, "device_memory": 720_000})
+    layers = generator.model.model.layers
+    storages = [{p.untyped_storage().data_ptr() for p in layer.parameters()} for layer in layers]
+    assert all(len(s) == 1 for s in storages)  # one buffer per layer
+    before = {name: p.data_ptr() for name, p in generator.model.named_parameters()}
+    generator.generate_text(PROMPTS[0], max_new_tokens=3)
+    assert {name: p.data_ptr() for name, p in generator.model.named_parameters()} == before
+    host = generator.compiled_graphs[-1].executor.runtime.weights.host_buffers()
+    assert host and {b.untyped_storage().data_ptr() for b in host} <= set().union(*storages)
+
+
 def test_chat_messages_use_the_chat_template(checkpoint):
     path, model = checkpoint
     generator = hscompile.from_pretrained(path, options=EAGER)
