@@ -217,10 +217,14 @@ class Generator:
     # -- validation ----------------------------------------------------------------------
 
     def _max_positions(self) -> int | None:
-        from .planning import max_positions
-
-        found = max_positions(self.model.config)
-        return found[0] if found is not None else None
+        # planning.max_positions reads the same keys; importing the front layer from here would
+        # close an import circle (tests/test_layers.py).
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                return value
+        return None
 
     def _validate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):

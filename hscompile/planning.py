@@ -136,6 +136,7 @@ def check_positions(config: transformers.PretrainedConfig, tokens: int, what: st
 
 
 def weights_dtype(config: transformers.PretrainedConfig, dtype: str | torch.dtype | None) -> torch.dtype:
+    """``dtype`` (a name or a torch dtype), else the config's own, else float32; only float dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
