@@ -70,7 +70,7 @@ def main() -> None:
     workload = bench.Workload(args.batch or (32 if args.device == "cuda" else 4), args.prompt or prompt,
                               args.new_tokens or new)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    profile = tune(args.device, dtypes=(str(dtype).removeprefix("torch."),), quick=True, overhead=False)
+    profile = tune(args.device, dtypes=(str(dtype).removeprefix("torch."),), quick=True)
     report = {"device": profile.device_name, "torch": torch.__version__, "command": " ".join(sys.argv), "runs": []}
     for name in names:
         family, sizes = catalogue[name]

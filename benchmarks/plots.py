@@ -67,7 +67,7 @@ def main() -> None:
     model = _model(args.device)
     weights = bench.weight_bytes(model)
     profile = tune(args.device, dtypes=(str(next(model.parameters()).dtype).removeprefix("torch."),),
-                   width=model.config.hidden_size, quick=True, overhead=False)
+                   width=model.config.hidden_size, quick=True)
     batches = (1, 2, 4, 8) if args.device == "cpu" else (4, 8, 16, 32, 64)
     # Below the weights, plus room for the largest batch's staging (and CUDA's workspace); every
     # point runs under it.

@@ -16,14 +16,14 @@ from . import ops  # noqa: F401  (registers torch.ops.hybridserve.*)
 from .backend import BACKEND_NAME, CompiledModel, hybridserve_backend, register
 from .config import OPTIONS, HybridServeConfig
 from .errors import BudgetError, CheckpointError, ConfigError, HybridServeError, UnsupportedModelError
-from .generation import Generator, generate
+from .generation import Generator, generate, tune
 from .inspection import Inspection, inspect
 from .loading import from_pretrained
 from .passes.plan import ModelPlan
 from .planning import plan_model
 from .policy import DeviceMemoryPlan, Policy
 from .runtime.timeline import Span, Timeline, record_timeline
-from .runtime.tuner import HardwareProfile, load_profile, tune
+from .runtime.tuner import HardwareProfile, load_profile
 from .text import Completion
 
 __all__ = [

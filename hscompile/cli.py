@@ -84,7 +84,8 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 def _tune(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
-    from .runtime.tuner import profile_path, tune
+    from .generation import tune
+    from .runtime.tuner import profile_path
 
     dtypes = tuple(args.dtype or ("float32",))
     with console.status(f"measuring {args.device or 'the default device'} (a few seconds)..."):
@@ -186,7 +187,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         options["device_memory"] = bench.weight_bytes(model) // 2  # well below the weights, as the benchmark is about
     with console.status("profiling the device (cached after the first time)..."):
         profile = tune(str(options["device"]), dtypes=(str(next(model.parameters()).dtype).removeprefix("torch."),),
-                       width=model.config.hidden_size, quick=True, overhead=False)
+                       width=model.config.hidden_size, quick=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("policies", total=len(policies))
 

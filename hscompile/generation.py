@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,16 +42,17 @@ from .errors import (
 from .passes.graph_utils import fake_value
 from .passes.placement import device_budget, resolve_act_ratio
 from .policy import CacheBudget
+from .runtime import tuner
 from .runtime.blocks import CacheSpec, HybridCache
 from .runtime.cache import CacheRuntime, StepRequest
 from .runtime.cost_model import RATIOS, Decision, ModelDims, choose, sequence_cost
 from .runtime.minibatch import SequenceCost, form_minibatches, minibatch_count
-from .runtime.tuner import HardwareProfile, tune
+from .runtime.tuner import HardwareProfile
 
 if TYPE_CHECKING:
     from .text import Completion, Prompt
 
-__all__ = ["Generator", "generate"]
+__all__ = ["Generator", "generate", "measure_layer_overhead", "tune"]
 
 
 class _GraphBackend:
@@ -361,7 +363,7 @@ class Generator:
             return float(ratio), fixed_size
         dims = self._model_dims()
         if self._profile is None:
-            self._profile = tune(self.config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True, overhead=False)
+            self._profile = tuner.tune(self.config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True)
         try:
             self.decision = choose(
                 dims, self._profile, batch=batch, prompt=prompt, new_tokens=new_tokens,
@@ -652,3 +654,45 @@ def generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, progress=progress,
     )
+
+
+def measure_layer_overhead(device: torch.device, repeat: int) -> float:
+    """Seconds of hscompile's host work per layer per decode step: the generator on models too
+    small to compute anything, 4 layers against 2 (a :data:`~hscompile.runtime.tuner.OverheadProbe`)."""
+    import transformers
+
+    def step(layers: int) -> float:
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        generator = Generator(model, {"device": str(device), "lowering": "eager", "act_ratio": 0.5, "block_size": 4})
+        ids = torch.randint(3, 64, (2, 8))
+        generator.generate(ids, max_new_tokens=3)
+        times = []
+        for new in (2, 10):
+            best = float("inf")
+            for _ in range(repeat):
+                start = time.perf_counter()
+                generator.generate(ids, max_new_tokens=new)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        return (times[1] - times[0]) / 8
+
+    small, large = step(2), step(4)
+    return max((large - small) / 2, 0.0)
+
+
+def tune(
+    device: str | torch.device | None = None,
+    *,
+    dtypes: Sequence[str] = ("float32",),
+    width: int = 1024,
+    force: bool = False,
+    quick: bool = False,
+    overhead: bool = True,
+) -> HardwareProfile:
+    """:func:`hscompile.runtime.tuner.tune`, measuring hscompile's per-layer overhead too unless
+    ``overhead=False`` (the probe runs the generator, which the runtime layer may not import)."""
+    return tuner.tune(device, dtypes=dtypes, width=width, force=force, quick=quick,
+                      overhead=measure_layer_overhead if overhead else None)

@@ -16,7 +16,7 @@ from hscompile.runtime.tuner import tune
 
 @pytest.fixture(scope="module")
 def profile():
-    return tune("cpu", quick=True, overhead=False)
+    return tune("cpu", quick=True)
 
 
 def test_every_policy_is_measured_or_says_why_not(profile):

@@ -40,7 +40,12 @@ import torch.nn.functional as F
 from .. import _env
 from ..errors import ConfigError
 
-__all__ = ["PROFILE_SCHEMA", "HardwareProfile", "bundled_profiles", "load_profile", "measure", "profile_path", "tune"]
+OverheadProbe = Callable[[torch.device, int], float]
+"""``probe(device, repeat) -> seconds`` of hscompile's host work per layer per decode step. It runs
+the generator, which this layer may not import: the front layer supplies it (see :func:`tune`)."""
+
+__all__ = ["PROFILE_SCHEMA", "HardwareProfile", "OverheadProbe", "bundled_profiles", "load_profile", "measure",
+           "profile_path", "tune"]
 
 PROFILE_SCHEMA = 1
 
@@ -273,46 +278,19 @@ def _memory_sizes(device: torch.device) -> tuple[int, int]:
     return int(host), int(host)
 
 
-def _layer_overhead(device: torch.device, repeat: int) -> float:
-    """Seconds per layer per decode step of the generator on a model too small to compute anything."""
-    import transformers
-
-    from ..generation import Generator
-
-    def step(layers: int) -> float:
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        generator = Generator(model, {"device": str(device), "lowering": "eager", "act_ratio": 0.5, "block_size": 4})
-        ids = torch.randint(3, 64, (2, 8))
-        generator.generate(ids, max_new_tokens=3)
-        times = []
-        for new in (2, 10):
-            best = float("inf")
-            for _ in range(repeat):
-                start = time.perf_counter()
-                generator.generate(ids, max_new_tokens=new)
-                best = min(best, time.perf_counter() - start)
-            times.append(best)
-        return (times[1] - times[0]) / 8
-
-    small, large = step(2), step(4)
-    return max((large - small) / 2, 0.0)
-
-
 def measure(
     device: torch.device,
     *,
     dtypes: Sequence[str] = ("float32",),
     width: int = 1024,
     quick: bool = False,
-    overhead: bool = True,
+    overhead: OverheadProbe | None = None,
 ) -> HardwareProfile:
     """Measure ``device`` (seconds on a CPU, about one on a GPU). ``width`` is the GEMM width
     (use the model's hidden size); ``quick`` uses smaller buffers and fewer repeats.
-    ``overhead`` also measures hscompile's per-layer overhead, which compiles two tiny models
-    in this process (do it in a process of its own, e.g. ``hscompile tune``)."""
+    ``overhead``, when given, measures hscompile's per-layer overhead (the front layer passes
+    :func:`hscompile.generation.measure_layer_overhead`, which compiles two tiny models in this
+    process: do it in a process of its own, e.g. ``hscompile tune``)."""
     repeat = 3 if quick else 7
     nbytes = (16 if quick else 128) * 2**20
     rows = (8, 64, 256) if quick or device.type == "cpu" else (16, 128, 1024, 4096)
@@ -343,7 +321,7 @@ def measure(
         attention_flops_per_s=attention,
         call_seconds=_call(device),
         copies_overlap=device.type == "cuda",
-        layer_overhead_seconds=_layer_overhead(device, 2 if quick else 3) if overhead else 0.0,
+        layer_overhead_seconds=overhead(device, 2 if quick else 3) if overhead is not None else 0.0,
         device_memory_bytes=device_memory,
         host_memory_bytes=host_memory,
         source=f"measured by hscompile.tune on {time.strftime('%Y-%m-%d %H:%M')} (width {width}{', quick' if quick else ''})",
@@ -357,12 +335,12 @@ def tune(
     width: int = 1024,
     force: bool = False,
     quick: bool = False,
-    overhead: bool = True,
+    overhead: OverheadProbe | None = None,
 ) -> HardwareProfile:
     """The profile of ``device`` (default: CUDA if available): the cached one when it is valid,
     for this device and torch, and covers ``dtypes``; else a fresh measurement, then cached.
-    With ``overhead=False`` (what hscompile uses implicitly) the per-layer overhead is not
-    measured and a cached profile that lacks it is good enough."""
+    Without ``overhead`` (what hscompile uses implicitly) the per-layer overhead is not measured
+    and a cached profile that lacks it is good enough; :func:`hscompile.tune` measures it."""
     resolved = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     )
@@ -377,7 +355,7 @@ def tune(
             and cached.device_name == device_name(resolved)
             and cached.torch_version == torch.__version__
             and all(d in cached.matmul_flops_per_s for d in dtypes)
-            and (cached.layer_overhead_seconds > 0 or not overhead)
+            and (cached.layer_overhead_seconds > 0 or overhead is None)
         ):
             return cached
     profile = measure(resolved, dtypes=dtypes, width=width, quick=quick, overhead=overhead)

@@ -22,12 +22,12 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_a_cpu_profile_is_measured_cached_and_reused(cache):
-    first = tune("cpu", width=128, quick=True, overhead=False)
+    first = tune("cpu", width=128, quick=True)
     assert first.device == "cpu" and first.torch_version == torch.__version__
     assert first.h2d_bytes_per_s > 0 and first.matmul_flops_per_s["float32"] > 0 and not first.copies_overlap
     path = profile_path(torch.device("cpu"))
     assert path.is_file() and str(path).startswith(str(cache))
-    assert tune("cpu", width=128, quick=True, overhead=False) == first  # read back, not measured again
+    assert tune("cpu", width=128, quick=True) == first  # read back, not measured again
     assert HardwareProfile.from_json(first.to_json()) == first
 
 
@@ -42,10 +42,10 @@ def test_a_cpu_profile_is_measured_cached_and_reused(cache):
     ],
 )
 def test_a_corrupt_or_foreign_profile_is_measured_again(cache, damage):
-    profile = tune("cpu", width=128, quick=True, overhead=False)
+    profile = tune("cpu", width=128, quick=True)
     path = profile_path(torch.device("cpu"))
     path.write_text(damage(path.read_text()))
-    again = tune("cpu", width=128, quick=True, overhead=False)
+    again = tune("cpu", width=128, quick=True)
     assert again.device_name == profile.device_name and again.torch_version == torch.__version__
     assert HardwareProfile.from_json(path.read_text()) == again  # the bad file was replaced
 
