@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -320,10 +319,3 @@ def structural_key(gm: fx.GraphModule) -> str:
             tokens.append(f"{node.op}:{_target_repr(node)}:{arg_repr(node.args)}:{arg_repr(dict(node.kwargs))}")
     return hashlib.sha256("\n".join(tokens).encode()).hexdigest()[:16]
 
-
-def users_outside(node: fx.Node, members: set[fx.Node]) -> list[fx.Node]:
-    return [u for u in node.users if u not in members]
-
-
-def is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem

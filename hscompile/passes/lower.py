@@ -38,8 +38,6 @@ class LoweringReport:
     lowering: str
     compiled: dict[str, float] = field(default_factory=dict)
     """Partition name -> seconds spent compiling it (once per distinct partition)."""
-    calls: dict[str, int] = field(default_factory=dict)
-    """Partition name -> how many schedule steps run it."""
 
     @property
     def compile_seconds(self) -> float:
@@ -61,10 +59,6 @@ def lower(schedule: fx.GraphModule, fake_inputs: Sequence[Any], lowering: str) -
     partitions: dict[str, Partition] = {
         name: module for name, module in schedule.named_children() if isinstance(module, Partition)
     }
-    for node in schedule.graph.nodes:
-        if node.op == "call_module":
-            report.calls[str(node.target)] = report.calls.get(str(node.target), 0) + 1
-
     if lowering == "eager":
         lowered = {name: p.with_runner(p.graph_module, "eager") for name, p in partitions.items()}
     elif lowering == "inductor":

@@ -157,17 +157,6 @@ class SequenceBlocks:
     """Tokens stored so far."""
     capacity_tokens: int = 0
 
-    def slot(self, index: int, block_size: int) -> tuple[Kind, int]:
-        """Kind and pool token slot of the sequence's ``index``-th token."""
-        b, offset = divmod(index, block_size)
-        return self.kinds[b], self.blocks[b].id * block_size + offset
-
-
-@dataclass(slots=True)
-class _Counters:
-    kv_tokens: int = 0
-    act_tokens: int = 0
-
 
 def split_blocks(num_blocks: int, act_ratio: float) -> list[Kind]:
     """Step one of the allocation: the kinds of a sequence's blocks, ACT first (oldest tokens)."""
@@ -188,7 +177,6 @@ class HybridCache:
     act: torch.Tensor
     """``[layers, act_blocks * block_size, hidden]`` host tensor."""
     sequences: dict[int, SequenceBlocks] = field(default_factory=dict)
-    counters: _Counters = field(default_factory=_Counters)
 
     @classmethod
     def allocate(cls, spec: CacheSpec, act_ratio: float, kv_blocks: int, act_blocks: int, *, pin: bool) -> HybridCache:
@@ -261,22 +249,3 @@ class HybridCache:
         table = self.sequences.pop(seq)
         for kind, block in zip(table.kinds, table.blocks):
             (self.kv_pool if kind == "kv" else self.act_pool).free(block)
-
-    def slots(self, seq: int, start: int, count: int) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Token indices and pool slots of tokens ``start .. start+count-1`` of ``seq``, split by kind:
-        ``(kv_indices, kv_slots, act_indices, act_slots)``."""
-        table = self.sequences[seq]
-        if start + count > table.capacity_tokens:
-            raise RuntimeError(
-                f"sequence {seq} needs {start + count} tokens but was admitted for {table.capacity_tokens}"
-            )
-        kv_i, kv_s, act_i, act_s = [], [], [], []
-        for index in range(start, start + count):
-            kind, slot = table.slot(index, self.spec.block_size)
-            if kind == "kv":
-                kv_i.append(index)
-                kv_s.append(slot)
-            else:
-                act_i.append(index)
-                act_s.append(slot)
-        return kv_i, kv_s, act_i, act_s

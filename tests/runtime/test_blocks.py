@@ -57,17 +57,6 @@ def test_a_sequence_that_does_not_fit_waits_and_fits_after_a_release():
     assert cache.admit(1, 4)
 
 
-def test_slots_follow_the_block_table():
-    cache = HybridCache.allocate(SPEC, 0.5, kv_blocks=4, act_blocks=4, pin=False)
-    cache.admit(0, 12)  # blocks: act, act(=round(1.5)=2), kv
-    kv_i, kv_s, act_i, act_s = cache.slots(0, 0, 12)
-    assert act_i == list(range(8)) and kv_i == list(range(8, 12))
-    table = cache.sequences[0]
-    assert kv_s[0] == table.blocks[2].id * 4 and act_s[5] == table.blocks[1].id * 4 + 1
-    with pytest.raises(RuntimeError, match="admitted for 12"):
-        cache.slots(0, 10, 3)
-
-
 def test_growing_keeps_the_ratio_and_grows_the_pools():
     cache = HybridCache.allocate(SPEC, 0.5, kv_blocks=1, act_blocks=1, pin=False)
     cache.admit(0, 4)
