@@ -41,10 +41,11 @@ import torch
 from rich.console import Console
 
 from .errors import HybridServeError
+from .loading import DTYPES as WEIGHT_DTYPES
 
 __all__ = ["main"]
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(WEIGHT_DTYPES)
 """The weights dtypes ``--dtype`` takes."""
 
 
@@ -256,16 +257,19 @@ def _float(text: str, flag: str) -> float:
 
 def _settings(args: argparse.Namespace, request: Any = None) -> tuple[Any, ...]:
     """``(max_new_tokens, do_sample, temperature, top_k, top_p, stop)`` of a request: its own
-    settings where it has them, the command line's elsewhere. A temperature of 0 is greedy."""
-    temperature = request.temperature if request is not None and request.temperature is not None else args.temperature
-    do_sample = args.do_sample or (request is not None and request.temperature is not None and request.temperature > 0)
+    settings where it has them, the command line's elsewhere. A temperature of 0 is greedy, one
+    above 0 samples."""
+
+    def own(name: str, default: Any) -> Any:
+        value = getattr(request, name, None)
+        return default if value is None or value == () else value
+
+    temperature = own("temperature", args.temperature)
+    do_sample = args.do_sample or (getattr(request, "temperature", None) or 0) > 0
     if temperature == 0:
         do_sample, temperature = False, 1.0
-    max_new = request.max_new_tokens if request is not None and request.max_new_tokens else args.max_new_tokens
-    top_k = request.top_k if request is not None and request.top_k is not None else args.top_k
-    top_p = request.top_p if request is not None and request.top_p is not None else args.top_p
-    stop = tuple(request.stop) if request is not None and request.stop else tuple(args.stop or ())
-    return max_new, do_sample, temperature, top_k, top_p, stop
+    return (own("max_new_tokens", args.max_new_tokens), do_sample, temperature, own("top_k", args.top_k),
+            own("top_p", args.top_p), tuple(own("stop", tuple(args.stop or ()))))
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
@@ -442,7 +446,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device-memory", dest="device_memory", help="device budget, e.g. 8GiB (default: the device's)")
     gen.add_argument("--host-memory", dest="host_memory", help="host budget for the cache blocks, e.g. 16GiB")
     gen.add_argument("--act-ratio", dest="act_ratio", help="share of cached tokens kept as activations, or 'auto'")
-    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (default: the checkpoint's)")
+    gen.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     gen.add_argument("--lowering", choices=("inductor", "eager"))
     gen.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)

@@ -26,6 +26,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -548,15 +549,15 @@ def _tracing_settings() -> contextlib.AbstractContextManager:
     return stack
 
 
+@dataclass(frozen=True, slots=True)
 class _Sampling:
     """How a wave picks tokens: greedily, or sampling with one random stream per row."""
 
-    __slots__ = ("do_sample", "temperature", "top_k", "top_p", "samplers")
-
-    def __init__(self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                 samplers: list[torch.Generator | None] | None) -> None:
-        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
-        self.samplers = samplers
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    samplers: list[torch.Generator | None] | None
 
 
 def _samplers(seed: int | Sequence[int] | None, batch: int) -> list[torch.Generator | None]:

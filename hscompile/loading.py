@@ -17,13 +17,14 @@ model adopts those buffers and the weights are held once, never twice (:func:`lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -128,9 +129,8 @@ def _causal_lm_config(checkpoint: Checkpoint) -> Any:
         raise CheckpointError(f"{checkpoint.path / 'config.json'} is not a valid {model_type} config: {error}") from None
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None:
-        return "auto"  # the checkpoint's own
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A requested weights dtype, checked (None, the checkpoint's own, is resolved from its files)."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
@@ -209,23 +209,20 @@ class _Ref:
         self.nbytes = math.prod(shape) * dtype.itemsize
 
 
-def _read_into(stored: _Stored, out: torch.Tensor) -> None:
-    """Read a stored tensor into ``out`` (contiguous, its shape): straight into ``out``'s bytes when
-    the dtypes agree, else through a temporary in the file's dtype."""
+def _read_into(handle: BinaryIO, stored: _Stored, out: torch.Tensor) -> None:
+    """Read a stored tensor from its open file into ``out`` (contiguous, its shape): straight into
+    ``out``'s bytes when the dtypes agree, else through a temporary in the file's dtype."""
     target = out if out.dtype == stored.dtype else torch.empty(stored.shape, dtype=stored.dtype)
     raw = target.reshape(-1).view(torch.uint8)  # contiguous: a view of the same bytes
-    with stored.file.open("rb") as handle:
-        handle.seek(stored.start)
-        if handle.readinto(memoryview(raw.numpy())) != stored.nbytes:
-            raise CheckpointError(f"{stored.file} ends before the tensor at byte {stored.start}; the file is truncated")
+    handle.seek(stored.start)
+    if handle.readinto(memoryview(raw.numpy())) != stored.nbytes:
+        raise CheckpointError(f"{stored.file} ends before the tensor at byte {stored.start}; the file is truncated")
     if target is not out:
         out.copy_(target)
 
 
 def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) -> tuple[dict[str, torch.Tensor], torch.dtype]:
     """The checkpoint's tensors, each layer's packed into one host buffer (see :func:`load_model`)."""
-    from .layout import layout_group
-
     index = _tensor_index(checkpoint)
     floats = {s.dtype for s in index.values() if s.dtype.is_floating_point}
     if dtype is None:
@@ -238,6 +235,27 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) ->
         return dtype if stored.dtype.is_floating_point else stored.dtype
 
     state: dict[str, torch.Tensor] = {}
+    files = contextlib.ExitStack()
+    handles = {f: files.enter_context(f.open("rb")) for f in checkpoint.weight_files}  # one open per file
+
+    def read(stored: _Stored, out: torch.Tensor) -> None:
+        _read_into(handles[stored.file], stored, out)
+
+    with files:
+        _read_layers(index, target, pin, read, state)
+        for name, stored in index.items():
+            if name not in state:
+                tensor = torch.empty(stored.shape, dtype=target(stored))
+                read(stored, tensor)
+                state[name] = tensor
+    return state, dtype
+
+
+def _read_layers(index: dict[str, _Stored], target: Any, pin: bool, read: Any, state: dict[str, torch.Tensor]) -> None:
+    """Each repeated layer's tensors into one packed host buffer, laid out as the host store
+    streams a layer (``placement.group_layouts``: by local name, aligned); fills ``state``."""
+    from .layout import layout_group
+
     for container, layers in _layers(list(index)).items():
         for number, local in layers.items():
             prefix = f"{container}.{number}."
@@ -247,14 +265,8 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) ->
             flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
             for packed in layout.weights:
                 view = flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
-                _read_into(index[prefix + packed.node], view)
+                read(index[prefix + packed.node], view)
                 state[prefix + packed.node] = view
-    for name, stored in index.items():
-        if name not in state:
-            tensor = torch.empty(stored.shape, dtype=target(stored))
-            _read_into(stored, tensor)
-            state[name] = tensor
-    return state, dtype
 
 
 def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *, pin: bool = False) -> torch.nn.Module:
@@ -272,8 +284,7 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _causal_lm_config(checkpoint)
-    wanted = None if dtype is None else _dtype(dtype)
-    state, resolved = _state_dict(checkpoint, wanted if isinstance(wanted, torch.dtype) else None, pin)
+    state, resolved = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     try:
         model, info = model_class.from_pretrained(
