@@ -19,8 +19,8 @@ import transformers
 
 import hscompile
 from hscompile.bench import weight_bytes
-from hscompile.runtime.cost_model import Choice, ModelDims, simulate_step
-from hscompile.runtime.tuner import tune
+from hscompile.planner.cost_model import Choice, ModelDims, simulate_step
+from hscompile.planner.hardware import tune
 
 MODELS = {
     "llama-h256-l8": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),

@@ -22,7 +22,7 @@ import transformers
 from rich.console import Console
 
 from hscompile import bench
-from hscompile.runtime.tuner import tune
+from hscompile.planner.hardware import tune
 
 # OPT sizes from the OPT paper; the Llama-style GQA model is Llama-3-8B's shape.
 GPU_MODELS = {

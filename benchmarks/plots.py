@@ -6,7 +6,7 @@
 Builds one model from a config (random weights; MHA so that checkpoints can pay off), streams it
 under a device budget of half its weights, and for each point times a generation with
 ``hscompile.Generator`` (warm: the second of two runs) and predicts it with
-:func:`hscompile.runtime.cost_model.generation_seconds` for the policy the run used. Writes
+:func:`hscompile.planner.cost_model.generation_seconds` for the policy the run used. Writes
 ``throughput_vs_batch.png``, ``throughput_vs_act_ratio.png``, ``timeline.png`` (one decode step
 of the middle batch at act_ratio 0.5 in two mini-batches, recorded with
 :func:`hscompile.record_timeline`; ``timeline.json`` is the whole generation as a Perfetto trace)
@@ -24,8 +24,8 @@ import torch
 import transformers
 
 from hscompile import Generator, bench, record_timeline
-from hscompile.runtime.cost_model import Choice, ModelDims, generation_seconds
-from hscompile.runtime.tuner import tune
+from hscompile.planner.cost_model import Choice, ModelDims, generation_seconds
+from hscompile.planner.hardware import tune
 
 
 def _model(device: str) -> torch.nn.Module:

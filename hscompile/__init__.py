@@ -18,12 +18,12 @@ from .config import OPTIONS, HybridServeConfig
 from .errors import BudgetError, CheckpointError, ConfigError, HybridServeError, UnsupportedModelError
 from .generation import Generator, generate, tune
 from .inspection import Inspection, inspect
+from .ir.plan import ModelPlan
+from .ir.policy import DeviceMemoryPlan, Policy
 from .loading import from_pretrained
-from .passes.plan import ModelPlan
+from .planner.hardware import HardwareProfile, load_profile
 from .planning import plan_model
-from .policy import DeviceMemoryPlan, Policy
 from .runtime.timeline import Span, Timeline, record_timeline
-from .runtime.tuner import HardwareProfile, load_profile
 from .text import Completion
 
 __all__ = [

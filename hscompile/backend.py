@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,30 +25,34 @@ from .errors import (
     UnsupportedModelError,
     surface_through_dynamo,
 )
+from .ir.activation import ActivationEstimate
+from .ir.cache import CacheSpec
+from .ir.fx import fake_value
+from .ir.layout import group_layouts
+from .ir.plan import ModelPlan
+from .ir.policy import CacheBudget, Policy
 from .passes.analyze import analyze
-from .passes.graph_utils import fake_value
 from .passes.kvcache import rewrite_for_cache
 from .passes.lower import LoweringReport, lower, lower_module
 from .passes.manager import PassManager, PassSpec
-from .passes.memory import ActivationEstimate, estimate_activations
+from .passes.memory import estimate_activations
 from .passes.offload import offload, retarget_graph
 from .passes.partition import partition, stub_cache_updates
-from .passes.placement import group_layouts, place, resolve_act_ratio
-from .passes.plan import ModelPlan
+from .passes.placement import place
 from .passes.recompute import (
     RecomputeProgram,
     build_recompute_program,
     check_token_locality,
 )
 from .passes.schedule import ScheduleReport, verify_schedule
-from .policy import CacheBudget, Policy
-from .runtime.blocks import CacheSpec
+from .planner.cost_model import resolve_act_ratio
 from .runtime.cache import CacheRuntime
 from .runtime.device import device_backend
 from .runtime.executor import Executor, Runtime
 from .runtime.weights import WeightRuntime
 
-__all__ = ["BACKEND_NAME", "CompiledModel", "compile_graph", "compiled_models", "hybridserve_backend", "register"]
+__all__ = ["BACKEND_NAME", "CompiledModel", "compile_graph", "compiled_models", "hybridserve_backend", "kept_generator",
+           "record", "register"]
 
 BACKEND_NAME = "hybridserve"
 
@@ -235,6 +239,17 @@ def compiled_models(model: torch.nn.Module) -> list[CompiledModel]:
     return _REGISTRY.lookup(list(model.parameters()))
 
 
+def record(compiled: CompiledModel, example_inputs: Sequence[Any]) -> None:
+    """Remember ``compiled`` under the parameters among ``example_inputs`` (for :func:`compiled_models`)."""
+    _REGISTRY.record(compiled, example_inputs)
+
+
+def kept_generator(model: torch.nn.Module, options: Any, make: Callable[[], Any]) -> Any:
+    """The generator ``hscompile.generate`` keeps for ``model`` and ``options`` (``make()`` builds
+    it the first time); held weakly by the model."""
+    return _REGISTRY.generator(model, options, make)
+
+
 def _config_from(kwargs: dict[str, Any]) -> HybridServeConfig:
     unexpected = sorted(set(kwargs) - {"options", "mode"})
     if unexpected:
@@ -255,8 +270,7 @@ def _runtime(
     cache: CacheRuntime | None,
 ) -> Runtime:
     backend = device_backend(torch.device(policy.device))
-    weights = {w.node: example_inputs[w.input_index] for w in plan.global_weights}
-    weights |= {w.node: example_inputs[w.input_index] for layer in plan.layers for w in layer.weights}
+    weights = {w.node: example_inputs[w.input_index] for w in plan.weights}
     weight_runtime = WeightRuntime(policy, group_layouts(plan), weights, backend)
     in_place = (
         plan.global_weight_bytes + sum(plan.layers[i].weight_bytes for i in policy.resident_layers)
@@ -272,7 +286,8 @@ def compile_graph(
     config: HybridServeConfig,
     *,
     plan_only: bool = False,
-    cache: tuple[CacheBudget, CacheRuntime] | None = None,
+    cache: CacheRuntime | None = None,
+    cache_budget: CacheBudget | None = None,
     strict_cache: bool = True,
     plan: ModelPlan | None = None,
 ) -> CompiledModel:
@@ -280,11 +295,14 @@ def compile_graph(
 
     ``plan_only`` stops before lowering and builds no runtime: nothing is compiled, allocated
     or copied (used to inspect models on the meta device). ``cache`` makes it a generation
-    graph whose attention reads and extends the hybrid cache that runtime serves; with
+    graph whose attention reads and extends the hybrid cache that runtime serves, placed to leave
+    room for ``cache_budget`` (required with it); with
     ``strict_cache`` a graph from which K/V cannot be recomputed is an error, without it the
     cache stores that graph's tokens as K/V only. ``plan``, when the caller already analysed
     ``gm``, is used instead of analysing it again.
     """
+    if (cache is None) != (cache_budget is None):
+        raise TypeError("compile_graph takes cache and cache_budget together")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sequence = _REGISTRY.next_sequence()
     inputs = {
@@ -293,7 +311,7 @@ def compile_graph(
         "fake_inputs": [fake_value(n) for n in placeholders],
         "config": config,
         "lowering": config.lowering,
-        "cache": cache[0] if cache is not None else None,
+        "cache": cache_budget,
     }
     if plan is not None:
         inputs["plan"] = plan
@@ -302,18 +320,19 @@ def compile_graph(
     artifacts = result.artifacts
     executor = None
     if cache is not None:
-        cache[1].configure(CacheSpec.from_plan(artifacts["plan"], config.cache.block_size))
+        assert cache_budget is not None
+        cache.configure(CacheSpec.from_plan(artifacts["plan"], config.cache.block_size))
         program = artifacts["program"]
         if isinstance(program, UnsupportedModelError):
-            if strict_cache and cache[0].act_ratio > 0:
+            if strict_cache and cache_budget.act_ratio > 0:
                 raise program
-            cache[1].no_program = str(program)
+            cache.no_program = str(program)
         else:
-            cache[1].offer(program)
+            cache.offer(program)
     if not plan_only:
         runtime = _runtime(
             artifacts["plan"], artifacts["policy"], artifacts["activations"], example_inputs,
-            cache[1] if cache is not None else None,
+            cache,
         )
         executor = Executor(artifacts["lowered"], runtime)
     return CompiledModel(
@@ -341,12 +360,13 @@ def hybridserve_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwa
     """
     try:
         config = _config_from(kwargs)
-        cache = None
+        cache = cache_budget = None
         plan = analyze(gm)
         if plan.layers[0].attention.past_key is not None:
-            session = _REGISTRY.session(example_inputs, config, plan)
-            cache = (CacheBudget(act_ratio=session.act_ratio, staging_bytes=0), session)
-        compiled = compile_graph(gm, example_inputs, config, cache=cache, strict_cache=False, plan=plan)
+            cache = _REGISTRY.session(example_inputs, config, plan)
+            cache_budget = CacheBudget(act_ratio=cache.act_ratio, staging_bytes=0)
+        compiled = compile_graph(gm, example_inputs, config, cache=cache, cache_budget=cache_budget, strict_cache=False,
+                                 plan=plan)
     except HybridServeError as error:
         raise surface_through_dynamo(error) from None
     _REGISTRY.record(compiled, example_inputs)

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from .runtime.cost_model import Choice, ModelDims, generation_seconds
+from .planner.cost_model import Choice, ModelDims, generation_seconds
+from .planner.hardware import HardwareProfile
 from .runtime.timeline import LANES, Span
-from .runtime.tuner import HardwareProfile
 
 __all__ = ["POLICIES", "BenchResult", "Workload", "plot_timeline", "results_table", "run", "trace", "weight_bytes"]
 

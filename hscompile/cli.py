@@ -86,7 +86,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     from .generation import tune
-    from .runtime.tuner import profile_path
+    from .planner.hardware import profile_path
 
     dtypes = tuple(args.dtype or ("float32",))
     with console.status(f"measuring {args.device or 'the default device'} (a few seconds)..."):
@@ -113,9 +113,9 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     from .config import parse_bytes
+    from .planner.cost_model import ModelDims, choose
+    from .planner.hardware import load_profile
     from .planning import check_positions, load_config, weights_dtype
-    from .runtime.cost_model import ModelDims, choose
-    from .runtime.tuner import load_profile
 
     config = load_config(args.path)
     check_positions(config, args.prompt + args.new_tokens, f"--prompt {args.prompt} + --new-tokens {args.new_tokens}",
@@ -178,7 +178,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import Progress
 
     from . import bench
-    from .runtime.tuner import tune
+    from .planner.hardware import tune
 
     policies = args.policy or list(bench.POLICIES)
     workload = bench.Workload(args.batch, args.prompt, args.new_tokens)

@@ -21,10 +21,11 @@ from rich.text import Text
 
 from .backend import CompiledModel, compiled_models
 from .config import HybridServeConfig, format_bytes
-from .layout import GLOBAL_GROUP
-from .passes.partition import Partition, StepInfo, step_info
-from .passes.plan import ModelPlan
-from .policy import Policy
+from .ir.layout import GLOBAL_GROUP
+from .ir.plan import ModelPlan
+from .ir.policy import Policy
+from .ir.schedule import StepInfo, step_info
+from .passes.partition import Partition
 
 __all__ = ["Inspection", "inspect"]
 

@@ -200,7 +200,7 @@ def _layers(names: Sequence[str]) -> dict[str, dict[int, list[str]]]:
 
 
 class _Ref:
-    """What :func:`~hscompile.layout.layout_group` reads of a weight."""
+    """What :func:`~hscompile.ir.layout.layout_group` reads of a weight."""
 
     __slots__ = ("node", "shape", "dtype", "nbytes")
 
@@ -254,7 +254,7 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) ->
 def _read_layers(index: dict[str, _Stored], target: Any, pin: bool, read: Any, state: dict[str, torch.Tensor]) -> None:
     """Each repeated layer's tensors into one packed host buffer, laid out as the host store
     streams a layer (``placement.group_layouts``: by local name, aligned); fills ``state``."""
-    from .layout import layout_group
+    from .ir.layout import layout_group
 
     for container, layers in _layers(list(index)).items():
         for number, local in layers.items():

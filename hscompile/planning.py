@@ -19,6 +19,7 @@ from .backend import compile_graph
 from .config import HybridServeConfig
 from .errors import ConfigError
 from .inspection import Inspection, inspect
+from .ir.cache import max_positions
 
 __all__ = ["check_config", "check_positions", "load_config", "max_positions", "plan_model", "weights_dtype"]
 
@@ -113,16 +114,6 @@ def check_config(config: transformers.PretrainedConfig | Mapping[str, Any], wher
                           f"multiple of num_key_value_heads {kv_heads}; each K/V head serves a whole group of heads")
     if head_dim is not None and (not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1):
         raise ConfigError(f"{where}: head_dim must be an integer >= 1, got {head_dim!r}")
-
-
-def max_positions(config: transformers.PretrainedConfig) -> tuple[int, str] | None:
-    """The most positions (prompt + generated tokens) a model of ``config`` takes, and the
-    ``config.json`` key that says so; None where its config names no limit."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value, dict(type(config).attribute_map).get(name, name)
-    return None
 
 
 def check_positions(config: transformers.PretrainedConfig, tokens: int, what: str, where: str = "the config") -> None:

@@ -11,7 +11,7 @@ from streaming import weight_bytes
 
 from hscompile import bench
 from hscompile.cli import main
-from hscompile.runtime.tuner import tune
+from hscompile.planner.hardware import tune
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Precondition: ``gm`` is a graph captured by dynamo from a decoder-only model: pa
 and buffers are placeholders (dynamo's default since torch 2.5), every compute node
 carries ``meta["nn_module_stack"]``, attention is ``scaled_dot_product_attention``.
 
-Postcondition: a frozen :class:`~hscompile.passes.plan.ModelPlan`; ``gm`` is unchanged.
+Postcondition: a frozen :class:`~hscompile.ir.plan.ModelPlan`; ``gm`` is unchanged.
 
 Nothing here knows model class names. Layers are found structurally: the attention calls
 must sit one per indexed child of one module list (``<container>.<i>``); every node is
@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
-from .graph_utils import (
+from ..ir.fx import (
     PlaceholderSource,
     backward_slice,
     fake_value,
@@ -49,14 +49,7 @@ from .graph_utils import (
     slice_inputs,
     static_int,
 )
-from .plan import (
-    AttentionSite,
-    LayerPlan,
-    ModelPlan,
-    PositionSlice,
-    RecomputeSlice,
-    WeightRef,
-)
+from ..ir.plan import AttentionSite, LayerPlan, ModelPlan, PositionSlice, RecomputeSlice, WeightRef
 
 __all__ = ["analyze"]
 

@@ -26,10 +26,11 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..policy import Policy
-from .graph_utils import fake_value
-from .partition import GRAPH_NAME, INPUT_NAMES, StepInfo, step_info
-from .plan import ModelPlan
+from ..ir.fx import fake_value
+from ..ir.plan import ModelPlan
+from ..ir.policy import Policy
+from ..ir.schedule import set_step, step_info
+from .partition import GRAPH_NAME, INPUT_NAMES
 
 __all__ = ["rewrite_for_cache"]
 
@@ -64,7 +65,7 @@ def rewrite_for_cache(schedule: fx.GraphModule, plan: ModelPlan, policy: Policy)
 
         def step(target, args, kind):
             new = graph.call_function(target, args)
-            new.meta["hybridserve"] = StepInfo(kind, layer.index)
+            set_step(new, kind, layer.index)
             return new
 
         with graph.inserting_before(node):
@@ -92,12 +93,12 @@ def rewrite_for_cache(schedule: fx.GraphModule, plan: ModelPlan, policy: Policy)
     opening = next(n for n in graph.nodes if step_info(n) is not None and step_info(n).kind == "load_kv")
     with graph.inserting_before(opening):
         begin = graph.call_function(ops.cache_step._opoverload, (hidden0, past0))
-        begin.meta["hybridserve"] = StepInfo("cache_step", None)
+        set_step(begin, "cache_step", None)
     out = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(out):
         results = [n for n in out.all_input_nodes if isinstance(fake_value(n), torch.Tensor)]
         commit = graph.call_function(ops.cache_commit._opoverload, (results,))
-        commit.meta["hybridserve"] = StepInfo("cache_commit", None)
+        set_step(commit, "cache_commit", None)
     result = fx.GraphModule(schedule, graph, class_name=type(schedule).__name__)
     result.graph.lint()
     return result

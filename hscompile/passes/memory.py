@@ -12,18 +12,16 @@ expression in the graph's size placeholders, evaluated for every call before it 
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
 
-from .graph_utils import fake_value
-from .plan import ModelPlan
+from ..ir.activation import ActivationEstimate
+from ..ir.fx import fake_value
+from ..ir.plan import ModelPlan
 
-__all__ = ["ActivationEstimate", "estimate_activations"]
+__all__ = ["estimate_activations"]
 
 _VIEW_METHODS = frozenset(
     {"view", "transpose", "permute", "expand", "expand_as", "unsqueeze", "squeeze", "t", "narrow", "select",
@@ -35,53 +33,6 @@ _VIEW_FUNCTIONS: frozenset[object] = frozenset(
 )
 
 
-@dataclass(slots=True)
-class ActivationEstimate:
-    """Peak activation bytes of one call, possibly depending on symbolic sizes.
-
-    Stored as the graph's allocation events rather than one closed form: ``events[i]`` lists
-    ``(+1 | -1, expression index)`` at step ``i``. Evaluating replays them with the call's sizes
-    (a few microseconds per node, memoised per set of sizes).
-    """
-
-    exprs: tuple[sympy.Expr, ...]
-    events: tuple[tuple[tuple[int, int], ...], ...]
-    symbols: tuple[tuple[int, sympy.Symbol], ...]
-    """``(placeholder position, symbol)``: where each size symbol's value arrives at run time."""
-    hint: int = 0
-    """The value for the sizes the graph was captured with."""
-    _values: Any = None
-    _memo: dict[tuple[int, ...], int] = field(default_factory=dict)
-
-    def _peak(self, sizes: tuple[int, ...]) -> int:
-        cached = self._memo.get(sizes)
-        if cached is not None:
-            return cached
-        if self._values is None:
-            self._values = sympy.lambdify([s for _, s in self.symbols], list(self.exprs), modules="math")
-        values = [int(v) for v in self._values(*sizes)] if self.exprs else []
-        current = peak = 0
-        for step in self.events:
-            for sign, index in step:
-                current += sign * values[index]
-                peak = max(peak, current)
-        self._memo[sizes] = peak
-        return peak
-
-    def evaluate_sizes(self, sizes: Mapping[sympy.Symbol, int]) -> int:
-        """The estimate when each size symbol takes the value ``sizes`` gives it; :attr:`hint`
-        (the captured sizes' estimate) when ``sizes`` lacks one of them."""
-        if not self.symbols:
-            return self.hint
-        if any(symbol not in sizes for _, symbol in self.symbols):
-            return self.hint
-        return self._peak(tuple(int(sizes[symbol]) for _, symbol in self.symbols))
-
-    def evaluate(self, args: Sequence[Any]) -> int:
-        """The estimate for a call with these schedule arguments."""
-        if not self.symbols:
-            return self.hint
-        return self._peak(tuple(int(args[position]) for position, _ in self.symbols))
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -116,7 +67,7 @@ def _bytes(value: object) -> sympy.Expr:
 
 def estimate_activations(graph: fx.GraphModule, plan: ModelPlan) -> ActivationEstimate:
     """See the module docstring."""
-    weights = {w.node for w in plan.global_weights} | {w.node for layer in plan.layers for w in layer.weights}
+    weights = plan.weight_nodes
     nodes = list(graph.graph.nodes)
     last_use: dict[fx.Node, int] = {}
     for position, node in enumerate(nodes):

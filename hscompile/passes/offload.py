@@ -12,7 +12,7 @@ Postcondition: a new schedule in which
 * every group the policy copies into a resident device buffer (when the weights live on the
   host) is read through ``wait_weights`` of its resident buffer;
 * the partitions read weights as ``as_strided`` views of the group buffer ``wait_weights``
-  returns (the packing of :mod:`hscompile.layout`), never the host placeholders;
+  returns (the packing of :mod:`hscompile.ir.layout`), never the host placeholders;
 * when compute runs on another device than the model was traced on, user inputs pass through
   ``to_device``, outputs through ``to_host``, and the partitions' device constants
   (``arange(..., device=...)``, ``.to(device)``) name the compute device.
@@ -44,12 +44,12 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..layout import GLOBAL_GROUP, GroupLayout
-from ..policy import Policy
-from .graph_utils import fake_value, structural_key
-from .partition import GRAPH_NAME, Partition, StepInfo, step_info
-from .placement import group_layouts
-from .plan import ModelPlan
+from ..ir.fx import fake_value, structural_key
+from ..ir.layout import GLOBAL_GROUP, GroupLayout, group_layouts
+from ..ir.plan import ModelPlan
+from ..ir.policy import Policy
+from ..ir.schedule import set_step, step_info
+from .partition import GRAPH_NAME, Partition
 
 __all__ = ["offload", "retarget_graph"]
 
@@ -114,12 +114,12 @@ class _Builder:
         self.placeholders: dict[str, fx.Node] = {}
         """Captured-graph name -> new placeholder (the host weight, an argument of wait_weights)."""
         self.old_placeholders: dict[str, fx.Node] = {}
-        self.weight_nodes = {w.node for w in plan.global_weights} | {w.node for layer in plan.layers for w in layer.weights}
+        self.weight_nodes = plan.weight_nodes
         self.pending_release: list[tuple[int, fx.Node]] = []
 
     def _emit(self, target: Any, args: tuple[Any, ...], kind: str, group: int | None) -> fx.Node:
         node = self.graph.call_function(target, args)
-        node.meta["hybridserve"] = StepInfo(kind, group)  # type: ignore[arg-type]
+        set_step(node, kind, group)  # type: ignore[arg-type]
         return node
 
     def prefetch(self, group: int) -> None:

@@ -16,9 +16,9 @@ Grad-mode switches (``torch._C._set_grad_enabled``) are dropped: compiled models
 inference-only and the executor owns grad mode.
 
 Structurally identical partitions (same ops, same argument structure, same input shapes,
-strides and dtypes; see :func:`~hscompile.passes.graph_utils.structural_key`) are one
+strides and dtypes; see :func:`~hscompile.ir.fx.structural_key`) are one
 :class:`Partition` module shared by all the layers that call it, so they are lowered once.
-Every step node carries ``meta["hybridserve"]``, a :class:`StepInfo`. ``gm`` is unchanged.
+Every step node carries ``meta[STEP_META]``, a :class:`StepInfo`. ``gm`` is unchanged.
 
 Before::
 
@@ -36,23 +36,17 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.hybridserve)
-from .graph_utils import (
-    backward_slice,
-    extract_subgraph,
-    fake_value,
-    placeholder_source,
-    slice_inputs,
-    structural_key,
-)
-from .plan import ModelPlan
+from ..ir.fx import backward_slice, extract_subgraph, fake_value, placeholder_source, slice_inputs, structural_key
+from ..ir.plan import ModelPlan
+from ..ir.schedule import StepKind, set_step
 
-__all__ = ["GRAPH_NAME", "INPUT_NAMES", "Partition", "StepInfo", "partition", "step_info", "stub_cache_updates"]
+__all__ = ["GRAPH_NAME", "INPUT_NAMES", "Partition", "partition", "stub_cache_updates"]
 
 
 def stub_cache_updates(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
@@ -79,25 +73,10 @@ def stub_cache_updates(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
     result.graph.lint()
     return result
 
-StepKind = Literal[
-    "pre", "attn_in", "attention", "attn_out", "post",  # compute (this pass)
-    "prefetch", "wait", "release", "to_device", "to_host",  # data movement (the offload pass)
-    "load_kv", "load_act", "recompute", "store", "stub", "cache_step", "cache_commit",  # the hybrid cache
-]
 
 
-@dataclass(frozen=True, slots=True)
-class StepInfo:
-    """What a schedule node does; stored in ``node.meta["hybridserve"]``."""
-
-    kind: StepKind
-    layer: int | None = None
-    """The layer the step serves (for weight steps: the group, -1 for the global weights)."""
 
 
-def step_info(node: fx.Node) -> StepInfo | None:
-    """The :class:`StepInfo` of a schedule node, or None for placeholders, getitems and outputs."""
-    return node.meta.get("hybridserve")
 
 
 class Partition(torch.nn.Module):
@@ -276,7 +255,7 @@ def partition(gm: fx.GraphModule, plan: ModelPlan, generation: bool = False) -> 
                 torch.ops.hybridserve.attention.default,
                 (env[by_name[site.query]], env[by_name[key]], env[by_name[value]], mask, site.scale, site.is_causal),
             )
-            call.meta["hybridserve"] = StepInfo("attention", piece.layer)
+            set_step(call, "attention", piece.layer)
             env[piece.nodes[0]] = call
             continue
         if not piece.nodes:
@@ -294,7 +273,7 @@ def partition(gm: fx.GraphModule, plan: ModelPlan, generation: bool = False) -> 
         if piece.layer is not None:
             layers.append(piece.layer)
         call = graph.call_module(name, tuple(env[i] for i in inputs))
-        call.meta["hybridserve"] = StepInfo(piece.kind, piece.layer)
+        set_step(call, piece.kind, piece.layer)
         call.meta[INPUT_NAMES] = tuple(i.name for i in inputs)
         for j, out in enumerate(outputs):
             item = graph.call_function(operator.getitem, (call, j))

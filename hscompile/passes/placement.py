@@ -4,7 +4,7 @@ Precondition: ``plan = analyze(graph)``, ``activations = estimate_activations(gr
 ``example_inputs`` are the real tensors dynamo passes to the backend (the weights among
 them); ``config`` is validated.
 
-Postcondition: a :class:`~hscompile.policy.Policy` whose :attr:`~hscompile.policy.Policy.memory`
+Postcondition: a :class:`~hscompile.ir.policy.Policy` whose :attr:`~hscompile.ir.policy.Policy.memory`
 plan fits ``device_memory``, or a :class:`~hscompile.errors.BudgetError` naming the minimum
 budget that would work. Nothing runs and nothing is allocated.
 
@@ -24,45 +24,22 @@ import torch
 
 from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError, ConfigError
-from ..layout import GLOBAL_GROUP, GroupLayout, layout_group
-from ..policy import CacheBudget, DeviceMemoryPlan, Policy
-from .memory import ActivationEstimate
-from .plan import ModelPlan
+from ..ir.activation import ActivationEstimate
+from ..ir.layout import GLOBAL_GROUP, group_layouts
+from ..ir.plan import ModelPlan
+from ..ir.policy import CacheBudget, DeviceMemoryPlan, Policy, check_device_budget
+from ..planner.budget import device_budget
+from ..planner.cost_model import Choice, ModelDims, simulate_step
 
-__all__ = ["CUDA_WORKSPACE_RESERVE", "device_budget", "group_layouts", "place", "resolve_act_ratio"]
-
-CUDA_WORKSPACE_RESERVE = 64 * 2**20
-"""Device bytes kept free on CUDA for library workspaces (cuBLAS, attention kernels) that no
-graph shows, plus a tenth of the activation estimate. A conservative choice, not a measurement."""
+__all__ = ["place"]
 
 
-def resolve_act_ratio(config: HybridServeConfig, hidden: int, kv_values_per_token: int) -> float:
-    """The ACT ratio to use. ``"auto"``, until the cost model decides it: checkpoints where they
-    move fewer bytes than K/V (MHA: half the tokens), none where they move as many or more
-    (GQA with ``2 * kv_heads * head_dim <= hidden``)."""
-    ratio = config.cache.act_ratio
-    if ratio != "auto":
-        return float(ratio)
-    return 0.5 if hidden < kv_values_per_token else 0.0
 
 
-def group_layouts(plan: ModelPlan) -> dict[int, GroupLayout]:
-    """The packed layout of every weight group: each layer, and the global group.
-
-    A layer's weights are packed in the order of their names inside the layer (the same in every
-    layer): a loader can then lay a checkpoint's layers out exactly so before anything is traced
-    (:mod:`hscompile.loading`), and the host store adopts those buffers instead of copying them.
-    """
-    layouts = {
-        layer.index: layout_group(layer.index, sorted(layer.weights, key=lambda w: w.local_name)) for layer in plan.layers
-    }
-    layouts[GLOBAL_GROUP] = layout_group(GLOBAL_GROUP, plan.global_weights)
-    return layouts
 
 
 def _weights_device(plan: ModelPlan, example_inputs: Sequence[Any]) -> torch.device:
-    weights = (*plan.global_weights, *(w for layer in plan.layers for w in layer.weights))
-    devices = {example_inputs[w.input_index].device for w in weights}
+    devices = {example_inputs[w.input_index].device for w in plan.weights}
     if len(devices) > 1:
         raise ConfigError(
             f"the model's weights are spread over several devices ({', '.join(sorted(map(str, devices)))}); "
@@ -71,14 +48,6 @@ def _weights_device(plan: ModelPlan, example_inputs: Sequence[Any]) -> torch.dev
     return devices.pop()
 
 
-def device_budget(config: HybridServeConfig) -> int | None:
-    """The device budget in bytes: ``device_memory``, else free CUDA memory, else no limit."""
-    if config.memory.device_memory is not None:
-        return config.memory.device_memory
-    if config.device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(config.device)
-        return int(free)
-    return None  # the CPU as a device: no limit unless one is given
 
 
 def place(
@@ -105,19 +74,18 @@ def place(
     global_bytes = plan.global_weight_bytes if in_place else layouts[GLOBAL_GROUP].nbytes
     act = activations.hint
     staging = cache.staging_bytes if cache is not None else 0
-    reserve = CUDA_WORKSPACE_RESERVE + (act + staging) // 10 if device.type == "cuda" else 0
     n = plan.num_layers
 
     def memory_plan(resident: int) -> tuple[DeviceMemoryPlan, int, int]:
         streamed = list(range(resident, n))
         slots = min(depth + 1, len(streamed))
         slot = max((layouts[i].nbytes for i in streamed), default=0)
-        memory = DeviceMemoryPlan(
+        memory = DeviceMemoryPlan.build(
+            device.type,
             global_weights=global_bytes,
             resident_layers=sum(layer_bytes(i) for i in range(resident)),
             ring=slots * slot,
             activations=act,
-            reserve=reserve,
             cache_staging=staging,
         )
         return memory, slots, slot
@@ -132,26 +100,21 @@ def place(
             else f"no device budget set for {device.type}: all {n} layers resident"
         )
     elif not can_stream:
-        raise BudgetError(
-            f"the model's weights already live on {weights_device} and need {format_bytes(full.total)} there with "
-            f"activations, above device_memory={format_bytes(budget)}; hscompile streams weights from host memory "
-            "only: load the model on the CPU to run it within this budget"
-        )
+        check_device_budget(
+            full, budget, what=f"the model, whose weights already live on {weights_device},",
+            advice="hscompile streams weights from host memory only: load the model on the CPU to run it within "
+                   "this budget")
+        raise AssertionError("unreachable: the full plan is above the budget")
     else:
         fitting = [r for r in range(n - 1, -1, -1) if memory_plan(r)[0].total <= budget]
         if not fitting:
             smallest = memory_plan(0)[0]
-            raise BudgetError(
-                f"device_memory={format_bytes(budget)} ({budget} bytes) is below the minimum working set of "
-                f"{format_bytes(smallest.total)} ({smallest.total} bytes): global weights "
-                f"{format_bytes(smallest.global_weights)} + a ring of {min(depth + 1, n)} layer slots "
-                f"({format_bytes(smallest.ring)}) + activations {format_bytes(smallest.activations)}"
-                + (f" + cache staging {format_bytes(smallest.cache_staging)}" if smallest.cache_staging else "")
-                + (f" + workspace reserve {format_bytes(smallest.reserve)}" if smallest.reserve else "")
-                + f" for this call's shapes. Use device_memory >= {smallest.total}"
-                + (" or a smaller prefetch_depth" if depth > 1 else "")
-                + " or smaller batches"
-            )
+            check_device_budget(
+                smallest, budget,
+                what=f"the minimum working set for this call's shapes (every layer streamed through a ring of "
+                     f"{min(depth + 1, n)} slots)",
+                advice=f"use device_memory >= {smallest.total}" + (" or a smaller prefetch_depth" if depth > 1 else "")
+                       + " or smaller batches")
         resident = fitting[0]
         memory, slots, _ = memory_plan(resident)
         reason = (
@@ -163,8 +126,6 @@ def place(
     streamed = tuple(range(resident, n))
     predicted = None
     if cache is not None and cache.profile is not None and cache.workload is not None:
-        from ..runtime.cost_model import Choice, ModelDims, simulate_step
-
         batch, prompt, new_tokens = cache.workload
         dims = ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
                                    global_bytes=global_bytes)

@@ -33,14 +33,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
-from .graph_utils import (
-    backward_slice,
-    extract_subgraph,
-    fake_value,
-    slice_inputs,
-    structural_key,
-)
-from .plan import LayerPlan, ModelPlan
+from ..ir.fx import backward_slice, extract_subgraph, fake_value, slice_inputs, structural_key
+from ..ir.plan import LayerPlan, ModelPlan
 
 __all__ = ["RecomputeProgram", "build_recompute_module", "build_recompute_program", "check_token_locality"]
 

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from ..passes.plan import ModelPlan
+from ..ir.cache import CacheSpec, Kind, act_blocks, split_blocks
 
-__all__ = ["Block", "BlockPool", "CacheSpec", "HybridCache", "SequenceBlocks"]
+__all__ = ["Block", "BlockPool", "HybridCache", "SequenceBlocks"]
 
-Kind = Literal["kv", "act"]
 
 
 @dataclass(slots=True)
@@ -92,59 +90,6 @@ class BlockPool:
             raise RuntimeError(f"{self.kind} block {block.id} does not belong to this pool")
 
 
-@dataclass(frozen=True, slots=True)
-class CacheSpec:
-    """The model dimensions that size the blocks."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    dtype: torch.dtype
-    block_size: int
-    heads: int = 0
-    """Query heads (attention replicates K/V to this many for GQA); 0 means ``kv_heads``."""
-
-    @classmethod
-    def from_plan(cls, plan: ModelPlan, block_size: int) -> CacheSpec:
-        site = plan.layers[0].attention
-        return cls(
-            num_layers=plan.num_layers, kv_heads=site.num_kv_heads, head_dim=site.head_dim,
-            hidden=plan.hidden_size, dtype=plan.dtype, block_size=block_size, heads=site.num_heads,
-        )
-
-    def staging_bytes(self, batch: int, past: int, new: int, kv_tokens: int, act_tokens: int) -> int:
-        """Device bytes one layer's cache steps hold at once, for a step of ``batch`` sequences
-        whose longest past is ``past`` tokens (``kv_tokens`` + ``act_tokens`` of them in all),
-        with ``new`` new tokens each: loaded K/V, loaded checkpoints and their recomputed K/V,
-        the padded past, past + new K/V, their GQA replication, the boolean mask."""
-        if past == 0:
-            return 0
-        item = self.dtype.itemsize
-        kv = self.kv_values_per_token * item
-        length = past + new
-        heads = self.heads or self.kv_heads
-        replicated = batch * length * 2 * heads * self.head_dim * item if heads > self.kv_heads else 0
-        return (
-            kv_tokens * kv + act_tokens * (self.hidden * item + kv)
-            + batch * past * kv
-            + batch * length * kv
-            + replicated
-            + batch * new * length
-        )
-
-    @property
-    def kv_values_per_token(self) -> int:
-        return 2 * self.kv_heads * self.head_dim
-
-    @property
-    def kv_block_bytes(self) -> int:
-        """Bytes of one KV block: every layer, ``block_size`` tokens."""
-        return self.num_layers * self.block_size * self.kv_values_per_token * self.dtype.itemsize
-
-    @property
-    def act_block_bytes(self) -> int:
-        return self.num_layers * self.block_size * self.hidden * self.dtype.itemsize
 
 
 @dataclass(slots=True)
@@ -158,10 +103,6 @@ class SequenceBlocks:
     capacity_tokens: int = 0
 
 
-def split_blocks(num_blocks: int, act_ratio: float) -> list[Kind]:
-    """Step one of the allocation: the kinds of a sequence's blocks, ACT first (oldest tokens)."""
-    act = min(num_blocks, max(0, round(act_ratio * num_blocks)))
-    return ["act"] * act + ["kv"] * (num_blocks - act)
 
 
 @dataclass(slots=True)
@@ -186,12 +127,6 @@ class HybridCache:
         act = torch.empty((spec.num_layers, act_blocks * spec.block_size, spec.hidden), dtype=spec.dtype, pin_memory=pin)
         return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act)
 
-    @staticmethod
-    def blocks_for(spec: CacheSpec, act_ratio: float, tokens: int) -> tuple[int, int]:
-        """``(kv_blocks, act_blocks)`` a sequence of ``tokens`` tokens needs."""
-        kinds = split_blocks(math.ceil(tokens / spec.block_size), act_ratio)
-        return kinds.count("kv"), kinds.count("act")
-
     def admit(self, seq: int, tokens: int) -> bool:
         """Reserve blocks for ``tokens`` tokens of sequence ``seq``; False if the pools cannot hold it now."""
         if seq in self.sequences:
@@ -212,7 +147,7 @@ class HybridCache:
         total = math.ceil(tokens / size)
         if total <= len(table.kinds):
             return
-        act_target = min(total, max(0, round(self.act_ratio * total)))
+        act_target = act_blocks(total, self.act_ratio)
         act_now = table.kinds.count("act")
         added: list[Kind] = ["act"] * max(0, act_target - act_now)
         added += ["kv"] * (total - len(table.kinds) - len(added))
@@ -243,6 +178,13 @@ class HybridCache:
             self.kv = new
         else:
             self.act = new
+
+    def held_tokens(self, seq: int) -> tuple[int, int]:
+        """``(kv_tokens, act_tokens)`` sequence ``seq`` holds now."""
+        table = self.sequences[seq]
+        size = self.spec.block_size
+        act = sum(min(size, max(0, table.length - i * size)) for i, k in enumerate(table.kinds) if k == "act")
+        return table.length - act, act
 
     def release(self, seq: int) -> None:
         """Give a finished sequence's blocks back."""

@@ -16,14 +16,13 @@ import torch
 import torch.fx as fx
 
 from ..config import format_bytes
-from ..errors import BudgetError
-from ..passes.memory import ActivationEstimate
-from ..passes.placement import CUDA_WORKSPACE_RESERVE
-from ..policy import Policy
+from ..ir.activation import ActivationEstimate
+from ..ir.policy import Policy, check_device_budget
+from ..ir.schedule import MIN_ROWS
+from ..ops.context import bind
 from .cache import CacheRuntime
-from .context import bind
 from .device import DeviceBackend
-from .minibatch import MIN_ROWS, BatchSplit, MiniBatchRunner, batch_split
+from .minibatch import BatchSplit, MiniBatchRunner, batch_split
 from .timeline import Timeline, active_timeline
 from .weights import WeightRuntime
 
@@ -70,26 +69,17 @@ class Runtime:
         """Device bytes held for weights: used in place, resident copies and the slot ring."""
         return self.in_place_weight_bytes + self.weights.device_bytes
 
-    def device_bytes_for(self, activation_bytes: int) -> int:
-        reserve = CUDA_WORKSPACE_RESERVE + activation_bytes // 10 if self.backend.device.type == "cuda" else 0
-        return self.weight_device_bytes() + activation_bytes + reserve
-
     def begin_call(self, args: Sequence[Any]) -> None:
         """Check that this call fits the device budget, before anything runs."""
         activation = self.activations.evaluate(args)
-        if self.cache is not None:
-            activation += self.cache.staging_bytes()
-        need = self.device_bytes_for(activation)
-        budget = self.policy.device_budget
-        if budget is not None and need > budget:
-            raise BudgetError(
-                f"this call needs {format_bytes(need)} ({need} bytes) of device memory: weights "
-                f"{format_bytes(self.weight_device_bytes())} + activations {format_bytes(activation)} for its shapes, "
-                f"above device_memory={format_bytes(budget)}; the placement was planned for activations of "
-                f"{format_bytes(self.activations.hint)}. Use smaller batches or a larger budget"
-            )
-        self.last_activation_bytes = activation
-        self.peak_device_bytes = max(self.peak_device_bytes, need)
+        staging = self.cache.staging_bytes() if self.cache is not None else 0
+        memory = self.policy.memory.for_call(self.backend.device.type, activations=activation, cache_staging=staging)
+        check_device_budget(
+            memory, self.policy.device_budget, what="this call",
+            advice=f"the placement was planned for activations of {format_bytes(self.activations.hint)}. Use "
+                   "smaller batches or a larger budget")
+        self.last_activation_bytes = activation + staging
+        self.peak_device_bytes = max(self.peak_device_bytes, memory.total)
         self.weights.begin_call()
 
     def stats(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Mini-batches: one step of a batch run layer by layer, each layer serving every mini-batch.
 
 A step of a large batch does not run as one piece. Its sequences are split into mini-batches
-(:func:`form_minibatches`), and :class:`MiniBatchRunner` executes the schedule so that
+(:func:`~hscompile.planner.minibatch.form_minibatches`), and :class:`MiniBatchRunner` executes the schedule so that
 
 * every weight operation (``prefetch_weights``, ``wait_weights``, the slot views) runs **once**
   per step: a streamed layer's weights cross the link once and serve every mini-batch;
@@ -21,15 +21,13 @@ symbolic (compiled for one batch size), whose batch symbol also sizes another di
 whose batched outputs do not lead with the batch, is not split: it runs whole, and
 :attr:`BatchSplit.reason` says why.
 
-:func:`form_minibatches` groups sequences into mini-batches with balanced loads and compute and
-orders them by Johnson's rule, which minimises the makespan of the two-stage pipeline
-"cache load on the link, then compute on the device" a layer is.
+Which sequences form the mini-batches, and in what order, is the planner's
+(:func:`hscompile.planner.minibatch.form_minibatches`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,15 +37,12 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..passes.graph_utils import fake_value
+from ..ir.fx import fake_value
+from ..ir.schedule import step_info
 from .timeline import Timeline
 
-__all__ = ["BatchSplit", "MiniBatchRunner", "SequenceCost", "batch_split", "form_minibatches", "makespan",
-           "minibatch_count"]
+__all__ = ["BatchSplit", "MiniBatchRunner", "batch_split"]
 
-MIN_ROWS = 2
-"""Rows of the smallest mini-batch of a graph with a symbolic batch. Dynamo compiles such a graph
-for sizes >= 2 (it specialises 0 and 1), so its partitions are only ever run on 2 rows or more."""
 
 _PER_MINIBATCH = frozenset({ops.load_kv._opoverload, ops.load_act._opoverload})
 """Ops without batched inputs that still act on the running mini-batch (its cache plan)."""
@@ -149,7 +144,7 @@ class MiniBatchRunner:
                 self._segments.append((current, node))
                 current = []
                 continue
-            step = getattr(node.meta.get("hybridserve"), "layer", None)
+            step = getattr(step_info(node), "layer", None)
             if node in self._batched and step is not None:
                 if layer is not None and step != layer and current:
                     self._segments.append((current, None))
@@ -271,73 +266,9 @@ class MiniBatchRunner:
         return fx.node.map_arg(self._output.args[0], gather)
 
 
-@dataclass(frozen=True, slots=True)
-class SequenceCost:
-    """One sequence's share of a layer's step: seconds on the link and on the device."""
-
-    load: float
-    compute: float
 
 
-def makespan(groups: Sequence[Sequence[SequenceCost]], *, overlap: bool) -> float:
-    """Time of one layer over mini-batches run in order: with ``overlap``, mini-batch ``i + 1``'s
-    load runs beside mini-batch ``i``'s compute (a two-stage flow shop); without, all is serial."""
-    if not overlap:
-        return sum(c.load + c.compute for g in groups for c in g)
-    link = device = 0.0
-    for group in groups:
-        link += sum(c.load for c in group)
-        device = max(device, link) + sum(c.compute for c in group)
-    return device
 
 
-def minibatch_count(n: int, size: int, *, min_rows: int = MIN_ROWS) -> int:
-    """Mini-batches :func:`form_minibatches` makes of ``n`` sequences for ``size`` rows each:
-    ``ceil(n / size)``, fewer where one would have fewer than ``min_rows`` rows. The largest has
-    ``ceil(n / count)`` rows: at most ``size``, or ``2 * min_rows - 1`` when ``size < min_rows``
-    or rounding forces the count down."""
-    if size < 1:
-        raise ValueError(f"mini-batch size must be >= 1, got {size}")
-    count = max(1, math.ceil(n / max(size, min(min_rows, n))))
-    while count > 1 and n // count < min_rows:
-        count -= 1
-    return count
 
 
-def form_minibatches(costs: Sequence[SequenceCost], size: int, *, min_rows: int = MIN_ROWS) -> list[list[int]]:
-    """Group sequences (indices of ``costs``) into mini-batches of at most ``size`` rows.
-
-    Invariants: every index appears exactly once; there are :func:`minibatch_count` groups of
-    ``floor(n / count)`` or ``ceil(n / count)`` rows, never fewer than ``min_rows`` unless the
-    whole batch is (then it is one group); one group comes in batch order.
-
-    Sequences are placed, heaviest first, into the group where the larger of its load and
-    compute sums grows least, which pairs load-heavy sequences with compute-heavy ones; the
-    groups are then ordered by Johnson's rule (load-light groups first by increasing load, then
-    the rest by decreasing compute), optimal for a two-stage pipeline.
-    """
-    n = len(costs)
-    count = minibatch_count(n, size, min_rows=min_rows)
-    if count == 1:
-        return [list(range(n))]
-    capacity = math.ceil(n / count)
-    floor = n // count
-    groups: list[list[int]] = [[] for _ in range(count)]
-    load = [0.0] * count
-    work = [0.0] * count
-    order = sorted(range(n), key=lambda i: (-(costs[i].load + costs[i].compute), i))
-    for placed, i in enumerate(order):
-        remaining = n - placed
-        # Groups still below the floor must be reachable by the sequences left.
-        short = sum(max(floor - len(g), 0) for g in groups)
-        open_ = [g for g in range(count) if len(groups[g]) < capacity
-                 and (remaining > short or len(groups[g]) < floor)]
-        best = min(open_, key=lambda g: (max(load[g] + costs[i].load, work[g] + costs[i].compute), len(groups[g]), g))
-        groups[best].append(i)
-        load[best] += costs[i].load
-        work[best] += costs[i].compute
-    for group in groups:
-        group.sort()
-    first = sorted((g for g in range(count) if load[g] <= work[g]), key=lambda g: (load[g], g))
-    last = sorted((g for g in range(count) if load[g] > work[g]), key=lambda g: (-work[g], g))
-    return [groups[g] for g in first + last]

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..ir.schedule import step_info
+
 __all__ = ["LANES", "Span", "Timeline", "active_timeline", "node_span", "record_timeline"]
 
 LANES = ("calls", "compute", "copy: weights", "copy: cache", "host")
@@ -186,7 +188,7 @@ def active_timeline() -> Timeline | None:
 
 def node_span(node: fx.Node, minibatch: int | None) -> tuple[str, str, dict[str, Any]] | None:
     """``(lane, label, args)`` for a schedule node's own time, or None if it takes none worth a span."""
-    info = node.meta.get("hybridserve")
+    info = step_info(node)
     lane = _STEP_LANES.get(getattr(info, "kind", None))  # type: ignore[arg-type]
     if lane is None:
         return None

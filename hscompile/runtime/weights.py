@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..layout import GroupLayout
-from ..policy import Policy
+from ..ir.layout import GroupLayout
+from ..ir.policy import Policy
 from .device import DeviceBackend
 
 __all__ = ["WeightRuntime"]

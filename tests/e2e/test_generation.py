@@ -216,7 +216,7 @@ def test_each_sequence_stops_at_its_eos_and_is_padded_after(references):
 def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(references):
     model, ids, mask, expected = references("mistral")
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5})
-    per_sequence = generator._sequence_bytes(generator.spec, int(mask.sum(1).max()) + NEW_TOKENS)
+    per_sequence = generator.spec.sequence_bytes(generator.cache.act_ratio, int(mask.sum(1).max()) + NEW_TOKENS)
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5,
                                             "host_memory": per_sequence})
     assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
@@ -290,7 +290,7 @@ def test_auto_ratio_is_the_cost_models_choice_and_keeps_parity(references, famil
 def test_the_searchs_activation_floor_is_below_the_placements_estimate(family):
     # The search is told a floor (it must not refuse what fits); the placement checks its own,
     # graph-derived figure. The floor should still be most of it.
-    from hscompile.runtime.cost_model import ModelDims
+    from hscompile.planner.cost_model import ModelDims
 
     model = tiny_model(family, layers=3, hidden=128, heads=4)
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.0})

@@ -10,8 +10,8 @@ from conftest import capture
 from models import FAMILIES, GQA_FAMILIES, TinyDecoder, WrappedDecoder, prompts, tiny_model
 
 from hscompile.errors import UnsupportedModelError
+from hscompile.ir.fx import fake_value, normalize_module_path
 from hscompile.passes.analyze import analyze
-from hscompile.passes.graph_utils import fake_value, normalize_module_path
 
 
 def _plan(model, *args, **kwargs):

@@ -11,8 +11,8 @@ from streaming import weight_bytes
 
 from hscompile.backend import compile_graph
 from hscompile.config import HybridServeConfig
+from hscompile.ir.schedule import step_info
 from hscompile.passes.offload import retarget_graph
-from hscompile.passes.partition import step_info
 from hscompile.passes.schedule import ScheduleError, verify_schedule
 
 PREFETCH = torch.ops.hybridserve.prefetch_weights.default
@@ -157,7 +157,7 @@ class _Recorder:
 
 @pytest.mark.inductor
 def test_inductor_neither_drops_nor_reorders_the_weight_ops():
-    from hscompile.runtime.context import bind
+    from hscompile.ops.context import bind
 
     def step(x, w):
         torch.ops.hybridserve.prefetch_weights(1, 256)

@@ -5,10 +5,11 @@ import torch
 from conftest import capture
 from models import FAMILIES, GQA_FAMILIES, prompts, tiny_model
 
+from hscompile.ir.fx import fake_value, structural_key
+from hscompile.ir.schedule import step_info
 from hscompile.passes.analyze import analyze
-from hscompile.passes.graph_utils import fake_value, structural_key
 from hscompile.passes.lower import lower
-from hscompile.passes.partition import Partition, partition, step_info
+from hscompile.passes.partition import Partition, partition
 
 
 def _schedule(model, ids):

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hscompile.runtime.blocks import BlockPool, CacheSpec, HybridCache, split_blocks
+from hscompile.ir.cache import CacheSpec, split_blocks
+from hscompile.runtime.blocks import BlockPool, HybridCache
 
 SPEC = CacheSpec(num_layers=2, kv_heads=2, head_dim=4, hidden=16, dtype=torch.float32, block_size=4)
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from models import prompts, tiny_model
 
 from hscompile.backend import compile_graph
 from hscompile.config import HybridServeConfig
-from hscompile.runtime.minibatch import MIN_ROWS, SequenceCost, batch_split, form_minibatches, makespan, minibatch_count
+from hscompile.ir.schedule import MIN_ROWS
+from hscompile.planner.minibatch import SequenceCost, form_minibatches, makespan, minibatch_count
+from hscompile.runtime.minibatch import batch_split
 
 costs_strategy = st.lists(
     st.builds(SequenceCost, st.floats(0, 10, allow_nan=False), st.floats(0, 10, allow_nan=False)), min_size=1, max_size=40

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hscompile.layout import ALIGNMENT, GLOBAL_GROUP, layout_group
-from hscompile.passes.plan import WeightRef
-from hscompile.policy import DeviceMemoryPlan, Policy
+from hscompile.ir.layout import ALIGNMENT, GLOBAL_GROUP, layout_group
+from hscompile.ir.plan import WeightRef
+from hscompile.ir.policy import DeviceMemoryPlan, Policy
 from hscompile.runtime.device import CpuDevice
 from hscompile.runtime.weights import WeightRuntime
 

@@ -1,4 +1,5 @@
-"""Which compiled model's runtime the ``torch.ops.hybridserve.*`` kernels act on.
+"""Which compiled model's runtime the ``torch.ops.hybridserve.*`` kernels act on, and what they
+need of it (Protocols, so that neither the ops nor the passes import the runtime).
 
 The executor binds its runtime around each call of the schedule; the op kernels look it up
 here. A ``ContextVar`` (not a global) so that two compiled models running in different
@@ -7,14 +8,14 @@ threads or tasks each see their own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["CacheOps", "OpRuntime", "WeightOps", "active_runtime", "bind"]
+__all__ = ["CacheOps", "KVRecompute", "OpRuntime", "WeightOps", "active_runtime", "bind"]
 
 
 class WeightOps(Protocol):
@@ -44,6 +45,19 @@ class CacheOps(Protocol):
     def step_begin(self, hidden: torch.Tensor, past: Any) -> None: ...
 
     def end_step(self) -> None: ...
+
+
+class KVRecompute(Protocol):
+    """A K/V recompute program (:class:`hscompile.passes.recompute.RecomputeProgram` is one):
+    K/V of checkpointed tokens of one layer, from their checkpoints, at their positions."""
+
+    @property
+    def tokens_per_call(self) -> int | None:
+        """The most tokens one call takes (None: any number)."""
+        ...
+
+    def __call__(self, layer: int, act: torch.Tensor, weights: Sequence[torch.Tensor],
+                 rotary_weights: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor: ...
 
 
 class OpRuntime(Protocol):

@@ -6,16 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hscompile.runtime.cost_model import (
+from hscompile.planner.cost_model import (
     Choice,
     ModelDims,
-    _device_bytes,
+    device_memory,
     choose,
     generation_seconds,
     minibatch_counts,
     simulate_step,
 )
-from hscompile.runtime.tuner import load_profile
+from hscompile.planner.hardware import load_profile
 
 A100 = load_profile("a100-40gb-pcie4")
 H100 = load_profile("h100-pcie5")
@@ -92,8 +92,8 @@ def test_the_search_respects_the_device_budget_or_says_nothing_fits(layers, hidd
     try:
         decision = choose(dims, A100, batch=batch, prompt=prompt, new_tokens=new, device_budget=budget)
     except ValueError:
-        smallest = min(_device_bytes(dims, Choice(0, 1, 0.0, count), batch=batch, context=prompt + new, activations=0,
-                                     overlap=A100.copies_overlap) for count in minibatch_counts(batch))
+        smallest = min(device_memory(dims, Choice(0, 1, 0.0, count), batch=batch, context=prompt + new, activations=0,
+                                     overlap=A100.copies_overlap).total for count in minibatch_counts(batch))
         assert smallest > budget
         return
     for prediction in decision.considered:
@@ -118,6 +118,6 @@ def test_a_tight_budget_is_met_with_smaller_minibatches():
     decision = choose(dims, A100, batch=64, prompt=2048, new_tokens=32, device_budget=budget)
     best = decision.best.choice
     assert best.minibatches > 1 and "would not fit" in decision.reason
-    whole = _device_bytes(dims, replace(best, minibatches=1), batch=64, context=2080, activations=0,
-                          overlap=A100.copies_overlap)
+    whole = device_memory(dims, replace(best, minibatches=1), batch=64, context=2080, activations=0,
+                          overlap=A100.copies_overlap).total
     assert whole > budget >= decision.best.device_bytes

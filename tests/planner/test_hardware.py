@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from hscompile.errors import ConfigError
-from hscompile.runtime.tuner import (
-    HardwareProfile,
-    bundled_profiles,
-    load_profile,
-    profile_path,
-    tune,
-)
+from hscompile.planner.hardware import HardwareProfile, bundled_profiles, load_profile, profile_path, tune
 
 
 @pytest.fixture

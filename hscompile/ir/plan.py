@@ -185,6 +185,16 @@ class ModelPlan:
         return self.layer_weight_bytes + self.global_weight_bytes
 
     @property
+    def weights(self) -> tuple[WeightRef, ...]:
+        """Every weight of the model, once: the global weights, then each layer's."""
+        return (*self.global_weights, *(w for layer in self.layers for w in layer.weights))
+
+    @property
+    def weight_nodes(self) -> frozenset[str]:
+        """The placeholder names of :attr:`weights`."""
+        return frozenset(w.node for w in self.weights)
+
+    @property
     def act_values_per_token(self) -> int:
         """Values an ACT block holds per token per layer: the hidden size."""
         return self.hidden_size

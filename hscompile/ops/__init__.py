@@ -7,7 +7,7 @@ them, so neither dead-code elimination nor reordering can touch them even though
 return nothing (or return a buffer no one reads at trace time).
 
 The real kernels act on the runtime of the compiled model that is running: the executor
-binds it for the duration of a call (:func:`hscompile.runtime.context.active_runtime`).
+binds it for the duration of a call (:func:`hscompile.ops.context.active_runtime`).
 Weights are identified by *group*: a decoder layer's index, or
 :data:`GLOBAL_GROUP` for the weights outside the layers (embeddings, final norm, head).
 """
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import GLOBAL_GROUP
-from .runtime.context import active_runtime
+from ..ir.layout import GLOBAL_GROUP
+from .context import active_runtime
 
 __all__ = [
     "GLOBAL_GROUP",

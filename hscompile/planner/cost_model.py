@@ -21,7 +21,7 @@ once: layers are identical; GEMM time is ``max(flops / (peak * m / (m + half_row
 bytes / memory bandwidth)``; attention is ``max(flops / attention rate, bytes read / memory
 bandwidth)``; no two copies overlap on the link; host gathers run at host memory bandwidth;
 the device never waits on the host for anything else. It predicts for profiles nobody measured here (see
-:func:`hscompile.runtime.tuner.bundled_profiles`).
+:func:`hscompile.planner.hardware.bundled_profiles`).
 
 :func:`choose` is the policy search: it tries ACT ratios, prefetch depths and resident-layer
 counts under the device and host budgets and keeps the fastest predicted generation. It is
@@ -37,14 +37,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..config import format_bytes
+from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError
-from ..passes.plan import ModelPlan
-from .tuner import HardwareProfile
+from ..ir.cache import CacheSpec, ConfigDims, checkpoint_tokens
+from ..ir.plan import ModelPlan
+from ..ir.policy import DeviceMemoryPlan
+from .budget import decode_staging
+from .hardware import HardwareProfile
 
 __all__ = [
-    "RATIOS", "Choice", "ModelDims", "Prediction", "StepEstimate", "choose", "generation_seconds", "minibatch_counts",
-    "minibatch_rows", "sequence_cost", "simulate_step",
+    "RATIOS", "Choice", "Decision", "ModelDims", "Prediction", "StepEstimate", "choose", "device_memory",
+    "generation_seconds", "minibatch_counts", "minibatch_rows", "resolve_act_ratio", "sequence_cost", "simulate_step",
 ]
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -103,6 +106,11 @@ class ModelDims:
         mlp = max(self.layer_matmul_params - attention, 0)
         return rows * tokens * self.item * (mlp // self.hidden + self.hidden)
 
+    def cache_spec(self, block_size: int) -> CacheSpec:
+        """The cache dimensions of this model with blocks of ``block_size`` tokens."""
+        return CacheSpec(num_layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, hidden=self.hidden,
+                         dtype=getattr(torch, self.dtype), block_size=block_size, heads=self.heads)
+
     @classmethod
     def from_plan(cls, plan: ModelPlan, *, layout_bytes: int | None = None, global_bytes: int | None = None) -> ModelDims:
         """From an analysis plan (what the backend has when it places a graph)."""
@@ -123,10 +131,9 @@ class ModelDims:
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ModelDims:
         """From a transformers model's config and parameters (meta-device models work)."""
-        config = model.config
-        layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        declared = ConfigDims.of(model.config)
+        layers, hidden, heads = declared.layers, declared.hidden, declared.heads
+        kv_heads, head_dim = declared.kv_heads, declared.head_dim
         params = {id(p): p for p in model.parameters()}.values()
         dtype = next(iter(params)).dtype
         embed = model.get_input_embeddings().weight
@@ -195,7 +202,7 @@ def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int
         + profile.memory_seconds(ELEMENTWISE_PASSES * rows * dims.act_bytes)
         + profile.layer_overhead_seconds
     )
-    act_tokens = batch * _act_tokens(past, act_ratio, block_size)
+    act_tokens = batch * checkpoint_tokens(past, act_ratio, block_size)
     kv_tokens = batch * past - act_tokens
     loaded = kv_tokens * dims.kv_bytes + act_tokens * dims.act_bytes
     stored = rows * max(dims.kv_bytes, dims.act_bytes) if act_ratio else rows * dims.kv_bytes
@@ -214,14 +221,6 @@ def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int
             + profile.memory_seconds(6 * act_tokens * dims.act_bytes)  # norm, rotary, layout
         )
     return compute, cache, recompute, link
-
-
-def _act_tokens(past: int, ratio: float, block_size: int) -> int:
-    """Past tokens held as checkpoints: the sequence's first ``round(ratio * blocks)`` blocks."""
-    if ratio <= 0 or past == 0:
-        return 0
-    blocks = math.ceil(past / block_size)
-    return min(past, round(ratio * blocks) * block_size)
 
 
 def sequence_cost(dims: ModelDims, profile: HardwareProfile | None, *, kv_tokens: int, act_tokens: int,
@@ -360,16 +359,22 @@ class Decision:
     reason: str = ""
 
 
-def _device_bytes(dims: ModelDims, choice: Choice, *, batch: int, context: int, activations: int,
-                  overlap: bool = False) -> int:
+def device_memory(dims: ModelDims, choice: Choice, *, batch: int, context: int, activations: int,
+                  overlap: bool = False, device_type: str = "cuda", block_size: int = 16) -> DeviceMemoryPlan:
+    """The device memory ``choice`` needs for a generation of ``batch`` sequences of ``context``
+    tokens: the same plan placement makes (:meth:`DeviceMemoryPlan.build`), with the cache staging
+    of the longest decode step of one mini-batch (:func:`~hscompile.planner.budget.decode_staging`)."""
     streamed = dims.layers - choice.resident_layers
-    ring = min(choice.prefetch_depth + 1, streamed) * dims.layer_weight_bytes
-    heads = dims.heads
     rows = max(minibatch_rows(batch, choice.minibatches))
-    staging = rows * context * (dims.kv_bytes * 4 + 2 * heads * dims.head_dim * dims.item + dims.act_bytes)
-    if overlap:  # the next mini-batch's loads are in flight
-        staging += rows * context * max(dims.kv_bytes, dims.act_bytes)
-    return dims.global_weight_bytes + choice.resident_layers * dims.layer_weight_bytes + ring + activations + staging
+    staging = decode_staging(dims.cache_spec(block_size), choice.act_ratio, rows=rows, longest=context, overlap=overlap)
+    return DeviceMemoryPlan.build(
+        device_type,
+        global_weights=dims.global_weight_bytes,
+        resident_layers=choice.resident_layers * dims.layer_weight_bytes,
+        ring=min(choice.prefetch_depth + 1, streamed) * dims.layer_weight_bytes,
+        activations=activations,
+        cache_staging=staging,
+    )
 
 
 def minibatch_counts(batch: int, min_rows: int = 2) -> tuple[int, ...]:
@@ -383,7 +388,7 @@ def minibatch_counts(batch: int, min_rows: int = 2) -> tuple[int, ...]:
 def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int, new_tokens: int,
            device_budget: int | None, activations: int = 0, block_size: int = 16,
            ratios: tuple[float, ...] = RATIOS, depths: tuple[int, ...] = (1, 2),
-           minibatches: tuple[int, ...] | None = None) -> Decision:
+           minibatches: tuple[int, ...] | None = None, device_type: str = "cuda") -> Decision:
     """The fastest predicted choice that fits ``device_budget`` (``None``: no limit).
 
     It searches prefetch depths, resident layers (the most that fit), ACT ratios (GQA-aware, see
@@ -404,8 +409,9 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
                 if resident == dims.layers and depth != depths[0]:
                     continue  # nothing streams: the depth does not matter
                 choice0 = Choice(resident, depth, 0.0, count)
-                need = _device_bytes(dims, choice0, batch=batch, context=context, activations=activations,
-                                     overlap=profile.copies_overlap)
+                need = device_memory(dims, choice0, batch=batch, context=context, activations=activations,
+                                     overlap=profile.copies_overlap, device_type=device_type,
+                                     block_size=block_size).total
                 smallest = need if smallest is None else min(smallest, need)
                 if device_budget is not None and need > device_budget:
                     continue
@@ -423,8 +429,9 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
     best = min((p for p in considered if p.seconds <= fastest * 1.01), key=lambda p: (p.choice.minibatches, p.seconds))
     why = f"{best.decode.bound} binds the decode step"
     if best.choice.minibatches > 1:
-        one = _device_bytes(dims, replace(best.choice, minibatches=1), batch=batch, context=context,
-                            activations=activations, overlap=profile.copies_overlap)
+        one = device_memory(dims, replace(best.choice, minibatches=1), batch=batch, context=context,
+                            activations=activations, overlap=profile.copies_overlap, device_type=device_type,
+                            block_size=block_size).total
         why += (f"; {best.choice.minibatches} mini-batches per step" + (
             " (the cache staging of one whole batch would not fit beside these resident layers)"
             if device_budget is not None and one > device_budget else " overlap cache loads with compute"))
@@ -432,3 +439,13 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
         why += (f"; a checkpoint ({dims.act_bytes} B/token/layer) is not smaller than K/V ({dims.kv_bytes} B), "
                 "so checkpoints were not considered")
     return Decision(best, tuple(considered), why)
+
+
+def resolve_act_ratio(config: HybridServeConfig, hidden: int, kv_values_per_token: int) -> float:
+    """The ACT ratio to use. ``"auto"``, until the cost model decides it: checkpoints where they
+    move fewer bytes than K/V (MHA: half the tokens), none where they move as many or more
+    (GQA with ``2 * kv_heads * head_dim <= hidden``)."""
+    ratio = config.cache.act_ratio
+    if ratio != "auto":
+        return float(ratio)
+    return 0.5 if hidden < kv_values_per_token else 0.0

@@ -52,7 +52,7 @@ PROFILE_SCHEMA = 1
 
 @dataclass(frozen=True, kw_only=True)
 class HardwareProfile:
-    """Rates of one device (bytes and FLOP per second), as :mod:`hscompile.runtime.cost_model` uses them."""
+    """Rates of one device (bytes and FLOP per second), as :mod:`hscompile.planner.cost_model` uses them."""
 
     schema: int = PROFILE_SCHEMA
     device: str

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .passes.plan import WeightRef
+from .plan import ModelPlan, WeightRef
 
-__all__ = ["ALIGNMENT", "GLOBAL_GROUP", "GroupLayout", "PackedWeight", "layout_group"]
+__all__ = ["ALIGNMENT", "GLOBAL_GROUP", "GroupLayout", "PackedWeight", "group_layouts", "layout_group"]
 
 GLOBAL_GROUP = -1
 """Group id of the weights outside the decoder layers (embeddings, final norm, head)."""
@@ -93,3 +93,17 @@ def layout_group(group: int, weights: Sequence[WeightRef]) -> GroupLayout:
         )
         offset = _align(offset + weight.nbytes)
     return GroupLayout(group=group, weights=tuple(packed), nbytes=max(offset, ALIGNMENT))
+
+
+def group_layouts(plan: ModelPlan) -> dict[int, GroupLayout]:
+    """The packed layout of every weight group: each layer, and the global group.
+
+    A layer's weights are packed in the order of their names inside the layer (the same in every
+    layer): a loader can then lay a checkpoint's layers out exactly so before anything is traced
+    (:mod:`hscompile.loading`), and the host store adopts those buffers instead of copying them.
+    """
+    layouts = {
+        layer.index: layout_group(layer.index, sorted(layer.weights, key=lambda w: w.local_name)) for layer in plan.layers
+    }
+    layouts[GLOBAL_GROUP] = layout_group(GLOBAL_GROUP, plan.global_weights)
+    return layouts

@@ -1,0 +1,366 @@
+"""Batched generation over the hybrid KV/ACT cache.
+
+:class:`Generator` compiles a model for generation once and serves many ``generate`` calls;
+:func:`generate` keeps one per model and options. A call:
+
+1. validates everything before any work (shapes, left padding, lengths against the model's
+   maximum positions, sampling settings, the host budget for one sequence);
+2. admits the sequences into host block pools (two-step allocation: split each sequence's
+   blocks between KV and ACT by the ratio, then place them), in waves if the host budget
+   cannot hold them all at once: a sequence waits for blocks, it is never dropped or cut short;
+3. runs prefill over the prompts, then one decode step per new token. Each step calls the
+   model through ``torch.compile`` with a backend that compiles its graph with the cache pass:
+   every layer loads its past tokens' K/V and checkpoints, recomputes K/V from the
+   checkpoints, attends, and stores the new tokens as K/V or checkpoints;
+4. picks tokens greedily or by sampling (temperature, top-k, top-p; seeded), stops each
+   sequence at its end-of-sequence token and pads it after, as ``transformers`` does.
+
+The parts: :mod:`~hscompile.generation.validation` checks the input,
+:func:`~hscompile.planner.budget.admit_waves` admits it, :func:`~hscompile.planner.choice.choose_call`
+decides the ratio and mini-batches, :class:`~hscompile.generation.graphs.GeneratorGraphs` compiles
+and budget-checks the graphs, :class:`~hscompile.runtime.cache.CacheRuntime` serves the cache, and
+:mod:`~hscompile.generation.sampling` picks tokens. This module drives them.
+
+Positions follow transformers' convention for left-padded batches (``cumsum(mask) - 1``), so
+the cache stores real tokens only and a token's position is its index among them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..backend import CompiledModel, kept_generator
+from ..config import HybridServeConfig
+from ..errors import UnsupportedModelError
+from ..ir.cache import CacheSpec
+from ..ir.policy import CacheBudget
+from ..planner import hardware
+from ..planner.budget import admit_waves, decode_staging
+from ..planner.choice import choose_call
+from ..planner.cost_model import Decision, ModelDims, resolve_act_ratio, sequence_cost
+from ..planner.hardware import HardwareProfile
+from ..planner.minibatch import SequenceCost, minibatch_count, step_groups
+from ..runtime.cache import CacheRuntime, StepRequest
+from .graphs import GeneratorGraphs, tracing_settings
+from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
+from .validation import check_act_ratio, check_batch, check_prompt_length
+
+if TYPE_CHECKING:
+    from ..text import Completion, Prompt
+
+__all__ = ["Generator", "generate"]
+
+
+class Generator:
+    """Generation with weight streaming and the hybrid KV/ACT cache, for one model and options.
+
+    >>> generator = hscompile.Generator(model, options={"device": "cpu", "act_ratio": 0.5})  # doctest: +SKIP
+    >>> tokens = generator.generate(input_ids, attention_mask=mask, max_new_tokens=32)  # doctest: +SKIP
+
+    With a ``tokenizer`` (as :func:`hscompile.from_pretrained` gives), :meth:`generate_text` takes
+    and returns text.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: Mapping[str, object] | None = None, *,
+                 tokenizer: Any | None = None) -> None:
+        if not hasattr(model, "config"):
+            raise UnsupportedModelError("hscompile.generate needs a transformers causal LM (a model with a .config)")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        """The model's tokenizer (a transformers tokenizer padding on the left), or None."""
+        self.config = HybridServeConfig.from_options(options)
+        self.spec = CacheSpec.from_config(model.config, next(model.parameters()).dtype, self.config.cache.block_size)
+        """The cache dimensions the model's config declares; each compiled graph checks them
+        against what its analysis found (:meth:`CacheRuntime.configure`)."""
+        self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
+        self.cache = CacheRuntime(device=self.config.device, act_ratio=self.act_ratio, host_budget=None)
+        self.decision: Decision | None = None
+        """The cost model's choice for the last call with an ``"auto"`` option (alternatives and why)."""
+        self.minibatch_size: int | None = None
+        """Rows per mini-batch of the last call (None: every step runs whole)."""
+        self._dims: ModelDims | None = None
+        self._profile: HardwareProfile | None = None
+        self._workload: tuple[int, int, int] | None = None
+        self._staging = 0
+        self.graphs = GeneratorGraphs(self.config, self.cache, self._budget)
+        self._compiled = torch.compile(model, backend=self.graphs, fullgraph=True)
+
+    # -- public --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        act_ratio: float | None = None,
+        progress: bool = False,
+        stopping: Callable[[int, list[int]], bool] | None = None,
+    ) -> torch.Tensor:
+        """Prompt + new tokens, ``(batch, prompt + n)``, like ``transformers``' ``generate``.
+
+        ``input_ids`` is a left-padded batch; ``attention_mask`` marks real tokens with 1.
+        ``act_ratio`` overrides the options' ratio for this call (the compiled graphs do not
+        depend on it, so sweeping it costs no compilation). ``progress`` shows a progress bar
+        over the steps on the terminal (off by default: a library stays quiet).
+
+        ``seed`` makes sampling reproducible per sequence: one int seeds sequence ``i`` with
+        :func:`~hscompile.text.sequence_seed` ``(seed, i)``, a list gives each sequence its own
+        seed. A sequence's tokens then depend on its prompt, settings and seed only, not on the
+        waves or mini-batches it runs in. ``stopping(row, new_token_ids) -> bool`` ends a sequence
+        early (as its end-of-sequence token would): stop strings use it.
+        """
+        ids, mask = check_batch(input_ids, attention_mask, max_new_tokens)
+        lengths = mask.sum(dim=1)
+        self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
+        check_sampling(do_sample, temperature, top_k, top_p)
+        streams = samplers(seed, ids.shape[0]) if do_sample else None
+        check_act_ratio(act_ratio)
+        totals = [int(n) + max_new_tokens for n in lengths]
+        self._workload = (ids.shape[0], int(lengths.max()), max_new_tokens)
+        choice = choose_call(self.config, batch=ids.shape[0], prompt=int(lengths.max()), new_tokens=max_new_tokens,
+                             act_ratio=act_ratio, fallback_ratio=self.act_ratio, dims=self._model_dims,
+                             profile=self._hardware)
+        self.cache.act_ratio, self.minibatch_size = choice.act_ratio, choice.minibatch_rows
+        self.decision = choice.decision
+        waves = admit_waves(self.spec, self.cache.act_ratio, totals, self.config.memory.host_memory)
+        self._staging = self._decode_staging(max(len(w) for w in waves), max(totals))
+        self.graphs.check_budget([(len(w), ids.shape[1], False) for w in waves] + [(len(w), 1, True) for w in waves],
+                                 self._staging)
+        pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
+        with _progress(progress, len(waves) * max_new_tokens) as tick:
+            for wave in waves:
+                sampling = Sampling(do_sample, temperature, top_k, top_p,
+                                    [streams[i] for i in wave] if streams is not None else None)
+                out = self._generate_wave(ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
+                                          sampling, tick, _stopping_for(stopping, wave))
+                for row, index in enumerate(wave):
+                    pieces[index] = out[row]
+        width = max(p.shape[0] for p in pieces)
+        pad = pad_token_id(self.model)
+        return torch.stack([torch.cat((p, p.new_full((width - p.shape[0],), pad))) for p in pieces])
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        act_ratio: float | None = None,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """One :class:`~hscompile.text.Completion` per prompt, in order.
+
+        A prompt is a string, or chat messages (``[{"role": "user", "content": "..."}]``) rendered
+        with the tokenizer's chat template; ``chat=True`` renders plain strings as one user turn.
+        Prompts are encoded one by one and left-padded together, so greedy ``token_ids`` equal
+        transformers' ``generate(do_sample=False)`` whether prompts run together or alone. A stop
+        string ends its sequence (``finish_reason="stop"``; the text is cut before it). ``seed`` and
+        ``act_ratio``: see :meth:`generate`.
+        """
+        from ..text import complete
+
+        return complete(self, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=stop, chat=chat, act_ratio=act_ratio,
+                        progress=progress)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the cache and of the newest compiled graph."""
+        latest = self.graphs.compiled[-1].stats() if self.graphs.compiled else {}
+        decision = {}
+        if self.decision is not None:
+            best = self.decision.best
+            decision = {"predicted_seconds": best.seconds, "predicted_tokens_per_s": best.tokens_per_s,
+                        "decision": self.decision.reason}
+        return {
+            **latest,
+            **decision,
+            "act_ratio": self.cache.act_ratio,
+            "minibatch_size": self.minibatch_size,
+            "graphs": len(self.graphs.compiled),
+            **self.cache.counters.as_stats(),
+        }
+
+    @property
+    def compiled_graphs(self) -> list[CompiledModel]:
+        return list(self.graphs.compiled)
+
+    def check_prompt_length(self, tokens: int, max_new_tokens: int, *, where: str) -> None:
+        """Refuse a prompt of ``tokens`` tokens that, with ``max_new_tokens``, would pass the model's
+        positions (or its sliding window); ``where`` names the prompt in the message."""
+        check_prompt_length(self.model.config, tokens, max_new_tokens, where=where)
+
+    def eos_token_ids(self) -> list[int]:
+        """The tokens that end a sequence (the generation config's, else the model config's)."""
+        return eos_token_ids(self.model)
+
+    def pad_token_id(self) -> int:
+        """The token rows are padded with (the pad token, else the first end-of-sequence token, else 0)."""
+        return pad_token_id(self.model)
+
+    # -- planning a call -------------------------------------------------------------------
+
+    def _decode_staging(self, batch: int, longest: int) -> int:
+        """Staging bytes of the longest step this call can have (the budget of new graphs holds it)."""
+        rows = batch
+        if self.minibatch_size is not None:  # one mini-batch is staged at a time
+            rows = -(-batch // minibatch_count(batch, self.minibatch_size))
+        return decode_staging(self.spec, self.cache.act_ratio, rows=rows, longest=longest,
+                              overlap=self.cache.overlap_loads)
+
+    def _budget(self) -> CacheBudget:
+        """What the placement of a graph compiled now must leave room for."""
+        if self.cache.spec is None:
+            self.cache.configure(self.spec)
+        minibatches = 1
+        if self._workload is not None and self.minibatch_size is not None:
+            minibatches = -(-self._workload[0] // self.minibatch_size)
+        return CacheBudget(act_ratio=self.cache.act_ratio, staging_bytes=self._staging, workload=self._workload,
+                           profile=self._profile, minibatches=minibatches)
+
+    def _model_dims(self) -> ModelDims:
+        if self._dims is None:
+            self._dims = ModelDims.from_model(self.model)
+        return self._dims
+
+    def _hardware(self, dims: ModelDims) -> HardwareProfile:
+        """This device's profile (measured once and cached, see :func:`hscompile.tune`)."""
+        if self._profile is None:
+            self._profile = hardware.tune(self.config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True)
+        return self._profile
+
+    def _groups(self, mask: torch.Tensor | None) -> list[list[int]] | None:
+        """The mini-batches of the next step (None: run it whole): sequences grouped so each
+        group's cache loads and compute are balanced, in the order that overlaps them best
+        (:func:`~hscompile.planner.minibatch.form_minibatches`). ``mask`` is the prefill's mask,
+        None for a decode step (its costs come from what the cache holds)."""
+        size = self.minibatch_size
+        if size is None:
+            return None
+        if mask is not None:  # a prefill: every row is computed at the padded length
+            costs = [SequenceCost(0.0, float(n)) for n in mask.sum(dim=1).tolist()]
+        else:
+            dims = self._model_dims()
+            costs = [SequenceCost(*sequence_cost(dims, self._profile, kv_tokens=kv, act_tokens=act, new=1))
+                     for kv, act in self.cache.held_tokens()]
+        return step_groups(size, costs)
+
+    # -- the engine --------------------------------------------------------------------------
+
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest,
+              prefill: torch.Tensor | None = None) -> torch.Tensor:
+        """One step: the model on ``ids`` through the compiled graph; the last position's logits."""
+        device = next(self.model.parameters()).device
+        ids, mask, positions = (t.to(device) for t in (ids, mask, positions))
+        for tensor in (ids, mask, positions):
+            for dim in (0, 1):
+                if tensor.shape[dim] > 1:  # one prefill graph for every prompt shape
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        request.groups = self._groups(prefill)
+        self.cache.request = request
+        try:
+            # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
+            # that differs between two models of the same class as a run-time input.
+            with tracing_settings():
+                out = self._compiled(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                     logits_to_keep=1)
+        finally:
+            self.cache.request = None
+        return out.logits[:, -1, :].float().cpu()
+
+    def _generate_wave(self, ids: torch.Tensor, mask: torch.Tensor, totals: list[int], max_new_tokens: int,
+                       sampling: Sampling, tick: Callable[[], None] = lambda: None,
+                       stopping: Callable[[int, list[int]], bool] | None = None) -> torch.Tensor:
+        batch = ids.shape[0]
+        eos = eos_token_ids(self.model)
+        pad = pad_token_id(self.model)
+        try:
+            positions = mask.cumsum(dim=1) - 1
+            positions.masked_fill_(mask == 0, 1)
+            logits = self._call(ids, mask, positions, StepRequest(real=mask.bool(), admit=list(totals)), prefill=mask)
+            unfinished = torch.ones(batch, dtype=torch.bool)
+            generated: list[torch.Tensor] = []
+            for step in range(max_new_tokens):
+                tokens = select(logits, sampling)
+                tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+                generated.append(tokens)
+                tick()
+                if eos:
+                    unfinished &= ~torch.isin(tokens, torch.tensor(eos))
+                if stopping is not None:
+                    so_far = torch.stack(generated, dim=1)
+                    for row in unfinished.nonzero().flatten().tolist():
+                        if stopping(row, so_far[row].tolist()):
+                            unfinished[row] = False
+                if step == max_new_tokens - 1 or not bool(unfinished.any()):
+                    break
+                lengths = torch.tensor([kv + act for kv, act in self.cache.held_tokens()])
+                logits = self._call(tokens.view(batch, 1), torch.ones(batch, 1, dtype=torch.long),
+                                    lengths.view(batch, 1), StepRequest(real=torch.ones(batch, 1, dtype=torch.bool)))
+        finally:
+            self.cache.end_batch()
+        return torch.cat((ids, torch.stack(generated, dim=1)), dim=1)
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[], None]]:
+    """A ``tick()`` per generated token position: a rich progress bar when ``show``, else nothing."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("generating", total=total)
+        yield lambda: bar.advance(task)
+
+
+def _stopping_for(stopping: Callable[[int, list[int]], bool] | None,
+                  wave: list[int]) -> Callable[[int, list[int]], bool] | None:
+    """``stopping`` with a wave's rows mapped back to the call's."""
+    if stopping is None:
+        return None
+    return lambda row, ids: stopping(wave[row], ids)
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] | None = None,
+    options: Mapping[str, object] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate with weight streaming and the hybrid KV/ACT cache; returns prompt + new tokens.
+
+    The first call for a model and options compiles it (the :class:`Generator` is kept for
+    later calls). See :class:`Generator` and the README for the options.
+    """
+    generator = kept_generator(model, options, lambda: Generator(model, options))
+    return generator.generate(
+        input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, progress=progress,
+    )

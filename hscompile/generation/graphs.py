@@ -1,0 +1,119 @@
+"""The graphs one generator compiles: the dynamo backend it compiles them with, the dynamo
+settings of its calls, and the device-budget check of a call against graphs compiled earlier."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..backend import CompiledModel, compile_graph, record
+from ..config import HybridServeConfig
+from ..errors import HybridServeError, surface_through_dynamo
+from ..ir.fx import fake_value
+from ..ir.policy import CacheBudget, check_device_budget
+from ..runtime.cache import CacheRuntime
+
+__all__ = ["GeneratorGraphs", "step_activations", "tracing_settings"]
+
+
+class GeneratorGraphs:
+    """The dynamo backend of one generator (every graph is compiled with the cache pass) and the
+    graphs it compiled, oldest first."""
+
+    def __init__(self, config: HybridServeConfig, cache: CacheRuntime, budget: Callable[[], CacheBudget]) -> None:
+        self.config = config
+        self.cache = cache
+        # Weakly: the generator owns this backend, and dynamo keeps the backend alive in its caches.
+        self._budget = weakref.WeakMethod(budget)  # type: ignore[arg-type]
+        self.compiled: list[CompiledModel] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> CompiledModel:
+        budget = self._budget()
+        assert budget is not None, "the generator that owns this backend is gone"
+        try:
+            compiled = compile_graph(gm, example_inputs, self.config, cache=self.cache, cache_budget=budget())
+        except HybridServeError as error:
+            raise surface_through_dynamo(error) from None
+        record(compiled, example_inputs)
+        self.compiled.append(compiled)
+        return compiled
+
+    def check_budget(self, steps: Sequence[tuple[int, int, bool]], staging: int) -> None:
+        """Refuse, before any work, a call that a graph compiled earlier could not run within the
+        budget. ``steps`` are the call's step shapes ``(batch, tokens, decode)``; a graph is checked
+        only against the steps dynamo would route to it (:func:`step_activations`), with the
+        activations of that shape and, for decode steps, the call's longest cache ``staging``."""
+        for compiled in self.compiled:
+            if compiled.executor is None or compiled.policy.device_budget is None:
+                continue
+            for batch, tokens, decode in steps:
+                activations = step_activations(compiled, batch, tokens)
+                if activations is None:
+                    continue
+                device = torch.device(compiled.policy.device).type
+                memory = compiled.policy.memory.for_call(device, activations=activations,
+                                                         cache_staging=staging if decode else 0)
+                check_device_budget(
+                    memory, compiled.policy.device_budget,
+                    what=f"this generation's {'decode' if decode else 'prefill'} step of {batch} x {tokens} tokens",
+                    advice="generate fewer tokens or sequences at once, or use a new hscompile.Generator with a "
+                           "larger budget")
+
+
+def tracing_settings() -> contextlib.AbstractContextManager:
+    """Dynamo settings for the generator's own calls.
+
+    Floats such as attention's scale stay constants (dynamo would lift one that differs between
+    two models of the same class as a run-time input), and each generator may add its graphs to
+    the model class's code without hitting the recompile limit that several generators (or other
+    compilations of that class) in one process would reach together.
+    """
+    config = torch._dynamo.config
+    stack = contextlib.ExitStack()
+    # Distinct symbols for distinct dimensions (no duck sizing), so a batch that happens to equal
+    # the prompt length keeps its own symbol and the step can still run as mini-batches.
+    from torch.fx.experimental import _config as shapes
+
+    if hasattr(shapes, "use_duck_shape"):
+        stack.enter_context(shapes.patch(use_duck_shape=False))
+    settings: dict[str, object] = {}
+    if hasattr(config, "specialize_float"):
+        settings["specialize_float"] = True
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            settings[name] = max(getattr(config, name), 64)
+            break
+    if settings:
+        stack.enter_context(config.patch(**settings))
+    return stack
+
+
+def step_activations(compiled: CompiledModel, batch: int, tokens: int) -> int | None:
+    """Activation bytes of ``compiled`` for a step of ``batch`` x ``tokens``, or None when dynamo
+    would not route such a step to it.
+
+    The generator's inputs (ids, mask, positions) are all ``(batch, tokens)``: a static size of
+    the graph must equal the step's, and a symbolic one serves any size but 0 and 1 (which dynamo
+    specialises). Other guards are not modelled: a step this accepts may still get a new graph,
+    whose placement then checks the budget itself.
+    """
+    sizes: dict[Any, int] = {}
+    for node in compiled.schedule.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = fake_value(node)
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
+            continue
+        for size, wanted in zip(value.shape, (batch, tokens), strict=True):
+            if isinstance(size, int):
+                if size != wanted:
+                    return None
+            elif wanted < 2 or sizes.setdefault(size.node.expr, wanted) != wanted:
+                return None
+    assert compiled.executor is not None
+    return compiled.executor.runtime.activations.evaluate_sizes(sizes)

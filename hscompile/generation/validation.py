@@ -1,0 +1,83 @@
+"""Checks of a generation call's input, before any work: shapes, left padding, lengths.
+
+Every refusal is a ``ValueError`` (or :class:`~hscompile.errors.UnsupportedModelError` for what
+the model cannot do) naming what is wrong and what would be valid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..ir.cache import max_positions
+
+__all__ = ["check_act_ratio", "check_batch", "check_prompt_length"]
+
+
+def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` as long tensors on the CPU, after checking that ``input_ids`` is a non-empty
+    2-D integer batch, left-padded as ``attention_mask`` (1 for tokens, 0 for padding; default:
+    no padding) says, with at least one token per row, and ``max_new_tokens >= 1``."""
+    integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.long, torch.int)
+    if not integer or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be a 2-D integer tensor (batch, seq); got "
+            f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    ids = input_ids.long().cpu()
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(ids.shape)}; got "
+                f"{tuple(getattr(attention_mask, 'shape', ()))}"
+            )
+        mask = attention_mask.long().cpu()
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    lengths = mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError(f"sequence {int((lengths == 0).nonzero()[0])} of the batch has no tokens (its mask is all 0)")
+    # Left padding: once a row's tokens start, they continue to the end.
+    started = mask.cumsum(dim=1) > 0
+    if bool((started & (mask == 0)).any()):
+        raise ValueError(
+            "the batch is not left-padded: padding must come before each prompt (e.g. tokenizer.padding_side='left')"
+        )
+    return ids, mask
+
+
+def check_act_ratio(act_ratio: object) -> None:
+    """A per-call ACT ratio is None (the options' ratio) or a number in [0, 1]."""
+    if act_ratio is not None and (
+        isinstance(act_ratio, bool) or not isinstance(act_ratio, (int, float)) or not 0 <= act_ratio <= 1
+    ):
+        raise ValueError(f"act_ratio must be in [0, 1], got {act_ratio!r}")
+
+
+def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where: str) -> None:
+    """Refuse a prompt of ``tokens`` tokens that, with ``max_new_tokens``, would pass the maximum
+    positions (or the sliding window) of a model of ``config``; ``where`` names the prompt."""
+    found = max_positions(config)
+    limit = found[0] if found is not None else None
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{where} has {tokens} tokens, more than the model's maximum positions ({limit})")
+    if limit is not None and tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"{where} of {tokens} tokens + max_new_tokens={max_new_tokens} = {tokens + max_new_tokens} tokens "
+            f"exceeds the model's maximum positions ({limit}); use max_new_tokens <= {limit - tokens}"
+        )
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and tokens + max_new_tokens > window:
+        raise UnsupportedModelError(
+            f"this model attends within a sliding window of {window} tokens; generating past it "
+            f"({tokens + max_new_tokens} tokens for {where}) is not supported yet: use max_new_tokens <= "
+            f"{window - tokens}"
+        )
