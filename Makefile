@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # $(call pytest,VENV) runs the suite with VENV's Python.
 pytest = OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(1)/bin/python -m pytest -n $(JOBS) $(PYTEST_ARGS)
 
-.PHONY: demo test test-fast test-latest test-versions lock bench-compile clean
+.PHONY: demo test test-fast test-latest test-versions lock bench-compile gpu-deps clean
 
 # The lock installs with --no-deps: what it lists is what the venv gets, nothing resolved anew.
 # pip and setuptools are pinned too (the editable install builds without isolation).
@@ -83,5 +83,13 @@ lock:
 bench-compile: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
 
+# What the GPU machine lacks (it has torch and transformers, no registry): the pure-Python
+# dependencies at their locked versions, in .gpu-deps/ for benchmarks/gpu_check.sh to carry.
+GPU_DEPS := networkx rich pygments markdown-it-py mdurl pytest pluggy iniconfig packaging
+gpu-deps: $(STAMP)
+	rm -rf .gpu-deps
+	$(BIN)/python -m pip install --quiet --no-deps --target .gpu-deps \
+		$$(for p in $(GPU_DEPS); do grep -iE "^$$p==" $(LOCK); done)
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock .venv-torch* build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .venv-torch* .gpu-deps build *.egg-info .pytest_cache

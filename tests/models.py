@@ -163,3 +163,12 @@ def save_checkpoint(path, family: str = "llama", *, tokenizer: bool = True, dtyp
     if tokenizer:
         text_tokenizer().save_pretrained(path)
     return model
+
+
+def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Five left-padded prompts of different lengths (9, 5, 9, 7, 9 tokens) and their mask."""
+    ids = prompts(5, 9, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[3, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask

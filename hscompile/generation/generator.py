@@ -39,7 +39,7 @@ from ..errors import UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ir.policy import CacheBudget
 from ..planner import hardware
-from ..planner.budget import admit_waves, decode_staging
+from ..planner.budget import admit_waves, decode_staging, staged_ratio
 from ..planner.choice import choose_call
 from ..planner.cost_model import Decision, ModelDims, resolve_act_ratio, sequence_cost
 from ..planner.hardware import HardwareProfile
@@ -182,20 +182,27 @@ class Generator:
                         progress=progress)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the cache and of the newest compiled graph."""
+        """Counters of the cache and of the newest compiled graph. ``host_syncs`` counts every wait
+        of the host on the device in this generator's steps (setting up a graph's resident weights
+        excluded); ``host_syncs_per_step`` is their mean per step (1: the step's tokens)."""
         latest = self.graphs.compiled[-1].stats() if self.graphs.compiled else {}
         decision = {}
         if self.decision is not None:
             best = self.decision.best
             decision = {"predicted_seconds": best.seconds, "predicted_tokens_per_s": best.tokens_per_s,
                         "decision": self.decision.reason}
+        counters = self.cache.counters.as_stats()
+        syncs = self.cache.backend.host_syncs + sum(
+            c.executor.runtime.host_syncs() for c in self.graphs.compiled if c.executor is not None)
         return {
             **latest,
             **decision,
             "act_ratio": self.cache.act_ratio,
             "minibatch_size": self.minibatch_size,
             "graphs": len(self.graphs.compiled),
-            **self.cache.counters.as_stats(),
+            **counters,
+            "host_syncs": syncs,
+            "host_syncs_per_step": syncs / counters["cache_steps"] if counters["cache_steps"] else 0.0,
         }
 
     @property
@@ -222,8 +229,8 @@ class Generator:
         rows = batch
         if self.minibatch_size is not None:  # one mini-batch is staged at a time
             rows = -(-batch // minibatch_count(batch, self.minibatch_size))
-        return decode_staging(self.spec, self.cache.act_ratio, rows=rows, longest=longest,
-                              overlap=self.cache.overlap_loads)
+        ratio = max(self.cache.act_ratio, staged_ratio(self.config, self.spec))
+        return decode_staging(self.spec, ratio, rows=rows, longest=longest, overlap=self.cache.overlap_loads)
 
     def _budget(self) -> CacheBudget:
         """What the placement of a graph compiled now must leave room for."""
@@ -283,7 +290,7 @@ class Generator:
                                      logits_to_keep=1)
         finally:
             self.cache.request = None
-        return out.logits[:, -1, :].float().cpu()
+        return self.cache.fetch(out.logits[:, -1, :].float())
 
     def _generate_wave(self, ids: torch.Tensor, mask: torch.Tensor, totals: list[int], max_new_tokens: int,
                        sampling: Sampling, tick: Callable[[], None] = lambda: None,

@@ -51,29 +51,19 @@ class CacheSpec:
             hidden=plan.hidden_size, dtype=plan.dtype, block_size=block_size, heads=site.num_heads,
         )
 
-    def staging_bytes(self, batch: int, past: int, new: int, kv_tokens: int, act_tokens: int) -> int:
-        """Device bytes one layer's cache steps hold at once, for a step of ``batch`` sequences
-        whose longest past is ``past`` tokens (``kv_tokens`` + ``act_tokens`` of them in all),
-        with ``new`` new tokens each: loaded K/V, loaded checkpoints and their recomputed K/V,
-        the padded past, past + new K/V, their GQA replication, the boolean mask."""
-        if past == 0:
-            return 0
+    def staging_bytes(self, rows: int, columns: int, new: int, act_tokens: int, *, buffers: int = 1) -> int:
+        """Device bytes the cache steps of a mini-batch of ``rows`` sequences hold, with attention
+        buffers ``columns`` tokens wide (the longest sequence's past + new tokens) and
+        ``act_tokens`` checkpoints loaded per layer: ``buffers`` attention buffers
+        (``rows x columns`` K/V) and checkpoint buffers (two when loads are issued ahead), the
+        recomputed K/V of one layer, and the boolean mask over ``columns``."""
         item = self.dtype.itemsize
         kv = self.kv_values_per_token * item
-        length = past + new
-        heads = self.heads or self.kv_heads
-        replicated = batch * length * 2 * heads * self.head_dim * item if heads > self.kv_heads else 0
         return (
-            kv_tokens * kv + act_tokens * (self.hidden * item + kv)
-            + batch * past * kv
-            + batch * length * kv
-            + replicated
-            + batch * new * length
+            buffers * (rows * columns * kv + act_tokens * self.hidden * item)
+            + act_tokens * kv
+            + rows * new * columns
         )
-
-    def loaded_bytes(self, kv_tokens: int, act_tokens: int) -> int:
-        """Device bytes of one layer's loaded K/V and checkpoints for that many past tokens."""
-        return (kv_tokens * self.kv_values_per_token + act_tokens * self.hidden) * self.dtype.itemsize
 
     def blocks_for(self, act_ratio: float, tokens: int) -> tuple[int, int]:
         """``(kv_blocks, act_blocks)`` a sequence of ``tokens`` tokens needs."""

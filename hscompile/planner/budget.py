@@ -19,7 +19,7 @@ from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError
 from ..ir.cache import CacheSpec, checkpoint_tokens
 
-__all__ = ["admit_waves", "decode_staging", "device_budget"]
+__all__ = ["admit_waves", "decode_staging", "device_budget", "staged_ratio"]
 
 
 def device_budget(config: HybridServeConfig) -> int | None:
@@ -57,12 +57,21 @@ def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int], host_b
 
 
 def decode_staging(spec: CacheSpec, act_ratio: float, *, rows: int, longest: int, overlap: bool) -> int:
-    """Device bytes of cache staging at the longest decode step of ``rows`` sequences (one
-    mini-batch) whose longest is ``longest`` tokens when done: its past holds every earlier token.
-    With ``overlap`` the next mini-batch's (or layer's) loads are in flight beside it."""
+    """Device bytes of cache staging for a batch whose mini-batches have at most ``rows``
+    sequences and whose longest is ``longest`` tokens when done: the attention buffers are that
+    wide from the first decode step on, and at the last step every earlier token is loaded. With
+    ``overlap`` the next mini-batch's (or layer's) loads fill a second set of buffers."""
     past = longest - 1
     act = checkpoint_tokens(past, act_ratio, spec.block_size)
-    staged = spec.staging_bytes(rows, past, 1, rows * (past - act), rows * act)
-    if overlap:
-        staged += spec.loaded_bytes(rows * (past - act), rows * act)
-    return staged
+    return spec.staging_bytes(rows, longest, 1, rows * act, buffers=2 if overlap else 1)
+
+
+def staged_ratio(config: HybridServeConfig, spec: CacheSpec) -> float:
+    """The ACT ratio the cache staging of new graphs is sized for (beside a call's own): with
+    ``act_ratio="auto"`` any ratio the search may pick later (all-ACT stages the most, unless
+    checkpoints are no smaller than K/V, when the search keeps all-KV), else the option's. So a
+    later call with another ratio needs no new placement."""
+    configured = config.cache.act_ratio
+    if configured != "auto":
+        return float(configured)
+    return 1.0 if spec.hidden < spec.kv_values_per_token else 0.0

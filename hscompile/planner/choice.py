@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import HybridServeConfig
-from .budget import device_budget
+from .budget import device_budget, staged_ratio
 from .cost_model import RATIOS, Decision, ModelDims, choose
 from .hardware import HardwareProfile
 
@@ -42,6 +42,7 @@ def choose_call(config: HybridServeConfig, *, batch: int, prompt: int, new_token
     if ratio != "auto" and size != "auto":
         return CallChoice(float(ratio), fixed_size)
     model = dims()
+    staged = staged_ratio(config, model.cache_spec(config.cache.block_size))
     try:
         decision = choose(
             model, profile(model), batch=batch, prompt=prompt, new_tokens=new_tokens,
@@ -51,6 +52,7 @@ def choose_call(config: HybridServeConfig, *, batch: int, prompt: int, new_token
             ratios=(float(ratio),) if ratio != "auto" else RATIOS,
             minibatches=None if size == "auto" else (math.ceil(batch / size),),
             device_type=config.device.type,
+            staged_ratio=max(staged, float(ratio)) if ratio != "auto" else staged,
         )
     except ValueError:
         return CallChoice(fallback_ratio if ratio == "auto" else float(ratio), fixed_size)

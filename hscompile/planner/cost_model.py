@@ -6,20 +6,22 @@ the runtime executes it today:
 * the **compute stream** runs, per layer: the layer's matrix products (one roofline GEMM over
   the layer's weights for the step's tokens), attention over past + new tokens, elementwise
   work (norms, rotary, residuals: ``ELEMENTWISE_PASSES`` reads and writes of the hidden state),
-  a fixed cost per operator call, and the cache steps of that layer: gathering past tokens'
-  blocks on the host, copying them over the link, recomputing checkpoints' K/V, assembling the
-  padded past, storing the new tokens. Cache copies are synchronous today, so they sit on the
-  compute stream's critical path;
+  a fixed cost per operator call, and the cache steps of that layer: recomputing checkpoints'
+  K/V and writing them, with the new tokens' K/V, into the attention buffer the past was loaded
+  into (no gather on the host: loads copy contiguous runs of the pools);
 * the **copy engine** (a CUDA copy stream; on the CPU, copies run on the compute thread and
   add to it) runs the streamed layers' weight copies, in order, each starting once
   it is issued (the schedule issues layer ``i + prefetch_depth``'s copy when layer ``i`` starts
-  computing), the engine is free, and its ring slot was released by the layer that held it.
+  computing), the engine is free, and its ring slot was released by the layer that held it,
+  and the cache's loads (each layer's past tokens in). The new tokens go out the other way
+  (device to host, a direction of their own) once their layer computed them; on the CPU every
+  copy runs on the compute thread.
 
 :func:`simulate_step` replays that as a discrete-event simulation; :func:`generation_seconds`
 sums a prefill and the decode steps (context growing one token per step). Assumptions, stated
 once: layers are identical; GEMM time is ``max(flops / (peak * m / (m + half_rows)),
 bytes / memory bandwidth)``; attention is ``max(flops / attention rate, bytes read / memory
-bandwidth)``; no two copies overlap on the link; host gathers run at host memory bandwidth;
+bandwidth)``; no two copies overlap on the link;
 the device never waits on the host for anything else. It predicts for profiles nobody measured here (see
 :func:`hscompile.planner.hardware.bundled_profiles`).
 
@@ -190,11 +192,11 @@ class StepEstimate:
 
 
 def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int, past: int,
-                 act_ratio: float, block_size: int) -> tuple[float, float, float, float]:
-    """``(compute, cache, recompute, link)`` seconds of one layer for ``batch`` sequences in one step.
+                 act_ratio: float, block_size: int) -> tuple[float, float, float, float, float]:
+    """``(compute, cache, recompute, link, store)`` seconds of one layer for ``batch`` sequences in one step.
 
-    ``cache`` is the cache work on the compute stream (host gather, assembly of the padded past,
-    stores); ``link`` is the past tokens' copy over the link."""
+    ``cache`` is the cache work on the compute stream (the new and recomputed K/V written into the
+    attention buffer); ``link`` is the past tokens' copy in, ``store`` the new tokens' copy out."""
     rows = batch * new
     compute = (
         profile.gemm_seconds(rows, dims.hidden, max(dims.layer_matmul_params // dims.hidden, 1), dims.dtype)
@@ -208,31 +210,28 @@ def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int
     stored = rows * max(dims.kv_bytes, dims.act_bytes) if act_ratio else rows * dims.kv_bytes
     cache = link = 0.0
     if past:
-        cache = (
-            profile.host_seconds(loaded)
-            + profile.memory_seconds(3 * batch * (past + new) * dims.kv_bytes)  # padded past, concatenation
-        )
+        cache = profile.memory_seconds((act_tokens + rows) * dims.kv_bytes)  # recomputed and new K/V placed
         link = profile.h2d_seconds(loaded)
-    cache += profile.d2h_seconds(stored) + profile.host_seconds(stored)
+    store = profile.d2h_seconds(stored)
     recompute = 0.0
     if act_tokens:
         recompute = (
             profile.gemm_seconds(act_tokens, dims.hidden, max(dims.recompute_matmul_params // dims.hidden, 1), dims.dtype)
             + profile.memory_seconds(6 * act_tokens * dims.act_bytes)  # norm, rotary, layout
         )
-    return compute, cache, recompute, link
+    return compute, cache, recompute, link, store
 
 
 def sequence_cost(dims: ModelDims, profile: HardwareProfile | None, *, kv_tokens: int, act_tokens: int,
                   new: int) -> tuple[float, float]:
     """``(load, compute)`` of one sequence in one layer of a step: its past tokens' copy over the
-    link, and its attention, recompute and host gather on the compute side. In seconds on
+    link, and its attention and recompute on the compute side. In seconds on
     ``profile``; without one, bytes moved and bytes read stand in for time."""
     loaded = kv_tokens * dims.kv_bytes + act_tokens * dims.act_bytes
     past = kv_tokens + act_tokens
     if profile is None:
         return float(loaded), float(act_tokens * dims.act_bytes * 4 + (past + new) * dims.kv_bytes)
-    compute = profile.attention_seconds(1, dims.heads, new, past + new, dims.head_dim, dims.dtype) + profile.host_seconds(loaded)
+    compute = profile.attention_seconds(1, dims.heads, new, past + new, dims.head_dim, dims.dtype)
     if act_tokens:
         compute += profile.gemm_seconds(act_tokens, dims.hidden, max(dims.recompute_matmul_params // dims.hidden, 1),
                                         dims.dtype)
@@ -282,7 +281,7 @@ def simulate_step(dims: ModelDims, choice: Choice, profile: HardwareProfile, *, 
     if past and overlap:
         loads_ready[order[0]] = copy(costs[sizes[0]][3], 0.0)
     for k, (layer, j) in enumerate(order):
-        compute, cache, recompute, link = costs[sizes[j]]
+        compute, cache, recompute, link, store = costs[sizes[j]]
         if j == 0 and layer >= choice.resident_layers:
             i = layer - choice.resident_layers
             if i + depth < len(streamed):
@@ -300,14 +299,17 @@ def simulate_step(dims: ModelDims, choice: Choice, profile: HardwareProfile, *, 
             else:
                 copy(link, clock)
         clock += compute + cache + recompute
+        if not overlap:  # with a copy engine the stores run the other way (device to host), beside it all
+            clock += store
+            serial += store
         if j == len(sizes) - 1 and layer >= choice.resident_layers:
             layer_end[layer - choice.resident_layers] = clock
     clock += profile.gemm_seconds(batch, dims.hidden, max(dims.head_matmul_params // dims.hidden, 1), dims.dtype)
-    total = [sum(costs[b][n] for b in sizes) for n in range(4)]
+    total = [sum(costs[b][n] for b in sizes) for n in range(5)]
     return StepEstimate(
         seconds=clock,
         compute=total[0] * dims.layers,
-        cache=(total[1] + total[3]) * dims.layers,
+        cache=(total[1] + total[3] + total[4]) * dims.layers,
         recompute=total[2] * dims.layers,
         weight_link=weight_link * len(streamed),
         exposed_link=waited + serial,
@@ -388,12 +390,15 @@ def minibatch_counts(batch: int, min_rows: int = 2) -> tuple[int, ...]:
 def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int, new_tokens: int,
            device_budget: int | None, activations: int = 0, block_size: int = 16,
            ratios: tuple[float, ...] = RATIOS, depths: tuple[int, ...] = (1, 2),
-           minibatches: tuple[int, ...] | None = None, device_type: str = "cuda") -> Decision:
+           minibatches: tuple[int, ...] | None = None, device_type: str = "cuda",
+           staged_ratio: float = 0.0) -> Decision:
     """The fastest predicted choice that fits ``device_budget`` (``None``: no limit).
 
     It searches prefetch depths, resident layers (the most that fit), ACT ratios (GQA-aware, see
     the module docstring) and mini-batch counts (default: :func:`minibatch_counts`). A budget
-    nothing fits is a :class:`~hscompile.errors.BudgetError` giving the smallest need."""
+    nothing fits is a :class:`~hscompile.errors.BudgetError` giving the smallest need. The cache
+    staging is sized for ``staged_ratio`` (what the generator reserves: see
+    :func:`~hscompile.planner.budget.staged_ratio`) or the evaluated ratio, whichever stages more."""
     for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -408,7 +413,7 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
             for resident in range(dims.layers, -1, -1):
                 if resident == dims.layers and depth != depths[0]:
                     continue  # nothing streams: the depth does not matter
-                choice0 = Choice(resident, depth, 0.0, count)
+                choice0 = Choice(resident, depth, staged_ratio, count)
                 need = device_memory(dims, choice0, batch=batch, context=context, activations=activations,
                                      overlap=profile.copies_overlap, device_type=device_type,
                                      block_size=block_size).total
@@ -429,7 +434,8 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
     best = min((p for p in considered if p.seconds <= fastest * 1.01), key=lambda p: (p.choice.minibatches, p.seconds))
     why = f"{best.decode.bound} binds the decode step"
     if best.choice.minibatches > 1:
-        one = device_memory(dims, replace(best.choice, minibatches=1), batch=batch, context=context,
+        one = device_memory(dims, replace(best.choice, minibatches=1, act_ratio=max(best.choice.act_ratio, staged_ratio)),
+                            batch=batch, context=context,
                             activations=activations, overlap=profile.copies_overlap, device_type=device_type,
                             block_size=block_size).total
         why += (f"; {best.choice.minibatches} mini-batches per step" + (

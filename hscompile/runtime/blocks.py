@@ -8,9 +8,11 @@ of one sequence, for every layer:
 * an **ACT block** holds, per token and layer, the layer's input hidden state (the activation
   checkpoint): ``hidden`` values. K and V of those tokens are recomputed on the device.
 
-Pools are one tensor each, laid out token-major per layer so that the tokens a step needs are
-one ``index_select`` (into pinned staging on CUDA) and one copy:
+Pools are one tensor each (pinned on CUDA), laid out token-major per layer:
 ``kv[layers, blocks * block_size, 2, kv_heads, head_dim]`` and ``act[layers, blocks * block_size, hidden]``.
+Pools hand out their lowest free blocks first, so a sequence admitted whole gets consecutive
+blocks of each kind: its past in a layer is one contiguous run per kind
+(:meth:`HybridCache.pieces`), which one copy moves straight into the buffer attention reads.
 
 **Two-step allocation** (:meth:`HybridCache.admit`): first each sequence's blocks are *split*
 between the kinds by the ACT ratio (``round(act_ratio * n_blocks)`` ACT blocks, holding the
@@ -178,6 +180,26 @@ class HybridCache:
             self.kv = new
         else:
             self.act = new
+
+    def pieces(self, seq: int, start: int, end: int) -> list[tuple[Kind, int, int, int]]:
+        """Tokens ``start..end-1`` of ``seq`` as maximal runs ``(kind, first pool slot, first token,
+        tokens)`` that are contiguous in their pool: what one copy can move. A sequence's blocks of
+        one kind are allocated consecutively where the pool allows, so its past is a run or two."""
+        table = self.sequences[seq]
+        size = self.spec.block_size
+        runs: list[tuple[Kind, int, int, int]] = []
+        token = start
+        while token < end:
+            index, offset = divmod(token, size)
+            count = min(size - offset, end - token)
+            kind, slot = table.kinds[index], table.blocks[index].id * size + offset
+            if runs and runs[-1][0] == kind and runs[-1][1] + runs[-1][3] == slot:
+                last = runs[-1]
+                runs[-1] = (kind, last[1], last[2], last[3] + count)
+            else:
+                runs.append((kind, slot, token, count))
+            token += count
+        return runs
 
     def held_tokens(self, seq: int) -> tuple[int, int]:
         """``(kv_tokens, act_tokens)`` sequence ``seq`` holds now."""

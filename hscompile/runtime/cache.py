@@ -5,33 +5,39 @@ before each call of a compiled graph, tells this runtime which new tokens are re
 :class:`StepRequest`). :class:`CacheRuntime` owns the batch's lifecycle and serves each op,
 delegating to parts with one job each:
 
-* :class:`~hscompile.runtime.step_plan.BlockTables` plans the step (one
-  :class:`~hscompile.runtime.step_plan.StepPlan` per mini-batch, shared by every layer);
-* :class:`~hscompile.runtime.loads.LoadPipeline` serves ``load_kv`` / ``load_act``: the past
-  tokens' slots gathered from the host pool (into pinned staging on CUDA) and copied to the device;
+* :func:`~hscompile.runtime.step_plan.plan_step` plans the step once (one
+  :class:`~hscompile.runtime.step_plan.StepPlan` per mini-batch, shared by every layer: runs,
+  destinations, the mask);
+* :class:`~hscompile.runtime.loads.LoadPipeline` serves ``load_kv`` / ``load_act``: each run of
+  past tokens copied from the pool straight into the buffer attention reads;
 * ``recompute_kv`` runs the best recompute program any graph of the model offered on the ACT
   tokens' checkpoints at their positions;
 * :func:`~hscompile.runtime.attention.attend` serves ``cache_attention``;
-* ``store_cache`` copies the new real tokens' K/V (KV slots) or layer input (ACT slots) to the
-  host pools.
+* ``store_cache`` copies the new real tokens' K/V (KV slots) or layer input (ACT slots) into the
+  host pools: on CUDA asynchronously, on the copy stream the next step's loads also use, so no
+  block is read before its store is done, and the host never waits for a store.
 
-The driver sees the cache through :meth:`CacheRuntime.held_tokens`, never its block tables.
+No host wait happens inside a step: the one a step needs (its tokens) is the driver's
+:meth:`CacheRuntime.fetch`, counted with every other in ``host_syncs``. The driver sees the cache
+through :meth:`CacheRuntime.held_tokens`, never its block tables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import BudgetError, UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ops.context import KVRecompute
-from .attention import attend
+from .attention import attend, read_bytes
 from .blocks import HybridCache
+from .device import DeviceBackend, device_backend
 from .loads import LoadPipeline
-from .step_plan import BlockTables, StepPlan
+from .step_plan import PositionTable, StepPlan, plan_step
 
 __all__ = ["CacheCounters", "CacheRuntime", "StepRequest"]
 
@@ -67,6 +73,17 @@ class CacheCounters:
     steps: int = 0
     minibatches: int = 0
     """Mini-batches run, summed over steps (a step run whole counts one)."""
+    load_runs: int = 0
+    """Copies the loads issued (each a contiguous run of a pool into a buffer)."""
+    host_gather_bytes: int = 0
+    """Bytes the host copied to assemble loads (a gather into staging before the transfer).
+    The loads copy runs straight from the pools, so this stays 0; it is counted so that a
+    gather brought back would show."""
+    attention_assembly_bytes: int = 0
+    """Device bytes written to assemble attention's inputs: loaded K/V, recomputed K/V placed, new
+    K/V appended, and the buffers' zeroing when they are allocated."""
+    attention_read_bytes: int = 0
+    """Bytes of K/V attention read (past + new tokens of every row, padding included)."""
 
     def as_stats(self) -> dict[str, int]:
         """The counters under the names ``inspect(...).stats`` uses."""
@@ -78,6 +95,10 @@ class CacheCounters:
             "cache_d2h_bytes": self.cache_d2h_bytes,
             "cache_steps": self.steps,
             "minibatches": self.minibatches,
+            "load_runs": self.load_runs,
+            "host_gather_bytes": self.host_gather_bytes,
+            "attention_assembly_bytes": self.attention_assembly_bytes,
+            "attention_read_bytes": self.attention_read_bytes,
         }
 
 
@@ -104,11 +125,20 @@ class CacheRuntime:
     index: int = 0
     """The mini-batch running now."""
     counters: CacheCounters = field(default_factory=CacheCounters)
+    backend: DeviceBackend = field(init=False)
     loads: LoadPipeline = field(init=False)
-    tables: BlockTables | None = None
+    positions: PositionTable | None = None
+    _buffer: torch.Tensor | None = None
+    _in_flight: list[torch.Tensor] = field(default_factory=list)
+    _stored: Any = None
+    """The event after the step's last store copy (asynchronous backends)."""
+    _columns: int | None = None
+    """Columns of the attention buffers: the longest sequence's tokens when done (known when the
+    driver admits the batch; under transformers' loop, the longest capacity so far)."""
 
     def __post_init__(self) -> None:
-        self.loads = LoadPipeline(self.device, self.counters)
+        self.backend = device_backend(self.device)
+        self.loads = LoadPipeline(self.backend, self.counters)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -135,8 +165,8 @@ class CacheRuntime:
     @property
     def overlap_loads(self) -> bool:
         """Whether the next mini-batch's (or layer's) loads are in flight while one computes.
-        Default: on CUDA, where they run on a copy stream beside the compute; setting it forces
-        either order (tests run the CUDA order with synchronous copies)."""
+        Default: where copies are asynchronous (CUDA); setting it forces either order (tests run
+        the CUDA order with synchronous copies)."""
         return self.loads.overlapping
 
     @overlap_loads.setter
@@ -150,6 +180,10 @@ class CacheRuntime:
             return []
         return [self.cache.held_tokens(seq) for seq in self.sequences]
 
+    def fetch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the host: the step's one (counted) wait of the host on the device."""
+        return self.backend.fetch(x)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def step_begin(self, hidden: torch.Tensor, past: torch.Tensor | None) -> None:
@@ -159,6 +193,7 @@ class CacheRuntime:
                 raise RuntimeError(f"mini-batch {self.index} has {self.plans[self.index].batch} rows, graph got "
                                    f"{hidden.shape[0]}")
             return
+        self._in_flight.clear()  # the previous step's tokens were fetched: its stores are done
         request, self.request = self.request, None
         batch, new = hidden.shape[0], hidden.shape[1]
         if request is not None:
@@ -182,8 +217,8 @@ class CacheRuntime:
 
     def _grow_for_loop(self, batch: int, length: int, new: int) -> None:
         """Check that transformers' cache and ours agree, and give every sequence room for ``new`` tokens."""
-        cache, tables = self.cache, self.tables
-        assert cache is not None and tables is not None
+        cache = self.cache
+        assert cache is not None and self.positions is not None
         lengths = [cache.sequences[s].length for s in self.sequences]
         if len(self.sequences) != batch or any(n != length for n in lengths):
             raise RuntimeError(
@@ -198,7 +233,7 @@ class CacheRuntime:
                     cache.extend(seq, length + new, limit_bytes=self.host_budget)
                 except ValueError as error:
                     raise BudgetError(f"host_memory cannot hold the growing cache: {error}") from None
-                tables.refresh(seq)
+        self.positions.grow(cache.act.shape[1])
 
     def _start_batch(self, capacities: Sequence[int], *, growable: bool) -> None:
         assert self.spec is not None, "a compiled graph configures the cache before it runs"
@@ -206,12 +241,13 @@ class CacheRuntime:
         blocks = [self.spec.blocks_for(ratio, t) for t in capacities]
         cache = HybridCache.allocate(
             self.spec, ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
-            pin=self.device.type == "cuda",
+            pin=self.backend.asynchronous,
         )
         for seq, tokens in enumerate(capacities):
             if not cache.admit(seq, tokens):  # pragma: no cover - the pools are sized for the batch
                 raise RuntimeError(f"sequence {seq} did not fit pools sized for it")
         self.start(cache, range(len(capacities)))
+        self._columns = None if growable else max(capacities)
 
     def end_batch(self) -> None:
         """Give every sequence's blocks back (the driver's batch is done)."""
@@ -219,13 +255,19 @@ class CacheRuntime:
             for seq in list(self.cache.sequences):
                 self.cache.release(seq)
         self._end_plans()
+        self.loads.release()
+        self.backend.wait(self._stored)  # buffers still being stored are freed after their copies
+        self._stored = None
+        self._in_flight.clear()
         self.request = None
 
     def start(self, cache: HybridCache, sequences: Sequence[int]) -> None:
         """Begin generating ``sequences`` (admitted in ``cache``), in batch order."""
         self.cache = cache
         self.sequences = list(sequences)
-        self.tables = BlockTables(cache, self.sequences, self.device)
+        self._columns = None
+        self.positions = PositionTable(cache.act.shape[1], self.device)
+        self.loads.release()
 
     def select(self, index: int) -> None:
         """Make mini-batch ``index`` of the step the one the cache ops act on."""
@@ -236,15 +278,24 @@ class CacheRuntime:
     def begin_step(self, real: torch.Tensor, groups: Sequence[Sequence[int]] | None = None) -> None:
         """Plan a step whose new tokens are ``real`` (``(batch, seq)`` bool: False for padding), one
         plan per mini-batch of ``groups`` (row indices; default: the whole batch)."""
-        assert self.tables is not None
+        cache = self.cache
+        assert cache is not None
         rows = groups if groups is not None else [range(real.shape[0])]
-        self.plans = [self.tables.plan(real[list(r)], [self.sequences[b] for b in r]) for r in rows]
+        columns = self._columns or max(cache.sequences[s].capacity_tokens for s in self.sequences)
+        self.plans = [plan_step(cache, real[list(r)], [self.sequences[b] for b in r], columns, self.device)
+                      for r in rows]
+        if any(p.width for p in self.plans):
+            self.loads.prepare(cache.spec, self.plans, columns)
         self.counters.minibatches += len(self.plans)
         self.step = self.plans[self.index]
 
     def end_step(self) -> None:
-        """Commit the step: the new tokens are now part of every sequence's past."""
+        """Commit the step: the new tokens are now part of every sequence's past. Where stores are
+        asynchronous, what follows on the compute stream (the step's tokens the host fetches) waits
+        for them on the device: once the host has its tokens, the stores are done too."""
         assert self.plans and self.cache is not None
+        self.backend.wait(self._stored)
+        self._stored = None
         for plan in self.plans:
             for b, seq in enumerate(plan.sequences):
                 self.cache.sequences[seq].length += plan.new_kv[b] + plan.new_act[b]
@@ -257,63 +308,99 @@ class CacheRuntime:
         self.step = None
         self.plans = []
         self.index = 0
+        self._buffer = None
         self.loads.clear()
 
     def staging_bytes(self) -> int:
-        """Device bytes one layer's cache steps hold at once in this step (for the budget check)."""
-        cache = self.cache
-        if not self.plans or cache is None:
+        """Device bytes the cache steps hold in this step (for the budget check): the arena's
+        buffers and, per layer, the recomputed K/V and the mask."""
+        arena = self.loads.arena
+        if arena is None or self.spec is None:
             return 0
-        spec = cache.spec
-        staged = max(spec.staging_bytes(p.batch, p.width, p.new_tokens, *p.loaded_tokens) for p in self.plans)
-        if not self.loads.overlapping:
-            return staged
-        # the next mini-batch's loads are in flight while this one computes
-        return staged + max(spec.loaded_bytes(*p.loaded_tokens) for p in self.plans)
+        spec = self.spec
+        transient = max((spec.staging_bytes(p.batch, p.width + p.new_tokens, p.new_tokens, p.act_tokens, buffers=0)
+                         for p in self.plans), default=0)
+        return arena.nbytes + transient
 
     # -- the ops -------------------------------------------------------------------------
 
     def load_kv(self, layer: int) -> torch.Tensor:
         assert self.cache is not None and self.plans
+        if not self.step or not self.step.width:
+            return torch.empty(0, device=self.device)
         return self.loads.load(self.cache, self.plans, "kv", layer, self.index)
 
     def load_act(self, layer: int) -> torch.Tensor:
         assert self.cache is not None and self.plans
+        if not self.step or not self.step.width:
+            return torch.empty(0, device=self.device)
         return self.loads.load(self.cache, self.plans, "act", layer, self.index)
 
     def recompute(self, layer: int, act: torch.Tensor, weights: Sequence[torch.Tensor],
                   rotary_weights: Sequence[torch.Tensor]) -> torch.Tensor:
         """K/V of the step's ACT tokens, by the best program any graph of the model offered."""
-        assert self.step is not None and self.cache is not None
+        assert self.step is not None and self.cache is not None and self.positions is not None
         spec = self.cache.spec
-        if act.shape[0] == 0:
+        if act.numel() == 0:
             return act.new_empty((0, 2, spec.kv_heads, spec.head_dim))
         if self.program is None:
             raise RuntimeError("no recompute program: this model's K/V cannot be recomputed from checkpoints")
         self.counters.recomputed_tokens += act.shape[0]
-        return self.program(layer, act, weights, rotary_weights, self.step.act_positions)
+        return self.program(layer, act, weights, rotary_weights, self.positions.of(self.step))
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                past_kv: torch.Tensor, recomputed: torch.Tensor, attn_mask: torch.Tensor | None,
                scale: float | None, is_causal: bool) -> torch.Tensor:
-        assert self.step is not None
-        return attend(self.step, query, key, value, past_kv, recomputed, attn_mask, scale, is_causal)
+        step = self.step
+        assert step is not None
+        out, written = attend(step, past_kv, query, key, value, recomputed, attn_mask, scale, is_causal,
+                              self._check)
+        self._buffer = past_kv if step.width else None
+        self.counters.attention_assembly_bytes += written
+        self.counters.attention_read_bytes += read_bytes(step, key)
+        return out
+
+    def _check(self, flag: torch.Tensor) -> bool:
+        return bool(self.backend.fetch(flag))
 
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor,
               positions: torch.Tensor | None) -> None:
+        """The step's new real tokens into the pools: K/V into KV slots, the layer input into ACT slots."""
         step, cache = self.step, self.cache
-        assert step is not None and cache is not None and self.tables is not None
+        assert step is not None and cache is not None
         batch, kv_heads, new, head_dim = key.shape
         dtype = cache.spec.dtype
         if step.store_kv_src.numel():
-            flat_k = key.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)
-            flat_v = value.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)
-            packed = torch.stack((flat_k[step.store_kv_src], flat_v[step.store_kv_src]), dim=1).to(dtype)
-            cache.kv[layer].index_copy_(0, step.store_kv_slots, packed.cpu())
-            self.counters.cache_d2h_bytes += packed.numel() * packed.element_size()
+            if step.every_new_token_is_kv and self._buffer is not None:
+                # The new tokens' K/V were appended to the attention buffer, already packed.
+                packed = self._buffer[:batch, step.width:step.width + new].reshape(batch * new, 2, kv_heads, head_dim)
+            else:
+                packed = torch.stack((key.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)[step.store_kv_src],
+                                      value.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)[step.store_kv_src]),
+                                     dim=1)
+            self._store(cache.kv[layer], packed.to(dtype), step.store_kv_slots, step.store_kv_runs, layer, "kv")
         if step.store_act_src.numel():
             packed = hidden.reshape(batch * new, -1)[step.store_act_src].to(dtype)
-            cache.act[layer].index_copy_(0, step.store_act_slots, packed.cpu())
-            self.counters.cache_d2h_bytes += packed.numel() * packed.element_size()
+            self._store(cache.act[layer], packed, step.store_act_slots, step.store_act_runs, layer, "act")
         if layer == 0 and positions is not None:
-            self.tables.record_positions(step, positions)
+            assert self.positions is not None
+            self.positions.record(step, positions)
+        if step.width:
+            self.loads.done_with(layer, self.index, len(self.plans))
+
+    def _store(self, pool: torch.Tensor, packed: torch.Tensor, slots: torch.Tensor, runs: list[tuple[int, int, int]],
+               layer: int, kind: str) -> None:
+        self.counters.cache_d2h_bytes += packed.numel() * packed.element_size()
+        if not self.backend.asynchronous:
+            pool.index_copy_(0, slots, packed)
+            return
+        # Straight into the pinned pool, on the copy stream after this layer's compute: the
+        # next step's loads of these blocks run on that same stream, after it.
+        after = self.backend.record()
+        for slot, first, count in runs:
+            self._stored = self.backend.copy_to_host(pool[slot:slot + count], packed[first:first + count], after=after,
+                                                     label=f"L{layer} store {kind}")
+            after = None
+        self._in_flight.append(packed)  # alive until the copies are done (the step's tokens were fetched)
+
+

@@ -4,6 +4,11 @@ Both expose the same operations with the same byte accounting. On CUDA, copies a
 on a dedicated copy stream and ordered by events, so a copy overlaps compute on the current
 stream; on CPU every copy is synchronous and events are no-ops. Everything above this module
 is device-agnostic, which is what lets the whole runtime be tested on a machine without a GPU.
+
+Every wait of the host on the device goes through :meth:`DeviceBackend.fetch` or
+:meth:`DeviceBackend.synchronize` and is counted in :attr:`DeviceBackend.host_syncs`, on the
+CPU as on CUDA (where the CPU backend does not wait, it counts the same calls), so a test on
+either can hold the hot path to its one wait per step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ class DeviceBackend:
     """The operations the runtime needs from a device. See :class:`CpuDevice` and :class:`CudaDevice`."""
 
     device: torch.device
+    asynchronous: bool = False
+    """Whether copies run beside the compute (then their buffers must live until their event)."""
+    host_syncs: int = 0
+    """Waits of the host on the device so far (:meth:`fetch`, :meth:`synchronize`)."""
+
+    def fetch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the host, once the device has computed it: the one counted host wait a step needs."""
+        self.host_syncs += 1
+        return x.cpu()
+
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                     lane: str = "copy: cache") -> Any:
+        """Copy ``src`` (device) into ``dst`` (host, pinned where copies are asynchronous) once
+        ``after`` (an event or None) has happened; returns an event marking it done (None where
+        copies are synchronous). The host must not read ``dst`` before that event."""
+        raise NotImplementedError
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host ``uint8`` buffer copies can start from (pinned where that makes copies asynchronous)."""
@@ -47,6 +68,7 @@ class DeviceBackend:
 
     def synchronize(self) -> None:
         """Wait for all outstanding work."""
+        self.host_syncs += 1
 
 
 class CpuDevice(DeviceBackend):
@@ -68,9 +90,15 @@ class CpuDevice(DeviceBackend):
                 dst.copy_(src)
         return None
 
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                     lane: str = "copy: cache") -> Any:
+        return self.copy_to_device(dst, src, after=after, label=label, lane=lane)
+
 
 class CudaDevice(DeviceBackend):
     """A copy stream beside the compute stream; pinned host buffers; event ordering."""
+
+    asynchronous = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -94,6 +122,10 @@ class CudaDevice(DeviceBackend):
                 timeline.end(record, stream=self.copy_stream)
         return done
 
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                     lane: str = "copy: cache") -> Any:
+        return self.copy_to_device(dst, src, after=after, label=label, lane=lane)
+
     def wait(self, event: Any) -> None:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -104,6 +136,7 @@ class CudaDevice(DeviceBackend):
         return event
 
     def synchronize(self) -> None:
+        self.host_syncs += 1
         torch.cuda.synchronize(self.device)
 
 

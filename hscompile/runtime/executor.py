@@ -19,6 +19,7 @@ from ..config import format_bytes
 from ..ir.activation import ActivationEstimate
 from ..ir.policy import Policy, check_device_budget
 from ..ir.schedule import MIN_ROWS
+from .. import ops
 from ..ops.context import bind
 from .cache import CacheRuntime
 from .device import DeviceBackend
@@ -52,6 +53,8 @@ class Runtime:
         self.d2h_bytes = 0
         self.peak_device_bytes = 0
         self.last_activation_bytes = 0
+        self._setup_syncs = backend.host_syncs
+        """Host waits before the first call (resident weights copied once): not the steps'."""
 
     # -- called by the ops ---------------------------------------------------------------
 
@@ -64,6 +67,10 @@ class Runtime:
         return x.to(device)
 
     # -- accounting ----------------------------------------------------------------------
+
+    def host_syncs(self) -> int:
+        """Waits of the host on the device in this graph's calls."""
+        return self.backend.host_syncs - self._setup_syncs
 
     def weight_device_bytes(self) -> int:
         """Device bytes held for weights: used in place, resident copies and the slot ring."""
@@ -116,6 +123,9 @@ class Executor:
         self.split = batch_split(schedule) if runtime.cache is not None else BatchSplit(reason="not a generation graph")
         """Whether (and how) a step can run as mini-batches; see :mod:`hscompile.runtime.minibatch`."""
         self._runner: MiniBatchRunner | None = None
+        self._kernels = ops.bound_kernels(runtime)
+        self._direct = _with_kernels(schedule, self._kernels)
+        """The schedule as it runs: the same graph, each runtime op a direct call of its kernel."""
 
     def __call__(self, *args: Any) -> Any:
         self.runtime.begin_call(args)
@@ -124,12 +134,12 @@ class Executor:
         stream = _compute_stream(self.runtime.backend.device) if timeline is not None else None
         with bind(self.runtime), torch.no_grad(), self._call_span(timeline, groups, stream):
             if groups is None:
-                out = self.schedule(*args) if timeline is None else _Recording(self.schedule, timeline, stream).run(*args)
+                out = self._direct(*args) if timeline is None else _Recording(self.schedule, timeline, stream).run(*args)
             else:
                 cache = self.runtime.cache
                 assert cache is not None
                 if self._runner is None:
-                    self._runner = MiniBatchRunner(self.schedule, self.split)
+                    self._runner = MiniBatchRunner(self.schedule, self.split, self._kernels)
                 try:
                     out = self._runner(args, groups, cache.select, timeline=timeline, stream=stream)
                 finally:
@@ -166,6 +176,16 @@ class Executor:
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "minibatch_split": self.split.reason or "yes", **self.runtime.stats()}
+
+
+def _with_kernels(schedule: fx.GraphModule, kernels: dict[Any, Any]) -> fx.GraphModule:
+    """A copy of ``schedule`` (sharing its partitions) whose runtime ops call ``kernels`` directly."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(schedule.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in kernels:
+            node.target = kernels[node.target]
+    return fx.GraphModule(schedule, graph, class_name=type(schedule).__name__)
 
 
 def _compute_stream(device: torch.device) -> Any:

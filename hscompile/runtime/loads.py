@@ -1,9 +1,14 @@
-"""Cache loads: a layer's past tokens copied from the host pools to the device, pipelined.
+"""Cache loads: a layer's past tokens copied from the host pools into the buffers attention reads.
 
-:class:`LoadPipeline` gathers a mini-batch's past tokens of one layer on the host and starts
-their copy; when loads overlap compute (CUDA), taking one load issues the next one in run order
-(this layer's next mini-batch, else the next layer's first) so it travels while this one
-computes.
+:class:`StagingArena` holds the device buffers of one batch, allocated once (zeroed, so a
+padding column is never garbage) and reused by every layer and step: per buffer, the
+attention buffer ``[rows, columns, 2, kv_heads, head_dim]`` (loaded K/V, recomputed K/V and the
+new tokens' K/V all land in it, each written once) and the checkpoint buffer
+``[tokens, hidden]``. :class:`LoadPipeline` fills them: each run of a plan is one copy from the
+pool straight into the buffer (asynchronous from pinned memory on CUDA, on the copy stream, after
+the buffer's previous reader is done); nothing is gathered on the host. When loads overlap
+compute, taking one load issues the next one in run order (this layer's next mini-batch, else the
+next layer's first) into the other buffer.
 """
 
 from __future__ import annotations
@@ -12,63 +17,134 @@ from typing import Any, Protocol
 
 import torch
 
+from ..ir.cache import CacheSpec
 from .blocks import HybridCache
-from .device import DeviceBackend, device_backend
+from .device import DeviceBackend
 from .step_plan import StepPlan
 
-__all__ = ["LoadPipeline"]
+__all__ = ["LoadPipeline", "StagingArena"]
 
 
 class _Counted(Protocol):
     cache_h2d_bytes: int
+    load_runs: int
+    attention_assembly_bytes: int
+
+
+class StagingArena:
+    """The device buffers of one batch (see the module docstring)."""
+
+    def __init__(self, spec: CacheSpec, device: torch.device, buffers: int) -> None:
+        self.spec = spec
+        self.device = device
+        self.buffers = buffers
+        self.rows = self.columns = self.act_tokens = 0
+        self.kv: list[torch.Tensor] = []
+        self.act: list[torch.Tensor] = []
+        self.free: list[Any] = [None] * buffers
+        """Per buffer: the event after which its last reader is done (None: free now)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.kv, *self.act))
+
+    def fit(self, rows: int, columns: int, act_tokens: int) -> int:
+        """Make the buffers hold ``rows x columns`` tokens and ``act_tokens`` checkpoints; returns
+        the bytes newly zeroed (0 when they already fit: the usual case after the first step)."""
+        spec, zeroed = self.spec, 0
+        if rows > self.rows or columns > self.columns:
+            self.rows, self.columns = max(rows, self.rows), max(columns, self.columns)
+            shape = (self.rows, self.columns, 2, spec.kv_heads, spec.head_dim)
+            self.kv = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(self.buffers)]
+            zeroed += sum(t.numel() * t.element_size() for t in self.kv)
+        if act_tokens > self.act_tokens:
+            self.act_tokens = act_tokens
+            self.act = [torch.empty((act_tokens, spec.hidden), dtype=spec.dtype, device=self.device)
+                        for _ in range(self.buffers)]
+        return zeroed
 
 
 class LoadPipeline:
     """Issues and hands out the cache loads of one step (see the module docstring)."""
 
-    def __init__(self, device: torch.device, counters: _Counted, overlap: bool | None = None) -> None:
-        self.device = device
+    def __init__(self, backend: DeviceBackend, counters: _Counted, overlap: bool | None = None) -> None:
+        self.backend = backend
         self.counters = counters
         self.overlap = overlap
-        """Issue the next load before this one computes. Default (None): on CUDA, where loads run
-        on a copy stream beside the compute; on the CPU they would only hold memory longer."""
-        self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, Any, torch.Tensor]] = {}
-        self._backend: DeviceBackend | None = None
+        """Issue the next load before this one computes. Default (None): where copies are
+        asynchronous (CUDA), so they run on the copy stream beside the compute; on the CPU they
+        would only hold memory longer."""
+        self.arena: StagingArena | None = None
+        self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, Any]] = {}
 
     @property
     def overlapping(self) -> bool:
-        return self.device.type == "cuda" if self.overlap is None else self.overlap
+        return self.backend.asynchronous if self.overlap is None else self.overlap
+
+    def prepare(self, spec: CacheSpec, plans: list[StepPlan], columns: int) -> None:
+        """Size the arena for a step's plans (allocating only when it grows)."""
+        buffers = 2 if self.overlapping else 1
+        if self.arena is None or self.arena.buffers != buffers or self.arena.spec != spec:
+            self.arena = StagingArena(spec, self.backend.device, buffers)
+        zeroed = self.arena.fit(max(p.batch for p in plans), columns, max(p.act_tokens for p in plans))
+        if zeroed:
+            self.counters.attention_assembly_bytes += zeroed
+            # The zeroing runs on the compute stream: no load may write a buffer before it is done.
+            self.arena.free = [self.backend.record()] * self.arena.buffers
 
     def clear(self) -> None:
         """Forget loads in flight (the step ended or was abandoned)."""
         self._pending.clear()
 
+    def release(self) -> None:
+        """Drop the arena (the batch is done)."""
+        self._pending.clear()
+        self.arena = None
+
+    def buffer(self, layer: int, index: int, count: int) -> int:
+        """Which buffer the load of ``layer``'s mini-batch ``index`` (of ``count``) uses."""
+        assert self.arena is not None
+        return (layer * count + index) % self.arena.buffers
+
+    def done_with(self, layer: int, index: int, count: int) -> None:
+        """The compute of ``layer``'s mini-batch ``index`` no longer reads its buffers."""
+        assert self.arena is not None
+        self.arena.free[self.buffer(layer, index, count)] = self.backend.record()
+
     def _issue(self, cache: HybridCache, plans: list[StepPlan], kind: str, layer: int,
-               index: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """Gather mini-batch ``index``'s past tokens of ``layer`` on the host and start their copy."""
+               index: int) -> tuple[torch.Tensor, Any]:
+        """Start copying mini-batch ``index``'s past ``kind`` tokens of ``layer`` into its buffer."""
+        arena = self.arena
+        assert arena is not None
         plan = plans[index]
-        pool = (cache.kv if kind == "kv" else cache.act)[layer]
-        slots = plan.kv_slots if kind == "kv" else plan.act_slots
-        if self._backend is None:
-            self._backend = device_backend(self.device)
-        host = torch.empty((slots.numel(), *pool.shape[1:]), dtype=pool.dtype,
-                           pin_memory=self.device.type == "cuda")
-        torch.index_select(pool, 0, slots, out=host)
-        self.counters.cache_h2d_bytes += host.numel() * host.element_size()
-        if self.device.type == "cpu":
-            return host, None, host
-        out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        done = self._backend.copy_to_device(out, host, after=None, label=f"L{layer} {kind} mb{index}",
-                                            lane="copy: cache")
-        return out, done, host  # the host buffer lives until the copy is done
+        slot = self.buffer(layer, index, len(plans))
+        if kind == "kv":
+            target = arena.kv[slot]
+            flat = target.view(-1, 2, cache.spec.kv_heads, cache.spec.head_dim)
+            pool, runs = cache.kv[layer], plan.kv_runs
+        else:
+            target = flat = arena.act[slot] if arena.act else torch.empty(
+                (0, cache.spec.hidden), dtype=cache.spec.dtype, device=self.backend.device)
+            pool, runs = cache.act[layer], plan.act_runs
+        done = None
+        after = arena.free[slot]
+        for first, dest, count in runs:
+            done = self.backend.copy_to_device(flat[dest:dest + count], pool[first:first + count], after=after,
+                                               label=f"L{layer} {kind} mb{index}", lane="copy: cache")
+            after = None  # the stream keeps the runs in order after the first waited
+            moved = count * flat.stride(0) * flat.element_size()
+            self.counters.cache_h2d_bytes += moved
+            if kind == "kv":
+                self.counters.attention_assembly_bytes += moved
+        self.counters.load_runs += len(runs)
+        # A view of this mini-batch's part: the buffer itself stays the arena's.
+        return (target[: plan.batch] if kind == "kv" else target[: plan.act_tokens]), done
 
     def load(self, cache: HybridCache, plans: list[StepPlan], kind: str, layer: int, index: int) -> torch.Tensor:
-        """Mini-batch ``index``'s past ``kind`` tokens of ``layer`` on the device."""
+        """Mini-batch ``index``'s buffer of ``kind`` for ``layer``, its past tokens loaded."""
         pending = self._pending.pop((kind, layer, index), None)
-        out, done, _ = pending if pending is not None else self._issue(cache, plans, kind, layer, index)
-        if done is not None:
-            assert self._backend is not None
-            self._backend.wait(done)
+        out, done = pending if pending is not None else self._issue(cache, plans, kind, layer, index)
+        self.backend.wait(done)
         if self.overlapping:
             following = (layer, index + 1) if index + 1 < len(plans) else (layer + 1, 0)
             if following[0] < cache.spec.num_layers and (kind, *following) not in self._pending:

@@ -124,10 +124,12 @@ def _batched_nodes(schedule: fx.GraphModule, roots: set[fx.Node]) -> set[fx.Node
 class MiniBatchRunner:
     """Runs a schedule over mini-batches of rows (see the module docstring)."""
 
-    def __init__(self, schedule: fx.GraphModule, split: BatchSplit) -> None:
+    def __init__(self, schedule: fx.GraphModule, split: BatchSplit, kernels: dict[Any, Any] | None = None) -> None:
         assert split.splittable, split.reason
         self.schedule = schedule
         self.split = split
+        self._kernels = kernels or {}
+        """Runtime ops called directly (:func:`hscompile.ops.bound_kernels`) instead of dispatched."""
         nodes = list(schedule.graph.nodes)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         roots = {self._placeholders[i] for i in split.batch_inputs + split.size_inputs}
@@ -239,7 +241,7 @@ class MiniBatchRunner:
         if node.op == "call_module":
             return self._modules[node.target](*args, **kwargs)
         if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            return self._kernels.get(node.target, node.target)(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "get_attr":
@@ -247,11 +249,12 @@ class MiniBatchRunner:
         raise RuntimeError(f"cannot run node {node.format_node()}")
 
     def _run_barrier(self, node: fx.Node, after: list[list[Any]]) -> None:
+        run = self._kernels.get(node.target, node.target)
+        tensors = [t for values in after for t in values if isinstance(t, torch.Tensor)]
         if node.target is ops.release_weights._opoverload:
-            group = node.args[0]
-            node.target(group, [t for values in after for t in values if isinstance(t, torch.Tensor)])
+            run(node.args[0], tensors)
         else:  # cache_commit
-            node.target([t for values in after for t in values if isinstance(t, torch.Tensor)])
+            run(tensors)
 
     def _outputs(self, envs, shared, indices, batch):
         def gather(node: fx.Node) -> Any:

@@ -1,27 +1,43 @@
-"""Step planning: where every past token of a step is, and where every new token goes.
+"""Step planning: where every past token of a step is, where it lands, and where new tokens go.
 
-:class:`BlockTables` mirrors the allocator's block tables as index tensors (block ids and ACT
-flags per sequence, and the position each pool slot was stored at) and turns a step's request
-into a :class:`StepPlan`: the pool slots of every past token split by kind, where each lands in
-the attention layout, and the slots the new tokens are stored in. Every layer of the step uses
-the same plan; nothing here touches K/V data.
+Once per step and mini-batch (never per layer), :func:`plan_step` reads the allocator's block
+tables and makes a :class:`StepPlan`:
+
+* the **attention layout**: row ``b`` of the mini-batch's attention buffer holds sequence ``b``'s
+  token ``j`` at column ``pad_b + j``, left-padded to the longest past ``width`` (the layout
+  transformers' own cache has for a left-padded batch); the step's new tokens are appended at
+  columns ``width .. width + new - 1``. In decode every sequence grows by one token a step, so
+  ``pad_b`` stays put and a column, once written, keeps holding the same token;
+* the **loads** as contiguous runs ``(first pool slot, first buffer token, tokens)``: a sequence's
+  blocks of one kind are allocated consecutively, so its past is one run per kind, and a run is
+  one copy straight from the pool into the buffer attention reads (no gather);
+* the buffer positions of the checkpointed tokens (their recomputed K/V are placed there) and the
+  pool slots the new real tokens are stored in;
+* the attention mask over ``[past, new]``, built on the device the first time a layer asks and
+  reused by every other layer of the step.
+
+Nothing here touches K/V data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .blocks import HybridCache
 
-__all__ = ["BlockTables", "StepPlan"]
+__all__ = ["PositionTable", "StepPlan", "plan_step"]
+
+Run = tuple[int, int, int]
+"""``(first pool slot, first destination index, tokens)``: one contiguous copy."""
 
 
 @dataclass(slots=True)
 class StepPlan:
-    """Index plan of one step (one mini-batch of it), shared by every layer."""
+    """The plan of one step (one mini-batch of it), shared by every layer."""
 
     batch: int
     new_tokens: int
@@ -29,120 +45,189 @@ class StepPlan:
     """The cache's sequence ids of this plan's rows, in row order."""
     past: list[int]
     width: int
-    """Past length of the longest sequence: the padded layout's past width."""
+    """Past length of the longest sequence: the column the new tokens are appended at."""
+    columns: int
+    """Columns of the attention buffer the token indices below were computed for."""
     padded: bool
-    kv_slots: torch.Tensor
-    kv_dest: torch.Tensor
-    act_slots: torch.Tensor
+    kv_runs: list[Run]
+    """Past K/V: pool slot -> buffer token (``row * columns + column``)."""
+    act_runs: list[Run]
+    """Past checkpoints: pool slot -> position in the checkpoint buffer."""
+    act_tokens: int
     act_dest: torch.Tensor
-    act_positions: torch.Tensor
+    """Buffer token of each checkpoint (in ``act_runs`` order): where its recomputed K/V go."""
+    act_slots: torch.Tensor
+    """Pool slot of each checkpoint (in ``act_runs`` order), on the device: looks up its position."""
     store_kv_src: torch.Tensor
+    """New tokens stored as K/V: their index in the step's ``batch * new`` tokens (device)."""
+    store_kv_runs: list[Run]
+    """Their pool slots, as runs over the packed new tokens: ``(slot, packed index, tokens)``."""
     store_kv_slots: torch.Tensor
     store_act_src: torch.Tensor
+    store_act_runs: list[Run]
     store_act_slots: torch.Tensor
+    store_act_slots_device: torch.Tensor
     new_kv: list[int]
     new_act: list[int]
+    every_new_token_is_kv: bool
+    """All ``batch * new`` new tokens are real and stored as K/V, in row order (a decode step
+    without checkpoints): they can be stored straight from the attention buffer."""
+    _mask_key: Any = None
+    _mask: tuple[torch.Tensor | None, bool] | None = field(default=None)
 
     @property
     def loaded_tokens(self) -> tuple[int, int]:
         """``(kv_tokens, act_tokens)`` this plan loads per layer."""
-        return int(self.kv_slots.numel()), int(self.act_slots.numel())
+        return sum(r[2] for r in self.kv_runs), self.act_tokens
+
+    def mask(self, attn_mask: torch.Tensor | None, is_causal: bool, device: torch.device,
+             check: Any) -> tuple[torch.Tensor | None, bool]:
+        """The mask over ``[past, new]`` (and the causal flag) for SDPA, or None where
+        transformers would pass none. Built once per step: every layer passes the model's same
+        mask. ``check(tensor) -> bool`` reads a device boolean (a counted host wait)."""
+        key = (attn_mask, is_causal)
+        if self._mask is not None and self._mask_key[0] is attn_mask and self._mask_key[1] == is_causal:
+            return self._mask
+        self._mask_key = key
+        self._mask = _mask(self, attn_mask, is_causal, device, check)
+        return self._mask
 
 
-class BlockTables:
-    """Index-tensor mirrors of one batch's block tables (see the module docstring)."""
+def _mask(step: StepPlan, attn_mask: torch.Tensor | None, is_causal: bool, device: torch.device,
+          check: Any) -> tuple[torch.Tensor | None, bool]:
+    batch, new, width = step.batch, step.new_tokens, step.width
+    if attn_mask is not None and attn_mask.shape[-1] == width + new:
+        # The model's own mask already covers its cache (transformers' loop): same layout.
+        return attn_mask.expand(batch, 1, new, width + new), is_causal
+    if attn_mask is not None and attn_mask.dtype == torch.bool and not step.padded:
+        # One new token attends to every (unpadded) past token and to itself; several read the
+        # model's mask among themselves, which may be all True.
+        if new == 1 or check(attn_mask.all()):
+            attn_mask = None
+    if attn_mask is None and not step.padded and (new == 1 or not is_causal):
+        return None, False
+    past = torch.tensor(step.past, device=device)
+    valid = torch.arange(width, device=device)[None, :] >= (width - past)[:, None]  # (batch, width)
+    if attn_mask is None:
+        rows = torch.ones(new, new, dtype=torch.bool, device=device)
+        current = (rows.tril() if is_causal else rows).expand(batch, 1, new, new)
+    else:
+        current = attn_mask.expand(batch, 1, new, new)
+    before = valid[:, None, None, :].expand(batch, 1, new, width)
+    if current.dtype != torch.bool:  # an additive mask
+        before = torch.where(before, 0.0, torch.finfo(current.dtype).min).to(current.dtype)
+    return torch.cat((before, current), dim=-1), False
 
-    def __init__(self, cache: HybridCache, sequences: Sequence[int], device: torch.device) -> None:
-        self.cache = cache
-        self.device = device
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        size = cache.spec.block_size
-        self._pos_kv = torch.zeros(cache.kv_pool.num_blocks * size, dtype=torch.long)
-        self._pos_act = torch.zeros(cache.act_pool.num_blocks * size, dtype=torch.long)
-        for seq in sequences:
-            self.refresh(seq)
 
-    def refresh(self, seq: int) -> None:
-        """Re-read a sequence's block table (after admission or growth)."""
-        table = self.cache.sequences[seq]
-        ids = torch.tensor([b.id for b in table.blocks], dtype=torch.long)
-        is_act = torch.tensor([k == "act" for k in table.kinds], dtype=torch.bool)
-        self._tables[seq] = (ids, is_act)
-        size = self.cache.spec.block_size
-        for name, pool in (("_pos_kv", self.cache.kv_pool), ("_pos_act", self.cache.act_pool)):
-            current = getattr(self, name)
-            if current.numel() < pool.num_blocks * size:
-                grown = torch.zeros(pool.num_blocks * size, dtype=torch.long)
-                grown[: current.numel()] = current
-                setattr(self, name, grown)
+def _merge(runs: list[Run], slot: int, dest: int, count: int) -> None:
+    if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == dest:
+        first = runs[-1]
+        runs[-1] = (first[0], first[1], first[2] + count)
+    else:
+        runs.append((slot, dest, count))
 
-    def _slots(self, seq: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool slots and ACT flags of tokens ``start..start+count-1`` of ``seq``."""
-        ids, is_act = self._tables[seq]
-        size = self.cache.spec.block_size
-        index = torch.arange(start, start + count)
-        block = index // size
-        return ids[block] * size + index % size, is_act[block]
 
-    def plan(self, real: torch.Tensor, sequences: list[int]) -> StepPlan:
-        """The plan of a step whose rows are ``sequences`` and whose new tokens are ``real``
-        (``(batch, new)`` bool: False for padding, which is not stored)."""
-        cache, device = self.cache, self.device
-        batch, new = real.shape
-        past = [cache.sequences[s].length for s in sequences]
-        width = max(past)
-        kv_slots, kv_dest, act_slots, act_dest = [], [], [], []
-        st_kv_src, st_kv_slots, st_act_src, st_act_slots, new_kv, new_act = [], [], [], [], [], []
-        for b, seq in enumerate(sequences):
-            if past[b]:
-                slots, is_act = self._slots(seq, 0, past[b])
-                dest = b * width + (width - past[b]) + torch.arange(past[b])
-                kv_slots.append(slots[~is_act])
-                kv_dest.append(dest[~is_act])
-                act_slots.append(slots[is_act])
-                act_dest.append(dest[is_act])
-            columns = real[b].nonzero().flatten()
-            count = int(columns.numel())
-            capacity = cache.sequences[seq].capacity_tokens
-            if past[b] + count > capacity:
-                raise RuntimeError(f"sequence {seq} needs {past[b] + count} cache tokens but was admitted for {capacity}")
-            slots, is_act = self._slots(seq, past[b], count)
-            src = b * new + columns
-            st_kv_src.append(src[~is_act])
-            st_kv_slots.append(slots[~is_act])
-            st_act_src.append(src[is_act])
-            st_act_slots.append(slots[is_act])
-            new_kv.append(int((~is_act).sum()))
-            new_act.append(int(is_act.sum()))
+def plan_step(cache: HybridCache, real: torch.Tensor, sequences: list[int], columns: int,
+              device: torch.device) -> StepPlan:
+    """The plan of a step whose rows are ``sequences`` and whose new tokens are ``real``
+    (``(batch, new)`` bool: False for padding, which is not stored), for an attention buffer of
+    ``columns`` columns (see the module docstring)."""
+    batch, new = real.shape
+    past = [cache.sequences[s].length for s in sequences]
+    width = max(past)
+    kv_runs: list[Run] = []
+    act_runs: list[Run] = []
+    act_dest: list[int] = []
+    act_slots: list[int] = []
+    store_kv_src: list[int] = []
+    store_act_src: list[int] = []
+    store_kv_runs: list[Run] = []
+    store_act_runs: list[Run] = []
+    store_kv_slots: list[int] = []
+    store_act_slots: list[int] = []
+    new_kv: list[int] = []
+    new_act: list[int] = []
+    all_real = bool(real.all())
+    for b, seq in enumerate(sequences):
+        base = b * columns + width - past[b]
+        for kind, slot, token, count in cache.pieces(seq, 0, past[b]):
+            if kind == "kv":
+                _merge(kv_runs, slot, base + token, count)
+            else:
+                _merge(act_runs, slot, len(act_dest), count)
+                act_dest.extend(range(base + token, base + token + count))
+                act_slots.extend(range(slot, slot + count))
+        columns_real = range(new) if all_real else real[b].nonzero().flatten().tolist()
+        stored = len(columns_real)
+        capacity = cache.sequences[seq].capacity_tokens
+        if past[b] + stored > capacity:
+            raise RuntimeError(f"sequence {seq} needs {past[b] + stored} cache tokens but was admitted for {capacity}")
+        kv_here = act_here = 0
+        for kind, slot, token, count in cache.pieces(seq, past[b], past[b] + stored):
+            sources = [b * new + columns_real[token - past[b] + i] for i in range(count)]
+            if kind == "kv":
+                _merge(store_kv_runs, slot, len(store_kv_src), count)
+                store_kv_src.extend(sources)
+                store_kv_slots.extend(range(slot, slot + count))
+                kv_here += count
+            else:
+                _merge(store_act_runs, slot, len(store_act_src), count)
+                store_act_src.extend(sources)
+                store_act_slots.extend(range(slot, slot + count))
+                act_here += count
+        new_kv.append(kv_here)
+        new_act.append(act_here)
 
-        def cat(parts: list[torch.Tensor], to: torch.device | None = None) -> torch.Tensor:
-            out = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-            return out.to(to) if to is not None else out
+    def tensor(values: Sequence[int], to: torch.device | None = None) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=to)
 
-        act_slot_tensor = cat(act_slots)
-        return StepPlan(
-            batch=batch,
-            new_tokens=new,
-            sequences=sequences,
-            past=past,
-            width=width,
-            padded=any(p != width for p in past),
-            kv_slots=cat(kv_slots),
-            kv_dest=cat(kv_dest, device),
-            act_slots=act_slot_tensor,
-            act_dest=cat(act_dest, device),
-            act_positions=self._pos_act[act_slot_tensor].to(device),
-            store_kv_src=cat(st_kv_src, device),
-            store_kv_slots=cat(st_kv_slots),
-            store_act_src=cat(st_act_src, device),
-            store_act_slots=cat(st_act_slots),
-            new_kv=new_kv,
-            new_act=new_act,
-        )
+    return StepPlan(
+        batch=batch,
+        new_tokens=new,
+        sequences=sequences,
+        past=past,
+        width=width,
+        columns=columns,
+        padded=any(p != width for p in past),
+        kv_runs=kv_runs,
+        act_runs=act_runs,
+        act_tokens=len(act_dest),
+        act_dest=tensor(act_dest, device),
+        act_slots=tensor(act_slots, device),
+        store_kv_src=tensor(store_kv_src, device),
+        store_kv_runs=store_kv_runs,
+        store_kv_slots=tensor(store_kv_slots),
+        store_act_src=tensor(store_act_src, device),
+        store_act_runs=store_act_runs,
+        store_act_slots=tensor(store_act_slots),
+        store_act_slots_device=tensor(store_act_slots, device),
+        new_kv=new_kv,
+        new_act=new_act,
+        every_new_token_is_kv=all_real and len(store_kv_src) == batch * new
+        and store_kv_src == list(range(batch * new)),
+    )
 
-    def record_positions(self, step: StepPlan, positions: torch.Tensor) -> None:
-        """Remember the positions of the step's stored tokens (checkpoints are recomputed at them)."""
-        batch, new = step.batch, step.new_tokens
-        flat = positions.expand(batch, new).reshape(-1).cpu()
-        self._pos_kv.index_copy_(0, step.store_kv_slots, flat[step.store_kv_src.cpu()])
-        self._pos_act.index_copy_(0, step.store_act_slots, flat[step.store_act_src.cpu()])
+
+class PositionTable:
+    """The position each checkpoint slot of the ACT pool was stored at, on the device: recompute
+    applies rotary at it. (A token's position is its index among the sequence's real tokens on
+    the generator's path, but transformers' own loop stores padding too, with its own positions.)"""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def grow(self, slots: int) -> None:
+        if self.positions.numel() < slots:
+            grown = self.positions.new_zeros(slots)
+            grown[: self.positions.numel()] = self.positions
+            self.positions = grown
+
+    def record(self, step: StepPlan, positions: torch.Tensor) -> None:
+        """Remember the positions of the step's tokens stored as checkpoints."""
+        if step.store_act_src.numel():
+            flat = positions.expand(step.batch, step.new_tokens).reshape(-1)
+            self.positions.index_copy_(0, step.store_act_slots_device, flat[step.store_act_src])
+
+    def of(self, step: StepPlan) -> torch.Tensor:
+        """Positions of the step's past checkpoints, in ``act_runs`` order."""
+        return self.positions[step.act_slots]

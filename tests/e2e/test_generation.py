@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import FAMILIES, GQA_FAMILIES, prompts, tiny_model
+from models import FAMILIES, GQA_FAMILIES, prompts, ragged_prompts, tiny_model
 from streaming import weight_bytes
 
 import hscompile
@@ -89,11 +89,7 @@ def test_inductor_generation_with_streaming_and_checkpoints(references):
 
 
 def _five_prompts():
-    ids = prompts(5, 9, seed=3)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[3, :2] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    return ragged_prompts()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

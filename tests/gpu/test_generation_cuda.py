@@ -39,6 +39,23 @@ def test_fp32_generation_on_cuda_equals_transformers(family, ratio):
     assert torch.equal(out, expected)
     stats = generator.stats()
     assert stats["peak_device_bytes"] <= budget
+    # The hot path on a real copy engine: loads and stores on the copy stream, one host wait a step.
+    assert stats["host_gather_bytes"] == 0 and stats["host_syncs_per_step"] == 1.0
+    assert stats["attention_assembly_bytes"] <= 1.1 * stats["attention_read_bytes"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_minibatched_generation_on_cuda_with_loads_ahead_equals_transformers(ratio):
+    model = tiny_model("llama", layers=4, hidden=128, heads=4, kv_heads=2)
+    ids = prompts(6, 12)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                  pad_token_id=0)
+    generator = hscompile.Generator(model, {"device": "cuda", "act_ratio": ratio, "mini_batch_size": 2})
+    assert generator.cache.overlap_loads  # the default on CUDA
+    assert torch.equal(generator.generate(ids, max_new_tokens=10), expected)
+    stats = generator.stats()
+    assert stats["minibatches"] > stats["cache_steps"] and stats["host_syncs_per_step"] == 1.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -37,7 +37,7 @@ def test_weights_that_stream_cost_link_time_that_work_can_hide():
     assert resident.exposed_link < 0.01 * streamed.exposed_link and streamed.exposed_link > 0.5 * streamed.weight_link
     assert streamed.weight_link == pytest.approx(30 * dims.layer_weight_bytes / A100.h2d_bytes_per_s)
     # Much compute per layer (a prefill of a big batch): the same copies hide behind it.
-    busy = simulate_step(dims, Choice(10, 1, 0.0), A100, batch=16, new=512, past=0)
+    busy = simulate_step(dims, Choice(10, 1, 0.0), A100, batch=32, new=512, past=0)
     assert busy.exposed_link < 0.05 * busy.weight_link
 
 
@@ -53,7 +53,9 @@ def test_checkpoints_halve_mha_cache_bytes_and_the_search_uses_them_when_the_lin
     dims = _dims()  # MHA: a checkpoint is half the bytes of K/V
     decision = choose(dims, A100, batch=64, prompt=512, new_tokens=32, device_budget=20 * 2**30)
     assert decision.best.choice.act_ratio > 0
-    assert decision.best.decode.bound == "cache transfers"
+    # What all-KV would be bound by, for the same placement: the link (its cache loads are exposed).
+    all_kv = next(p for p in decision.considered if p.choice == replace(decision.best.choice, act_ratio=0.0))
+    assert all_kv.decode.bound == "link"
 
 
 def test_gqa_never_chooses_checkpoints_for_bandwidth():
@@ -114,10 +116,13 @@ def test_weights_cross_the_link_once_per_step_whatever_the_minibatches():
 
 def test_a_tight_budget_is_met_with_smaller_minibatches():
     dims = _dims()
-    budget = 8 * 2**30
+    # 64 sequences of 2080 tokens fill an attention buffer of 2.5 GiB, two with loads issued
+    # ahead; with the global weights and the ring that is 7.3 GiB: under 7 GiB only smaller
+    # mini-batches fit.
+    budget = 7 * 2**30
     decision = choose(dims, A100, batch=64, prompt=2048, new_tokens=32, device_budget=budget)
     best = decision.best.choice
     assert best.minibatches > 1 and "would not fit" in decision.reason
-    whole = device_memory(dims, replace(best, minibatches=1), batch=64, context=2080, activations=0,
+    whole = device_memory(dims, replace(best, minibatches=1, act_ratio=0.0), batch=64, context=2080, activations=0,
                           overlap=A100.copies_overlap).total
     assert whole > budget >= decision.best.device_bytes
