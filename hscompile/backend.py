@@ -125,9 +125,12 @@ PLAN_ONLY = PassManager(_passes(generation=False, lowering=False))
 """Everything but lowering: what ``hscompile inspect PATH`` runs on a meta-device model."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class CompiledModel:
-    """Everything compiled for one captured graph. Dynamo calls it in place of the graph."""
+    """Everything compiled for one captured graph. Dynamo calls it in place of the graph.
+
+    Slotted: dynamo wraps what a backend returns with ``functools.wraps``, which copies an
+    instance ``__dict__`` into the wrapper, where :meth:`release` could not reach it."""
 
     config: HybridServeConfig
     plan: ModelPlan
@@ -146,6 +149,12 @@ class CompiledModel:
         if self.executor is None:
             raise RuntimeError("this graph was planned for inspection only; compile the model to run it")
         return self.executor(*args)
+
+    def release(self) -> None:
+        """Drop what running needs (the executor: weight store, device buffers, cache runtime),
+        once whoever compiled this graph is gone. Dynamo may keep the graph itself past that (its
+        guards on a model's class finalize only with the class), but not those buffers."""
+        self.executor = None
 
     def stats(self) -> dict[str, Any]:
         """Counters of this compilation and its runs (a fresh dict each call)."""
@@ -180,14 +189,14 @@ class _CompiledRegistry:
     walk from the model to its compiled graphs. The backend does receive the model's
     parameters (dynamo lifts them as graph inputs), so it records each compilation under
     them here, and the hybrid cache of a model driven by transformers' own generation loop
-    (:meth:`session`). :func:`hscompile.generate` keeps its generators here too. Everything is
-    held weakly by the model or its parameters: the registry keeps no model alive.
+    (:meth:`session`). Everything is held weakly by the model or its parameters: the registry
+    keeps no model alive (:meth:`generator` keeps :func:`hscompile.generate`'s generators on
+    the model itself).
     """
 
     def __init__(self) -> None:
         self._by_tensor: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sessions: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._sequence = itertools.count(1)
 
     def next_sequence(self) -> int:
@@ -213,8 +222,14 @@ class _CompiledRegistry:
         return sessions[key]
 
     def generator(self, model: torch.nn.Module, options: Any, make: Any) -> Any:
-        """The :class:`hscompile.Generator` ``hscompile.generate`` keeps for a model and options."""
-        per_model = self._generators.setdefault(model, {})
+        """The :class:`hscompile.Generator` ``hscompile.generate`` keeps for a model and options.
+
+        Kept on the model itself: a generator holds its model, so a registry keyed weakly by the
+        model would keep every model alive (a value that refers to its key). On the model, the two
+        are one cycle the garbage collector frees together once the user drops the model."""
+        per_model = model.__dict__.get(_KEPT)
+        if per_model is None:
+            per_model = model.__dict__[_KEPT] = _Kept()
         key = repr(sorted((str(k), repr(v)) for k, v in (options or {}).items()))
         if key not in per_model:
             per_model[key] = make()
@@ -228,6 +243,17 @@ class _CompiledRegistry:
                 if compiled is not None:
                     found[id(compiled)] = compiled
         return sorted(found.values(), key=lambda c: c.sequence)
+
+
+_KEPT = "_hscompile_generators"
+
+
+class _Kept(dict):
+    """The generators kept on a model. Copying or pickling the model drops them (a copy is a new
+    model: it compiles anew), so they never travel with it."""
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Kept, ())
 
 
 # The one piece of process state: see _CompiledRegistry for why it must exist.

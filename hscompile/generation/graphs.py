@@ -3,7 +3,9 @@ settings of its calls, and the device-budget check of a call against graphs comp
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +20,7 @@ from ..ir.fx import fake_value
 from ..ir.policy import CacheBudget, check_device_budget
 from ..runtime.cache import CacheRuntime
 
-__all__ = ["GeneratorGraphs", "step_activations", "tracing_settings"]
+__all__ = ["GeneratorGraphs", "entry_point", "step_activations", "tracing_settings"]
 
 
 class GeneratorGraphs:
@@ -31,6 +33,8 @@ class GeneratorGraphs:
         # Weakly: the generator owns this backend, and dynamo keeps the backend alive in its caches.
         self._budget = weakref.WeakMethod(budget)  # type: ignore[arg-type]
         self.compiled: list[CompiledModel] = []
+        # When these graphs' owner goes, so do their buffers, whatever dynamo still holds.
+        weakref.finalize(self, _release, self.compiled)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> CompiledModel:
         budget = self._budget()
@@ -42,6 +46,19 @@ class GeneratorGraphs:
         record(compiled, example_inputs)
         self.compiled.append(compiled)
         return compiled
+
+    def backend(self) -> Callable[..., CompiledModel]:
+        """What to give ``torch.compile``: a weak handle on these graphs. Dynamo keeps every
+        backend it was given until ``torch._dynamo.reset()``; the handle is all it keeps, so a
+        dropped generator's graphs (and the host buffers they hold) are freed."""
+        graphs = weakref.ref(self)
+
+        def compile_with_cache(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> CompiledModel:
+            owner = graphs()
+            assert owner is not None, "the generator that owns this backend is gone"
+            return owner(gm, example_inputs, **kwargs)
+
+        return compile_with_cache
 
     def check_budget(self, steps: Sequence[tuple[int, int, bool]], staging: int) -> None:
         """Refuse, before any work, a call that a graph compiled earlier could not run within the
@@ -63,6 +80,34 @@ class GeneratorGraphs:
                     what=f"this generation's {'decode' if decode else 'prefill'} step of {batch} x {tokens} tokens",
                     advice="generate fewer tokens or sequences at once, or use a new hscompile.Generator with a "
                            "larger budget")
+
+
+def _release(compiled: list[CompiledModel]) -> None:
+    for graph in compiled:
+        graph.release()
+
+
+def _run_model(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor, use_cache: bool, logits_to_keep: int) -> Any:
+    # Named arguments, not **inputs: dynamo names the graph's placeholders after them.
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                 logits_to_keep=logits_to_keep)
+
+
+def entry_point(name: str) -> Callable[..., Any]:
+    """A function ``(model, input_ids, ...) -> model(input_ids=..., ...)`` with a code object of its own.
+
+    Dynamo keeps what it compiles on the code object of the frame it starts from. Compiling
+    ``model`` itself would start from its class's ``forward``, shared by every instance: each
+    generator would add graphs there until dynamo's recompile limit fails every model of the class,
+    and those entries would keep dropped models' graphs. Starting each generator from its own
+    code object keeps its graphs on it, counted apart, and freed with the generator. The function
+    also gets globals of its own: dynamo stores each compiled graph in the globals of the frame it
+    compiled, so shared module globals would keep every generator's graphs alive. ``name`` names
+    the code object (tracebacks and dynamo's logs show it)."""
+    fresh = _run_model.__code__.replace(co_name=name)
+    scope = {"__builtins__": builtins, "__name__": __name__}
+    return types.FunctionType(fresh, scope, name)
 
 
 def tracing_settings() -> contextlib.AbstractContextManager:
