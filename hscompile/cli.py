@@ -32,9 +32,10 @@ prints completions, or runs a resumable batch job over a JSONL file (:mod:`hscom
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -273,14 +274,8 @@ def _settings(args: argparse.Namespace, request: Any = None) -> tuple[Any, ...]:
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    import json
-
-    from rich.markup import escape
-
     from . import jobs
-    from .config import format_bytes
     from .loading import from_pretrained, read_checkpoint
-    from .text import encode, sequence_seed
 
     if bool(args.prompt) == bool(args.input):
         raise ValueError("give prompts with --prompt TEXT (repeatable) or a JSONL file with --input FILE, one of the two")
@@ -304,6 +299,41 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
     err = Console(stderr=True)
     with err.status(f"loading {args.model}..."):
         generator = from_pretrained(args.model, dtype=args.dtype, options=_generation_options(args))
+    with _compilations_shown(err):
+        return _run_jobs(args, console, err, generator, requests, todo)
+
+
+@contextlib.contextmanager
+def _compilations_shown(err: Console) -> Iterator[None]:
+    """Print each graph the generator compiles (what, how many partitions, where the time went)
+    on standard error as it happens: the first call of a model takes its compilation."""
+    import logging
+
+    class Shown(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            err.print(f"[dim]{record.getMessage()}[/]", highlight=False)
+
+    logger = logging.getLogger("hscompile.generation")
+    handler, level = Shown(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run_jobs(args: argparse.Namespace, console: Console, err: Console, generator: Any, requests: Any,
+              todo: Any) -> int:
+    import json
+
+    from rich.markup import escape
+
+    from . import jobs
+    from .config import format_bytes
+    from .text import encode, sequence_seed
+
     if generator.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer_config.json); "
                          "hscompile generate needs one to turn text into tokens")

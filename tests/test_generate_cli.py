@@ -40,8 +40,13 @@ def _records(path):
 def test_prompts_print_their_completions_and_json_gives_the_fields(checkpoint, capsys):
     args = ["generate", str(checkpoint), "--prompt", "The capital of France is", "--prompt", "hello", "--max-new-tokens", "5"]
     assert main([*args, *EAGER]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "The capital of France is" in out and "tokens/s" in out and "layers streamed" in out
+    # Compilation is shown as it happens, on standard error: which graph, how many partitions, the time.
+    shown = " ".join(captured.err.split())
+    assert "compiled the prefill graph" in shown and "compiled the decode graph" in shown
+    assert "distinct partitions; trace" in shown
     assert main([*args, *EAGER, "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["prompt"] for r in records] == ["The capital of France is", "hello"]

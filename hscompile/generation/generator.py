@@ -28,6 +28,7 @@ the cache stores real tokens only and a token's position is its index among them
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -195,9 +196,13 @@ class Generator:
         counters = self.cache.counters.as_stats()
         syncs = self.cache.backend.host_syncs + sum(
             c.executor.runtime.host_syncs() for c in self.graphs.compiled if c.executor is not None)
+        records = self.graphs.records
+        phases = {phase: sum(getattr(r, phase) for r in records) for phase in ("trace", "passes", "lowering")}
         return {
             **latest,
             **decision,
+            "compile_seconds_by_phase": phases,
+            "inductor_cache_hits": sum(r.cache_hits for r in records),
             "act_ratio": self.cache.act_ratio,
             "minibatch_size": self.minibatch_size,
             "graphs": len(self.graphs.compiled),
@@ -283,6 +288,7 @@ class Generator:
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         request.groups = self._groups(prefill)
         self.cache.request = request
+        compiled_before, start = len(self.graphs.records), time.perf_counter()
         try:
             # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
             # that differs between two models of the same class as a run-time input.
@@ -291,7 +297,11 @@ class Generator:
                                      use_cache=False, logits_to_keep=1)
         finally:
             self.cache.request = None
-        return self.cache.fetch(out.logits[:, -1, :].float())
+        logits = self.cache.fetch(out.logits[:, -1, :].float())
+        if len(self.graphs.records) > compiled_before:  # this call compiled: what was not ours was dynamo's
+            ran = sum(c.executor.last_seconds for c in self.graphs.compiled[compiled_before:] if c.executor is not None)
+            self.graphs.traced(compiled_before, time.perf_counter() - start - ran)
+        return logits
 
     def _generate_wave(self, ids: torch.Tensor, mask: torch.Tensor, totals: list[int], max_new_tokens: int,
                        sampling: Sampling, tick: Callable[[], None] = lambda: None,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import types
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,7 +22,36 @@ from ..ir.fx import fake_value
 from ..ir.policy import CacheBudget, check_device_budget
 from ..runtime.cache import CacheRuntime
 
-__all__ = ["GeneratorGraphs", "entry_point", "step_activations", "tracing_settings"]
+__all__ = ["CompileRecord", "GeneratorGraphs", "entry_point", "step_activations", "tracing_settings"]
+
+_LOG = logging.getLogger("hscompile.generation")
+"""Compilations are reported here (INFO); ``hscompile generate`` shows them as they happen."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompileRecord:
+    """Where the time of one graph's compilation went."""
+
+    graph: int
+    """The graph's compilation number in this process (:attr:`CompiledModel.sequence`)."""
+    kind: str
+    """``"prefill"`` or ``"decode"``."""
+    layers: int
+    partitions: int
+    """Distinct partitions lowered (identical layers share one)."""
+    passes: float
+    """Seconds in hscompile's passes (analysis, placement, partitioning, ...)."""
+    lowering: float
+    """Seconds lowering the partitions (Inductor, or nothing for eager)."""
+    cache_hits: int
+    """Partitions Inductor's FX graph cache served instead of compiling."""
+    trace: float = 0.0
+    """Seconds dynamo spent capturing the graph (set once the call that compiled it returns)."""
+
+    def line(self) -> str:
+        return (f"compiled the {self.kind} graph: {self.layers} layers, {self.partitions} distinct partitions; "
+                f"trace {self.trace:.1f} s, passes {self.passes:.1f} s, lowering {self.lowering:.1f} s"
+                f" ({self.cache_hits} from Inductor's cache)")
 
 
 class GeneratorGraphs:
@@ -33,19 +64,41 @@ class GeneratorGraphs:
         # Weakly: the generator owns this backend, and dynamo keeps the backend alive in its caches.
         self._budget = weakref.WeakMethod(budget)  # type: ignore[arg-type]
         self.compiled: list[CompiledModel] = []
+        self.records: list[CompileRecord] = []
+        """One per compiled graph, oldest first (:meth:`traced` adds the trace time)."""
         # When these graphs' owner goes, so do their buffers, whatever dynamo still holds.
         weakref.finalize(self, _release, self.compiled)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> CompiledModel:
         budget = self._budget()
         assert budget is not None, "the generator that owns this backend is gone"
+        kind = "prefill" if self.cache.request is not None and self.cache.request.admit is not None else "decode"
+        hits = _cache_hits()
         try:
             compiled = compile_graph(gm, example_inputs, self.config, cache=self.cache, cache_budget=budget())
         except HybridServeError as error:
             raise surface_through_dynamo(error) from None
         record(compiled, example_inputs)
         self.compiled.append(compiled)
+        lowering = compiled.lowering
+        self.records.append(CompileRecord(
+            graph=compiled.sequence, kind=kind, layers=compiled.plan.num_layers,
+            partitions=len(lowering.compiled) if lowering is not None and lowering.compiled else
+            len({str(n.target) for n in compiled.schedule.graph.nodes if n.op == "call_module"}),
+            passes=sum(s for name, s in compiled.pass_seconds.items() if name != "lower"),
+            lowering=compiled.pass_seconds.get("lower", 0.0), cache_hits=_cache_hits() - hits))
         return compiled
+
+    def traced(self, since: int, seconds: float) -> None:
+        """Give the graphs compiled since record ``since`` the call's ``seconds`` that neither the
+        backend nor the run took: dynamo's capture."""
+        new = self.records[since:]
+        if not new:
+            return
+        share = max(seconds - sum(r.passes + r.lowering for r in new), 0.0) / len(new)
+        self.records[since:] = [replace(r, trace=share) for r in new]
+        for entry in self.records[since:]:
+            _LOG.info(entry.line())
 
     def backend(self) -> Callable[..., CompiledModel]:
         """What to give ``torch.compile``: a weak handle on these graphs. Dynamo keeps every
@@ -80,6 +133,13 @@ class GeneratorGraphs:
                     what=f"this generation's {'decode' if decode else 'prefill'} step of {batch} x {tokens} tokens",
                     advice="generate fewer tokens or sequences at once, or use a new hscompile.Generator with a "
                            "larger budget")
+
+
+def _cache_hits() -> int:
+    """Inductor FX graph cache hits so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"])
 
 
 def _release(compiled: list[CompiledModel]) -> None:

@@ -9,6 +9,7 @@ it around each call of the schedule, after checking that the call fits the budge
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,6 +121,8 @@ class Executor:
         self.schedule = schedule
         self.runtime = runtime
         self.calls = 0
+        self.last_seconds = 0.0
+        """Wall seconds of the last call."""
         self.split = batch_split(schedule) if runtime.cache is not None else BatchSplit(reason="not a generation graph")
         """Whether (and how) a step can run as mini-batches; see :mod:`hscompile.runtime.minibatch`."""
         self._runner: MiniBatchRunner | None = None
@@ -128,6 +131,13 @@ class Executor:
         """The schedule as it runs: the same graph, each runtime op a direct call of its kernel."""
 
     def __call__(self, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._call(*args)
+        finally:
+            self.last_seconds = time.perf_counter() - start
+
+    def _call(self, *args: Any) -> Any:
         self.runtime.begin_call(args)
         groups = self._groups()
         timeline = active_timeline()

@@ -95,3 +95,17 @@ def test_the_attention_buffers_are_allocated_once_per_batch():
     generator.cache.loads.prepare = watching
     generator.generate(ids, mask, max_new_tokens=NEW_TOKENS)
     assert len(arenas) == 1  # every decode step and layer reused the first step's buffer
+
+
+def test_stats_say_where_compilation_time_went():
+    model = tiny_model("llama", layers=2)
+    ids, mask = ragged_prompts()
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager"})
+    generator.generate(ids, mask, max_new_tokens=2)
+    records = generator.graphs.records
+    assert [r.kind for r in records] == ["prefill", "decode"]
+    assert all(r.layers == 2 and r.partitions >= 3 and r.trace > 0 and r.passes > 0 for r in records)
+    phases = generator.stats()["compile_seconds_by_phase"]
+    assert phases["trace"] == sum(r.trace for r in records) and set(phases) == {"trace", "passes", "lowering"}
+    generator.generate(ids, mask, max_new_tokens=2)  # nothing new to compile
+    assert generator.graphs.records == records
