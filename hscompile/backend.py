@@ -156,9 +156,14 @@ class CompiledModel:
         guards on a model's class finalize only with the class), but not those buffers."""
         self.executor = None
 
+    @property
+    def partition_calls(self) -> list[str]:
+        """The partition each ``call_module`` step of the schedule runs, in order (repeats shared)."""
+        return [str(n.target) for n in self.schedule.graph.nodes if n.op == "call_module"]
+
     def stats(self) -> dict[str, Any]:
         """Counters of this compilation and its runs (a fresh dict each call)."""
-        partitions = [str(n.target) for n in self.schedule.graph.nodes if n.op == "call_module"]
+        partitions = self.partition_calls
         stats: dict[str, Any] = {
             "layers": self.plan.num_layers,
             "resident_layers": len(self.policy.resident_layers),

@@ -80,11 +80,9 @@ class GeneratorGraphs:
             raise surface_through_dynamo(error) from None
         record(compiled, example_inputs)
         self.compiled.append(compiled)
-        lowering = compiled.lowering
         self.records.append(CompileRecord(
             graph=compiled.sequence, kind=kind, layers=compiled.plan.num_layers,
-            partitions=len(lowering.compiled) if lowering is not None and lowering.compiled else
-            len({str(n.target) for n in compiled.schedule.graph.nodes if n.op == "call_module"}),
+            partitions=len(set(compiled.partition_calls)),
             passes=sum(s for name, s in compiled.pass_seconds.items() if name != "lower"),
             lowering=compiled.pass_seconds.get("lower", 0.0), cache_hits=_cache_hits() - hits))
         return compiled

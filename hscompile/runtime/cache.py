@@ -325,16 +325,16 @@ class CacheRuntime:
     # -- the ops -------------------------------------------------------------------------
 
     def load_kv(self, layer: int) -> torch.Tensor:
-        assert self.cache is not None and self.plans
-        if not self.step or not self.step.width:
-            return torch.empty(0, device=self.device)
-        return self.loads.load(self.cache, self.plans, "kv", layer, self.index)
+        return self._load("kv", layer)
 
     def load_act(self, layer: int) -> torch.Tensor:
+        return self._load("act", layer)
+
+    def _load(self, kind: str, layer: int) -> torch.Tensor:
         assert self.cache is not None and self.plans
-        if not self.step or not self.step.width:
+        if not self.step or not self.step.width:  # a prefill: no past to load
             return torch.empty(0, device=self.device)
-        return self.loads.load(self.cache, self.plans, "act", layer, self.index)
+        return self.loads.load(self.cache, self.plans, kind, layer, self.index)
 
     def recompute(self, layer: int, act: torch.Tensor, weights: Sequence[torch.Tensor],
                   rotary_weights: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .. import ops
 from ..config import format_bytes
 from ..ir.activation import ActivationEstimate
 from ..ir.policy import Policy, check_device_budget
 from ..ir.schedule import MIN_ROWS
-from .. import ops
 from ..ops.context import bind
 from .cache import CacheRuntime
 from .device import DeviceBackend

@@ -85,10 +85,9 @@ class StepPlan:
         """The mask over ``[past, new]`` (and the causal flag) for SDPA, or None where
         transformers would pass none. Built once per step: every layer passes the model's same
         mask. ``check(tensor) -> bool`` reads a device boolean (a counted host wait)."""
-        key = (attn_mask, is_causal)
         if self._mask is not None and self._mask_key[0] is attn_mask and self._mask_key[1] == is_causal:
             return self._mask
-        self._mask_key = key
+        self._mask_key = (attn_mask, is_causal)
         self._mask = _mask(self, attn_mask, is_causal, device, check)
         return self._mask
 
