@@ -32,6 +32,7 @@ from .ir.layout import group_layouts
 from .ir.plan import ModelPlan
 from .ir.policy import CacheBudget, Policy
 from .passes.analyze import analyze
+from .passes.inline import inline_regions
 from .passes.kvcache import rewrite_for_cache
 from .passes.lower import LoweringReport, lower, lower_module
 from .passes.manager import PassManager, PassSpec
@@ -92,9 +93,10 @@ def _build_program(
 
 
 def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
-    """The pipeline: analyze -> estimate_activations -> place -> partition [-> kvcache] -> offload
-    -> verify_schedule [-> lower]. Generation graphs get the cache pass; planning skips lowering."""
+    """The pipeline: inline_regions -> analyze -> estimate_activations -> place -> partition [-> kvcache]
+    -> offload -> verify_schedule [-> lower]. Generation graphs get the cache pass; planning skips lowering."""
     passes = [
+        PassSpec("inline_regions", inline_regions, requires=("captured",), provides=("graph",)),
         PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
         PassSpec("estimate_activations", estimate_activations, requires=("graph", "plan"), provides=("activations",)),
         PassSpec("place", place, requires=("plan", "activations", "example_inputs", "config", "cache"), provides=("policy",)),
@@ -337,7 +339,7 @@ def compile_graph(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sequence = _REGISTRY.next_sequence()
     inputs = {
-        "graph": gm,
+        "captured": gm,
         "example_inputs": example_inputs,
         "fake_inputs": [fake_value(n) for n in placeholders],
         "config": config,
@@ -392,6 +394,7 @@ def hybridserve_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwa
     try:
         config = _config_from(kwargs)
         cache = cache_budget = None
+        gm = inline_regions(gm)
         plan = analyze(gm)
         if plan.layers[0].attention.past_key is not None:
             cache = _REGISTRY.session(example_inputs, config, plan)

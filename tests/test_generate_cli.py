@@ -46,7 +46,7 @@ def test_prompts_print_their_completions_and_json_gives_the_fields(checkpoint, c
     # Compilation is shown as it happens, on standard error: which graph, how many partitions, the time.
     shown = " ".join(captured.err.split())
     assert "compiled the prefill graph" in shown and "compiled the decode graph" in shown
-    assert "distinct partitions; trace" in shown
+    assert "layers (1 traced), " in shown and "distinct partitions; trace" in shown
     assert main([*args, *EAGER, "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["prompt"] for r in records] == ["The capital of France is", "hello"]

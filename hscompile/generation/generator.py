@@ -47,6 +47,7 @@ from ..planner.hardware import HardwareProfile
 from ..planner.minibatch import SequenceCost, minibatch_count, step_groups
 from ..runtime.cache import CacheRuntime, StepRequest
 from .graphs import GeneratorGraphs, entry_point, tracing_settings
+from .regions import LayerRegions
 from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
 from .validation import check_act_ratio, check_batch, check_prompt_length
 
@@ -88,6 +89,7 @@ class Generator:
         self._workload: tuple[int, int, int] | None = None
         self._staging = 0
         self.graphs = GeneratorGraphs(self.config, self.cache, self._budget)
+        self._regions = LayerRegions(model)
         self._compiled = torch.compile(entry_point(f"hscompile_generator_{id(self):x}"), backend=self.graphs.backend(),
                                        fullgraph=True)
 
@@ -292,7 +294,7 @@ class Generator:
         try:
             # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
             # that differs between two models of the same class as a run-time input.
-            with tracing_settings():
+            with tracing_settings(), self._regions.applied():
                 out = self._compiled(self.model, input_ids=ids, attention_mask=mask, position_ids=positions,
                                      use_cache=False, logits_to_keep=1)
         finally:

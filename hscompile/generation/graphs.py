@@ -13,13 +13,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..backend import CompiledModel, compile_graph, record
 from ..config import HybridServeConfig
 from ..errors import HybridServeError, surface_through_dynamo
 from ..ir.fx import fake_value
 from ..ir.policy import CacheBudget, check_device_budget
+from ..passes.inline import region_calls
 from ..runtime.cache import CacheRuntime
 
 __all__ = ["CompileRecord", "GeneratorGraphs", "entry_point", "step_activations", "tracing_settings"]
@@ -37,6 +38,9 @@ class CompileRecord:
     kind: str
     """``"prefill"`` or ``"decode"``."""
     layers: int
+    traced_layers: int
+    """Layers dynamo traced: 1 when every layer is a call of one region body, ``layers`` when it
+    traced each (this torch has no regions, or the layers are not one structure)."""
     partitions: int
     """Distinct partitions lowered (identical layers share one)."""
     passes: float
@@ -49,7 +53,8 @@ class CompileRecord:
     """Seconds dynamo spent capturing the graph (set once the call that compiled it returns)."""
 
     def line(self) -> str:
-        return (f"compiled the {self.kind} graph: {self.layers} layers, {self.partitions} distinct partitions; "
+        return (f"compiled the {self.kind} graph: {self.layers} layers ({self.traced_layers} traced), "
+                f"{self.partitions} distinct partitions; "
                 f"trace {self.trace:.1f} s, passes {self.passes:.1f} s, lowering {self.lowering:.1f} s"
                 f" ({self.cache_hits} from Inductor's cache)")
 
@@ -74,6 +79,7 @@ class GeneratorGraphs:
         assert budget is not None, "the generator that owns this backend is gone"
         kind = "prefill" if self.cache.request is not None and self.cache.request.admit is not None else "decode"
         hits = _cache_hits()
+        bodies, calls = region_calls(gm)
         try:
             compiled = compile_graph(gm, example_inputs, self.config, cache=self.cache, cache_budget=budget())
         except HybridServeError as error:
@@ -82,6 +88,7 @@ class GeneratorGraphs:
         self.compiled.append(compiled)
         self.records.append(CompileRecord(
             graph=compiled.sequence, kind=kind, layers=compiled.plan.num_layers,
+            traced_layers=compiled.plan.num_layers - calls + bodies,
             partitions=len(set(compiled.partition_calls)),
             passes=sum(s for name, s in compiled.pass_seconds.items() if name != "lower"),
             lowering=compiled.pass_seconds.get("lower", 0.0), cache_hits=_cache_hits() - hits))

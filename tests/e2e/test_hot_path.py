@@ -105,6 +105,7 @@ def test_stats_say_where_compilation_time_went():
     records = generator.graphs.records
     assert [r.kind for r in records] == ["prefill", "decode"]
     assert all(r.layers == 2 and r.partitions >= 3 and r.trace > 0 and r.passes > 0 for r in records)
+    assert all(r.traced_layers == 1 for r in records), "dynamo traced one layer, the other is its region body"
     phases = generator.stats()["compile_seconds_by_phase"]
     assert phases["trace"] == sum(r.trace for r in records) and set(phases) == {"trace", "passes", "lowering"}
     generator.generate(ids, mask, max_new_tokens=2)  # nothing new to compile

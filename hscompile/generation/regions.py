@@ -1,0 +1,117 @@
+"""Trace a decoder layer once, not once per layer.
+
+Dynamo inlines every layer's ``forward`` as it meets it: capture time grows with depth (9.8 of
+the 10.7 s of SmolLM2's first call went there). Marking the layers as one
+``torch.compiler.nested_compile_region`` makes dynamo trace the first layer and stamp that body
+out for every layer whose inputs pass the same guards; the backend inlines the calls again
+(:func:`hscompile.passes.inline.inline_regions`), so the passes see the graph they always saw.
+
+The layers are found structurally, as the analysis finds them: a module list of two or more
+modules of one class with the same parameter names, shapes and dtypes. The regions are bound
+to the layer instances only during the generator's own calls (:meth:`LayerRegions.applied`),
+so the user's model is left as it was between calls and under any other compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["LayerRegions", "repeated_layers"]
+
+
+def repeated_layers(model: nn.Module) -> list[nn.ModuleList]:
+    """The outermost module lists of ``model`` whose children are two or more modules of one class
+    with the same parameters (names, shapes, dtypes) and no ``forward`` of their own instance
+    (a hook library's wrapper, which a region must not bypass)."""
+    found: list[nn.ModuleList] = []
+    inside: set[int] = set()
+    for _, module in model.named_modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        first = module[0]
+        signature = _parameters(first)
+        if all(type(child) is type(first) and "forward" not in vars(child) and _parameters(child) == signature
+               for child in module):
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
+
+
+def _parameters(module: nn.Module) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    return tuple((name, tuple(p.shape), p.dtype) for name, p in module.named_parameters())
+
+
+def _region(forward: Callable[..., object], calls: int) -> Callable[..., object] | None:
+    """``forward`` marked as a nested compile region allowed ``calls`` distinct traced bodies (a
+    model whose layers all differ then traces each, as without regions, rather than failing), or
+    None when this torch has no regions."""
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    if mark is None:
+        return None
+    if "max_reuse_entries" in inspect.signature(mark).parameters:
+        return mark(forward, max_reuse_entries=max(calls, 8))
+    return mark(forward)
+
+
+class LayerRegions:
+    """The repeated layers of one model, each bound to its class's ``forward`` marked as a region."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._bound: list[tuple[nn.Module, Callable[..., object]]] = []
+        for layers in repeated_layers(model):
+            region = _region(type(layers[0]).forward, len(layers))
+            if region is None:
+                return
+            # One bound method per layer for the generator's lifetime: dynamo guards on it.
+            self._bound.extend((layer, types.MethodType(region, layer)) for layer in layers)
+
+    def __len__(self) -> int:
+        return len(self._bound)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The layers call their regions inside this block, their class's ``forward`` after it."""
+        if not self._bound:
+            yield
+            return
+        for layer, bound in self._bound:
+            layer.forward = bound  # type: ignore[method-assign]
+        try:
+            with _aliased_inputs_allowed():
+                yield
+        finally:
+            for layer, _ in self._bound:
+                vars(layer).pop("forward", None)
+
+
+@contextlib.contextmanager
+def _aliased_inputs_allowed() -> Iterator[None]:
+    """Let a region take inputs that share storage while dynamo traces it.
+
+    A layer's weights are views of one packed buffer (``hscompile.loading`` reads a layer so, and
+    a streamed layer's host store adopts it), and dynamo refuses a region whose inputs alias: the
+    region would reach AOTAutograd, whose functionalization of a region cannot handle it. The
+    hybridserve backend inlines every region before anything else sees the graph (the flat graph
+    dynamo gives without regions, aliasing included, which is how every weight is read
+    anyway), so the refusal does not apply. Restored on exit: other compilations keep the check.
+    """
+    try:
+        from torch._dynamo.variables.invoke_subgraph import InvokeSubgraphHigherOrderVariable as variable
+    except ImportError:  # an older torch checks elsewhere: regions then fail loudly, never silently
+        yield
+        return
+    before = vars(variable).get("supports_aliasing")
+    variable.supports_aliasing = True
+    try:
+        yield
+    finally:
+        if before is None:
+            del variable.supports_aliasing
+        else:
+            variable.supports_aliasing = before
