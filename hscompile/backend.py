@@ -348,6 +348,11 @@ def compile_graph(
     }
     if plan is not None:
         inputs["plan"] = plan
+    if cache is not None and cache.program is not None and cache.program.tokens_per_call is None:
+        # An earlier graph of this cache (the prefill's) left a shape-generic program, which
+        # recomputes any tokens for every graph: slicing and lowering this graph's own would be
+        # thrown away (the cache keeps the one that reaches furthest), at an Inductor compile each.
+        inputs["program"] = cache.program
     pipeline = PLAN_ONLY if plan_only else GENERATION_PIPELINE if cache is not None else PIPELINE
     result = pipeline.run(inputs, tag=f"graph{sequence}")
     artifacts = result.artifacts

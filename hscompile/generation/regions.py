@@ -48,15 +48,56 @@ def _parameters(module: nn.Module) -> tuple[tuple[str, tuple[int, ...], torch.dt
 
 
 def _region(forward: Callable[..., object], calls: int) -> Callable[..., object] | None:
-    """``forward`` marked as a nested compile region allowed ``calls`` distinct traced bodies (a
-    model whose layers all differ then traces each, as without regions, rather than failing), or
-    None when this torch has no regions."""
+    """A replacement for the layers' ``forward`` that calls ``forward`` through one nested compile
+    region, or None when this torch has no regions.
+
+    The region takes flat arguments (the module, a string naming the call's structure, then its
+    leaves): dynamo fingerprints flat arguments directly but runs its pytree flatten, symbolically,
+    for keyword or nested ones, a cost paid at every layer. ``calls`` distinct traced bodies are
+    allowed, so a model whose layers all differ traces each, as without regions, rather than fail.
+    """
     mark = getattr(torch.compiler, "nested_compile_region", None)
     if mark is None:
         return None
+
+    def body(module: nn.Module, structure: str, *leaves: object) -> object:
+        args, kwargs = _unflatten(structure, leaves)
+        return forward(module, *args, **kwargs)
+
     if "max_reuse_entries" in inspect.signature(mark).parameters:
-        return mark(forward, max_reuse_entries=max(calls, 8))
-    return mark(forward)
+        region = mark(body, max_reuse_entries=max(calls, 8))
+    else:
+        region = mark(body)
+
+    def call(module: nn.Module, *args: object, **kwargs: object) -> object:
+        leaves: list[object] = []
+        layout: list[str] = []
+        for value in (*args, *kwargs.values()):
+            if type(value) is tuple:  # (cos, sin) and kin: one level, the rest stay leaves
+                layout.append(str(len(value)))
+                leaves.extend(value)
+            else:
+                layout.append("-")
+                leaves.append(value)
+        return region(module, f"{len(args)}|{','.join(kwargs)}|{','.join(layout)}", *leaves)
+
+    return call
+
+
+def _unflatten(structure: str, leaves: tuple[object, ...]) -> tuple[list[object], dict[str, object]]:
+    """The positional and keyword arguments :func:`_region`'s ``call`` flattened into ``structure``."""
+    positional, names, layout = structure.split("|")
+    values: list[object] = []
+    at = 0
+    for entry in layout.split(",") if layout else ():
+        if entry == "-":
+            values.append(leaves[at])
+            at += 1
+        else:
+            values.append(tuple(leaves[at:at + int(entry)]))
+            at += int(entry)
+    count = int(positional)
+    return values[:count], dict(zip(names.split(",") if names else (), values[count:], strict=True))
 
 
 class LayerRegions:

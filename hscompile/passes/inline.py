@@ -62,13 +62,16 @@ def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
-    bodies: set[str] = set()
+    region_bodies = {str(n.args[0].target) for n in gm.graph.nodes if _is_invoke(n)}
+    bodies: dict[str, fx.GraphModule] = {}  # each body flattened once, however many layers call it
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(getattr(gm, str(node.target), None), fx.GraphModule):
-            bodies.add(str(node.target))
+        if node.op == "get_attr" and str(node.target) in region_bodies:
             continue
         if _is_invoke(node):
-            body = inline_regions(getattr(gm, str(node.args[0].target)))
+            name = str(node.args[0].target)
+            if name not in bodies:
+                bodies[name] = inline_regions(getattr(gm, name))
+            body = bodies[name]
             env[node] = _inline_call(graph, body, [env[a] if isinstance(a, fx.Node) else a for a in node.args[2:]],
                                      node.meta.get("nn_module_stack") or {})
             continue
@@ -83,7 +86,8 @@ def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
                 copied._dynamo_source = source  # type: ignore[attr-defined]
         env[node] = copied
     _drop_dead_scalars(graph)
-    flat = fx.GraphModule({name: module for name, module in gm.named_children() if name not in bodies}, graph,
+    children = {name: module for name, module in gm.named_children() if name not in region_bodies}
+    flat = fx.GraphModule(children, graph,
                           class_name=type(gm).__name__)
     flat.meta.update(gm.meta)
     return flat
