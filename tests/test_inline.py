@@ -4,6 +4,7 @@ backend inlines the region calls into the flat graph every pass was written for.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from conftest import CaptureBackend
 from models import FAMILIES, prompts, tiny_model
 from torch import nn
 
+import hscompile
+from hscompile.generation import regions
 from hscompile.generation.regions import LayerRegions, repeated_layers
 from hscompile.ir.fx import module_paths
 from hscompile.passes.analyze import analyze
@@ -106,3 +109,63 @@ def test_regions_are_bound_only_inside_the_generators_calls():
         with regions.applied():
             inside = model(ids).logits
         assert torch.equal(inside, model(ids).logits)
+
+
+def test_a_layer_that_computes_differently_gets_a_body_of_its_own():
+    model = tiny_model("llama", layers=3)
+    model.model.layers[1].self_attn.scaling *= 0.5  # same parameters, another attention scale
+    ids = prompts(2, 5)
+    flat, expected = _capture(model, False, ids)
+    marked, out = _capture(model, True, ids)
+    bodies, calls = region_calls(marked)
+    assert 3 - calls + bodies == 2, "dynamo's reuse guards made it trace layer 1 apart (inline or as a body)"
+    assert torch.equal(out.logits, expected.logits)
+    assert _ops(inline_regions(marked)) == _ops(flat)
+    torch._dynamo.reset()
+    reference = _greedy(model, ids)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})
+    assert torch.equal(generator.generate(ids, max_new_tokens=3), reference)
+    assert [r.traced_layers for r in generator.graphs.records] == [2, 2]
+
+
+def _greedy(model, ids):
+    """transformers' greedy tokens: what every generator below must give."""
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                              pad_token_id=0)
+
+
+def _pack_layers(model) -> None:
+    """Each layer's weights as views of one buffer, as hscompile's loader lays a layer out."""
+    for layer in model.model.layers:
+        owned = [(module, name, p) for module in layer.modules() for name, p in module.named_parameters(recurse=False)]
+        flat = torch.cat([p.detach().reshape(-1) for _, _, p in owned])
+        at = 0
+        for module, name, p in owned:
+            module._parameters[name] = nn.Parameter(flat[at:at + p.numel()].view(p.shape), requires_grad=False)
+            at += p.numel()
+
+
+def test_packed_layer_weights_are_traced_as_one_region():
+    model = tiny_model("llama", layers=3)
+    _pack_layers(model)
+    ids = prompts(2, 5)
+    reference = _greedy(model, ids)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})
+    assert torch.equal(generator.generate(ids, max_new_tokens=3), reference)
+    assert [r.traced_layers for r in generator.graphs.records] == [1, 1]
+
+
+def test_layers_dynamo_cannot_trace_as_a_region_are_traced_one_by_one(monkeypatch, caplog):
+    # As on a torch whose regions refuse aliased inputs: the packed weights make the region fail.
+    monkeypatch.setattr(regions, "_aliased_inputs_allowed", lambda variable: contextlib.nullcontext())
+    model = tiny_model("llama", layers=3)
+    _pack_layers(model)
+    ids = prompts(2, 5)
+    reference = _greedy(model, ids)
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})
+    with caplog.at_level(logging.WARNING, logger="hscompile.generation"):
+        assert torch.equal(generator.generate(ids, max_new_tokens=3), reference)
+    assert "tracing each layer instead" in caplog.text
+    assert [r.traced_layers for r in generator.graphs.records] == [3, 3]
+    assert not any("forward" in vars(layer) for layer in model.model.layers)

@@ -28,11 +28,13 @@ the cache stores real tokens only and a token's position is its index among them
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._dynamo import exc as dynamo_errors
 
 from ..backend import CompiledModel, kept_generator
 from ..config import HybridServeConfig
@@ -50,6 +52,10 @@ from .graphs import GeneratorGraphs, entry_point, tracing_settings
 from .regions import LayerRegions
 from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
 from .validation import check_act_ratio, check_batch, check_prompt_length
+
+_LOG = logging.getLogger("hscompile.generation")
+# What dynamo raises when it cannot trace a nested compile region (the first on torch 2.13).
+_REGION_FAILURES: tuple[type[Exception], ...] = (dynamo_errors.UncapturedHigherOrderOpError, dynamo_errors.Unsupported)
 
 if TYPE_CHECKING:
     from ..text import Completion, Prompt
@@ -289,16 +295,27 @@ class Generator:
                 if tensor.shape[dim] > 1:  # one prefill graph for every prompt shape
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         request.groups = self._groups(prefill)
-        self.cache.request = request
         compiled_before, start = len(self.graphs.records), time.perf_counter()
-        try:
-            # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
-            # that differs between two models of the same class as a run-time input.
-            with tracing_settings(), self._regions.applied():
-                out = self._compiled(self.model, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                     use_cache=False, logits_to_keep=1)
-        finally:
-            self.cache.request = None
+        while True:
+            self.cache.request = request
+            try:
+                # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
+                # that differs between two models of the same class as a run-time input.
+                with tracing_settings(), self._regions.applied():
+                    out = self._compiled(self.model, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                         use_cache=False, logits_to_keep=1)
+                break
+            except _REGION_FAILURES as error:
+                if not self._regions:
+                    raise
+                # Dynamo could not trace the layers as one region (a torch whose regions refuse
+                # something these layers do): trace them one by one, as it always could; slower to
+                # compile, the same graph. A failure that is not the regions' recurs without them.
+                _LOG.warning("tracing the layers as one nested compile region failed, tracing each layer "
+                             "instead: %s", str(error).splitlines()[0])
+                self._regions.disable()
+            finally:
+                self.cache.request = None
         logits = self.cache.fetch(out.logits[:, -1, :].float())
         if len(self.graphs.records) > compiled_before:  # this call compiled: what was not ours was dynamo's
             ran = sum(c.executor.last_seconds for c in self.graphs.compiled[compiled_before:] if c.executor is not None)

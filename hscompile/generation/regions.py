@@ -15,6 +15,7 @@ so the user's model is left as it was between calls and under any other compiler
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import types
 from collections.abc import Callable, Iterator
@@ -105,6 +106,10 @@ class LayerRegions:
 
     def __init__(self, model: nn.Module) -> None:
         self._bound: list[tuple[nn.Module, Callable[..., object]]] = []
+        variable = _region_variable()
+        if variable is None:
+            return
+        self._variable = variable
         for layers in repeated_layers(model):
             region = _region(type(layers[0]).forward, len(layers))
             if region is None:
@@ -115,6 +120,10 @@ class LayerRegions:
     def __len__(self) -> int:
         return len(self._bound)
 
+    def disable(self) -> None:
+        """Trace the layers one by one from now on (dynamo could not trace them as a region)."""
+        self._bound.clear()
+
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """The layers call their regions inside this block, their class's ``forward`` after it."""
@@ -124,15 +133,28 @@ class LayerRegions:
         for layer, bound in self._bound:
             layer.forward = bound  # type: ignore[method-assign]
         try:
-            with _aliased_inputs_allowed():
+            with _aliased_inputs_allowed(self._variable):
                 yield
         finally:
             for layer, _ in self._bound:
                 vars(layer).pop("forward", None)
 
 
+def _region_variable() -> type | None:
+    """Dynamo's tracer of ``invoke_subgraph``, where this torch keeps it (None: not found, and the
+    layers are then traced one by one, as without regions)."""
+    for module in ("torch._dynamo.variables.invoke_subgraph", "torch._dynamo.variables.higher_order_ops"):
+        try:
+            variable = getattr(importlib.import_module(module), "InvokeSubgraphHigherOrderVariable", None)
+        except ImportError:
+            continue
+        if variable is not None and hasattr(variable, "supports_aliasing"):
+            return variable
+    return None
+
+
 @contextlib.contextmanager
-def _aliased_inputs_allowed() -> Iterator[None]:
+def _aliased_inputs_allowed(variable: type) -> Iterator[None]:
     """Let a region take inputs that share storage while dynamo traces it.
 
     A layer's weights are views of one packed buffer (``hscompile.loading`` reads a layer so, and
@@ -142,17 +164,12 @@ def _aliased_inputs_allowed() -> Iterator[None]:
     dynamo gives without regions, aliasing included, which is how every weight is read
     anyway), so the refusal does not apply. Restored on exit: other compilations keep the check.
     """
-    try:
-        from torch._dynamo.variables.invoke_subgraph import InvokeSubgraphHigherOrderVariable as variable
-    except ImportError:  # an older torch checks elsewhere: regions then fail loudly, never silently
-        yield
-        return
     before = vars(variable).get("supports_aliasing")
-    variable.supports_aliasing = True
+    variable.supports_aliasing = True  # type: ignore[attr-defined]
     try:
         yield
     finally:
         if before is None:
-            del variable.supports_aliasing
+            del variable.supports_aliasing  # type: ignore[attr-defined]
         else:
-            variable.supports_aliasing = before
+            variable.supports_aliasing = before  # type: ignore[attr-defined]

@@ -69,8 +69,9 @@ still name the root: ``L['self']`` when ``forward`` is the traced frame, ``L['ar
 def normalize_module_path(raw: str) -> str:
     """The module path inside the traced model, whatever frame dynamo started from.
 
-    ``"L['self'].model.layers.0.self_attn"``, ``"L['args'][0].model.layers.0.self_attn"`` and
-    ``"L['self']._modules['model']._modules['layers']._modules['0']._modules['self_attn']"`` all give
+    ``"L['self'].model.layers.0.self_attn"``, ``"L['args'][0].model.layers.0.self_attn"``,
+    ``"L['self']._modules['model']._modules['layers']._modules['0']._modules['self_attn']"`` and
+    ``"L['self'].model.layers.0.forward.__self__.self_attn"`` all give
     ``"model.layers.0.self_attn"``: a key of ``model.named_modules()`` (and, with the parameter's
     name appended, of ``model.named_parameters()``).
     """
@@ -91,6 +92,11 @@ def normalize_module_path(raw: str) -> str:
             continue
         parts.append(next(g for g in match.groups() if g is not None))
         pos = match.end()
+    # ``<module>.forward.__self__`` is ``<module>``: dynamo reaches a module so when its forward is
+    # a bound method of the instance (hscompile's layer regions bind one during tracing).
+    while "__self__" in parts:
+        at = parts.index("__self__")
+        del parts[max(at - 1, 0):at + 1]
     return ".".join(parts)
 
 

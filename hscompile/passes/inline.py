@@ -20,7 +20,6 @@ After: the body's nodes copied in place of the call, reading the call's argument
 from __future__ import annotations
 
 import operator
-import re
 from typing import Any
 
 from torch import fx
@@ -35,9 +34,6 @@ _PURE_OPERATORS: frozenset[object] = frozenset({
     operator.and_, operator.or_,
 })
 
-# A region called through a bound method traces its module's attributes through
-# ``<layer>.forward.__self__``: the same module (hscompile's generator binds regions so).
-_BOUND_SELF = re.compile(r"^\.forward\.__self__(?=$|\.|\[)")
 
 
 def _is_invoke(node: fx.Node) -> bool:
@@ -147,7 +143,7 @@ class _Rebase:
         for key, value in entries[depth:]:
             path = _path(value)
             if path.startswith(home):
-                path = self.call_path + _BOUND_SELF.sub("", path[len(home):])
+                path = self.call_path + path[len(home):]
             entry = (path, *value[1:]) if isinstance(value, tuple) else path
             # Keys are module ids in dynamo's stacks: key by path so that two call sites stay apart.
             rebased[f"{key}@{path}"] = entry
