@@ -11,10 +11,10 @@ cache (stats ``cache_h2d_bytes``) are reported for act_ratio 0 and 1, side by si
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import transformers
+from report import report
 
 import hscompile
 
@@ -51,7 +51,6 @@ def main() -> None:
         rows.append({"model": name, "kv_bytes": kv["cache_h2d_bytes"], "act_bytes": act["cache_h2d_bytes"],
                      "ratio": act["cache_h2d_bytes"] / kv["cache_h2d_bytes"], "kv_values_per_token": per_token_kv,
                      "act_values_per_token": args.hidden, "recomputed_tokens": act["recomputed_tokens"]})
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Cache bytes of one decode step: batch {args.batch}, {args.prompt}-token past, "
@@ -61,10 +60,7 @@ def main() -> None:
     for row in rows:
         table.add_row(row["model"], str(row["kv_values_per_token"]), str(row["act_values_per_token"]),
                       str(row["kv_bytes"]), str(row["act_bytes"]), f"{row['ratio']:.2f}")
-    Console().print(table)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    report(table, rows, args.json)
 
 
 if __name__ == "__main__":

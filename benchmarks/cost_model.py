@@ -16,6 +16,7 @@ import time
 
 import torch
 import transformers
+from report import report
 
 import hscompile
 from hscompile.bench import weight_bytes
@@ -75,7 +76,6 @@ def main() -> None:
                          "predicted_ms": predicted.seconds * 1e3, "error": predicted.seconds / measured - 1,
                          "bound": predicted.bound})
             print(json.dumps(rows[-1]))
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"decode step, batch {args.batch}, context ~{args.prompt + args.new // 2}, {args.device}, {args.lowering}")
@@ -84,10 +84,7 @@ def main() -> None:
     for r in rows:
         table.add_row(r["model"], f"{r['budget_fraction']:.1f}x", f"{r['act_ratio']:.1f}", str(r["streamed"]),
                       f"{r['measured_ms']:.2f}", f"{r['predicted_ms']:.2f}", f"{r['error']:+.0%}", r["bound"])
-    Console().print(table)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    report(table, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from report import report
+
 MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 4,
          "vocab_size": 1024}
 
@@ -75,7 +77,6 @@ def main() -> None:
                     sys.exit(f"{layers} layers, {start}: the child failed:\n{proc.stderr[-4000:]}")
                 results.append({"start": start, **json.loads(proc.stdout.strip().splitlines()[-1])})
 
-    from rich.console import Console
     from rich.table import Table
 
     first = {(r["layers"], r["start"]): r["first_call_s"] for r in results}
@@ -87,10 +88,7 @@ def main() -> None:
         table.add_row(str(r["layers"]), r["start"], f"{r['first_call_s']:.1f}",
                       f"{r['first_call_s'] / first[(base, r['start'])]:.2f}",
                       f"{r['first_call_s'] / first[(r['layers'], 'cold')]:.2f}", f"{r['import_s']:.1f}")
-    Console().print(table)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"model": MODEL, "lowering": args.lowering, "results": results}, handle, indent=2)
+    report(table, {"model": MODEL, "lowering": args.lowering, "results": results}, args.json)
 
 
 if __name__ == "__main__":

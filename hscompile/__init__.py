@@ -13,6 +13,7 @@ without importing anything.
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers torch.ops.hybridserve.*)
+from . import quantize  # noqa: F401  (hscompile.quantize.reference: the eager reference of quantized weights)
 from .backend import BACKEND_NAME, CompiledModel, hybridserve_backend, register
 from .config import OPTIONS, HybridServeConfig
 from .errors import BudgetError, CheckpointError, ConfigError, HybridServeError, UnsupportedModelError
