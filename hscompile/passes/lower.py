@@ -86,26 +86,53 @@ class _ExampleRecorder(fx.Interpreter):
     A partition called again with arguments of the same metadata (every layer after the first,
     usually) gives the outputs of the call that had them without being run again: on fake
     tensors a partition's outputs depend on nothing else, and running each layer's partitions
-    made this pass grow with depth."""
+    made this pass grow with depth. Layers read their weights at different offsets of one
+    buffer, so offsets are left out of that metadata, except those of the arguments the
+    partition's outputs are views of (they carry the offset on)."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
         self.examples: dict[str, tuple[Any, ...]] = {}
-        self._outputs: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._outputs: dict[tuple[object, ...], Any] = {}
+        self._viewed: dict[str, tuple[int, ...]] = {}
+        """Partition -> the positions of the arguments its outputs are views of (at its first call)."""
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.examples.setdefault(str(target), args)
-        key = (str(target), tuple(_metadata(a) for a in (*args, *kwargs.values())))
-        if key not in self._outputs:
-            self._outputs[key] = super().call_module(target, args, kwargs)
-        return self._outputs[key]
+        name = str(target)
+        self.examples.setdefault(name, args)
+        values = (*args, *kwargs.values())
+        key = self._key(name, values)
+        if key is not None and key in self._outputs:
+            return self._outputs[key]
+        out = super().call_module(target, args, kwargs)
+        viewed = _viewed_arguments(out, values)
+        self._viewed.setdefault(name, viewed)
+        if viewed == self._viewed[name]:
+            self._outputs[self._key(name, values)] = out
+        return out
+
+    def _key(self, name: str, values: tuple[Any, ...]) -> tuple[object, ...] | None:
+        if name not in self._viewed:
+            return None
+        offsets = tuple(values[i].storage_offset() for i in self._viewed[name])
+        return (name, tuple(_metadata(v) for v in values), offsets)
 
 
 def _metadata(value: Any) -> str:
-    """What a partition's fake-mode outputs depend on in one of its arguments."""
+    """What a partition's fake-mode outputs depend on in one of its arguments (offsets aside)."""
     if isinstance(value, torch.Tensor):
-        return f"{value.dtype}:{value.device}:{tuple(value.shape)}:{value.stride()}:{value.storage_offset()}"
+        return f"{value.dtype}:{value.device}:{tuple(value.shape)}:{value.stride()}"
     return f"{type(value).__name__}:{value!r}"
+
+
+def _viewed_arguments(outputs: Any, inputs: Sequence[Any]) -> tuple[int, ...]:
+    """Positions of the tensors among ``inputs`` that a tensor among ``outputs`` shares storage with."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    produced = {StorageWeakRef(v.untyped_storage()) for v in flat if isinstance(v, torch.Tensor)}
+    return tuple(i for i, v in enumerate(inputs)
+                 if isinstance(v, torch.Tensor) and StorageWeakRef(v.untyped_storage()) in produced)
 
 
 def _remake(fake_inputs: Sequence[Any], device: torch.device | None = None) -> tuple[Any, list[Any]]:

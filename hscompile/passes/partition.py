@@ -56,8 +56,11 @@ def stub_cache_updates(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
     (same names, same fake values) produce a tensor of the concatenation's shape that holds no
     memory; whatever the model does with it (returns it to its cache object, slices it for a
     sliding window) still holds, at no cost. The hybrid cache keeps the real state, and
-    attention reads the new tokens' K/V (``AttentionSite.new_key``). ``gm`` is unchanged.
+    attention reads the new tokens' K/V (``AttentionSite.new_key``). ``gm`` is unchanged, and
+    returned as it is when no attention extends a cache (the generator's own graphs).
     """
+    if all(layer.attention.past_key is None for layer in plan.layers):
+        return gm
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     by_name = {n.name: n for n in graph.nodes}
@@ -72,11 +75,6 @@ def stub_cache_updates(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
     result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     result.graph.lint()
     return result
-
-
-
-
-
 
 
 class Partition(torch.nn.Module):
