@@ -106,7 +106,7 @@ def _resolve_device(value: object, *, check: bool = True) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                "option 'device': 'cuda' was asked for but CUDA is not available on this machine; "
+                f"option 'device': {str(device)!r} was asked for but CUDA is not available on this machine; "
                 "use device='cpu'"
             )
         index = torch.cuda.current_device() if device.index is None else device.index
@@ -180,8 +180,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         size = self.mini_batch_size
-        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ConfigError(f"option 'mini_batch_size': got {size!r}; expected an int >= 1 or 'auto'")
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+            raise ConfigError(f"option 'mini_batch_size': got {size!r}; expected an int >= 2 or 'auto' (a mini-batch "
+                              "runs the graph compiled for 2 or more sequences, so it never has fewer than 2)")
         depth = self.prefetch_depth
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ConfigError(f"option 'prefetch_depth': got {depth!r}; expected an int >= 1")
@@ -210,7 +211,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("act_ratio", ("cache", "act_ratio"), "float in [0, 1] or 'auto'", "'auto'",
                "Fraction of cached tokens kept as activation checkpoints (K/V recomputed on the device)."),
     OptionSpec("block_size", ("cache", "block_size"), "int tokens in [1, 65536]", "16", "Tokens per KV/ACT cache block."),
-    OptionSpec("mini_batch_size", ("schedule", "mini_batch_size"), "int >= 1 or 'auto'", "'auto'",
+    OptionSpec("mini_batch_size", ("schedule", "mini_batch_size"), "int >= 2 or 'auto'", "'auto'",
                "Sequences per mini-batch of a generation step (at least 2); each layer's weights cross the link "
                "once per step and serve every mini-batch."),
     OptionSpec("prefetch_depth", ("schedule", "prefetch_depth"), "int >= 1", "1",

@@ -94,6 +94,7 @@ def test_unknown_key_lists_the_valid_ones():
         ("block_size", 2.0),
         ("block_size", 10**6),
         ("mini_batch_size", 0),
+        ("mini_batch_size", 1),
         ("mini_batch_size", "max"),
         ("prefetch_depth", 0),
         ("prefetch_depth", "1"),
@@ -113,6 +114,13 @@ def test_bad_values_raise_value_error_naming_the_key(key, value):
 def test_cuda_without_cuda_says_so():
     with pytest.raises(ConfigError, match="CUDA is not available"):
         HybridServeConfig.from_options({"device": "cuda"})
+    with pytest.raises(ConfigError, match="'cuda:3' was asked for but CUDA is not available"):
+        HybridServeConfig.from_options({"device": "cuda:3"})
+
+
+def test_a_mini_batch_of_one_is_refused_saying_why():
+    with pytest.raises(ConfigError, match="expected an int >= 2 or 'auto' .*never has fewer than 2"):
+        HybridServeConfig.from_options({"mini_batch_size": 1})
 
 
 def test_config_is_frozen():

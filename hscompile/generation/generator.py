@@ -77,7 +77,15 @@ class Generator:
                  tokenizer: Any | None = None) -> None:
         if not hasattr(model, "config"):
             raise UnsupportedModelError("hscompile.generate needs a transformers causal LM (a model with a .config)")
-        self.model = model.eval()
+        unloaded = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        if unloaded is not None:
+            raise UnsupportedModelError(
+                f"the model's weights are not loaded: parameter {unloaded!r} is on the meta device (a model built "
+                "under torch.device('meta') or with empty weights); load its weights first, e.g. with "
+                "hscompile.from_pretrained(path) or transformers' from_pretrained"
+            )
+        # The model runs in eval mode inside each call and is left in the mode the caller had.
+        self.model = model
         self.tokenizer = tokenizer
         """The model's tokenizer (a transformers tokenizer padding on the left), or None."""
         self.config = HybridServeConfig.from_options(options)
@@ -130,7 +138,7 @@ class Generator:
         waves or mini-batches it runs in. ``stopping(row, new_token_ids) -> bool`` ends a sequence
         early (as its end-of-sequence token would): stop strings use it.
         """
-        ids, mask = check_batch(input_ids, attention_mask, max_new_tokens)
+        ids, mask = check_batch(input_ids, attention_mask, max_new_tokens, _vocab_size(self.model))
         lengths = mask.sum(dim=1)
         self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
         check_sampling(do_sample, temperature, top_k, top_p)
@@ -148,7 +156,7 @@ class Generator:
         self.graphs.check_budget([(len(w), ids.shape[1], False) for w in waves] + [(len(w), 1, True) for w in waves],
                                  self._staging)
         pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
-        with _progress(progress, len(waves) * max_new_tokens) as tick:
+        with _progress(progress, len(waves) * max_new_tokens) as tick, _eval_mode(self.model):
             for wave in waves:
                 sampling = Sampling(do_sample, temperature, top_k, top_p,
                                     [streams[i] for i in wave] if streams is not None else None)
@@ -401,3 +409,23 @@ def generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, progress=progress,
     )
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """How many token ids the model embeds (its input embedding's rows), where it says."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else getattr(model.config, "vocab_size", None)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block (dropout off: the analysis refuses it), then each of its
+    modules back in the mode it had, so a call never changes the caller's model."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -16,21 +16,31 @@ from ..ir.cache import max_positions
 __all__ = ["check_act_ratio", "check_batch", "check_prompt_length"]
 
 
-def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object) -> tuple[torch.Tensor, torch.Tensor]:
+def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object,
+                vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` as long tensors on the CPU, after checking that ``input_ids`` is a non-empty
-    2-D integer batch, left-padded as ``attention_mask`` (1 for tokens, 0 for padding; default:
-    no padding) says, with at least one token per row, and ``max_new_tokens >= 1``."""
-    integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.long, torch.int)
+    2-D integer batch (any integer dtype) of ids in ``[0, vocab_size)``, left-padded as
+    ``attention_mask`` (1 for tokens, 0 for padding; default: no padding) says, with at least one
+    token per row, and ``max_new_tokens >= 1``."""
+    integer = (isinstance(input_ids, torch.Tensor) and not input_ids.dtype.is_floating_point
+               and not input_ids.dtype.is_complex and input_ids.dtype != torch.bool)
     if not integer or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids must be a 2-D integer tensor (batch, seq); got "
-            f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}"
-        )
+        described = (f"a {input_ids.dim()}-D {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}"
+                     if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be a 2-D integer tensor (batch, seq); got {described}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     ids = input_ids.long().cpu()
+    if vocab_size is not None:
+        outside = (ids < 0) | (ids >= vocab_size)
+        if bool(outside.any()):
+            row, position = (int(i) for i in outside.nonzero()[0])
+            raise ValueError(
+                f"input_ids[{row}, {position}] = {int(ids[row, position])} is not a token id of this model: its "
+                f"vocabulary has {vocab_size} ids (0 to {vocab_size - 1}); {int(outside.sum())} id(s) are outside it"
+            )
     if attention_mask is None:
         mask = torch.ones_like(ids)
     else:
@@ -55,11 +65,12 @@ def check_batch(input_ids: object, attention_mask: object, max_new_tokens: objec
 
 
 def check_act_ratio(act_ratio: object) -> None:
-    """A per-call ACT ratio is None (the options' ratio) or a number in [0, 1]."""
-    if act_ratio is not None and (
+    """A per-call ACT ratio is None (the options' ratio), ``"auto"`` (the cost model's choice, as
+    the option) or a number in [0, 1]."""
+    if act_ratio is not None and act_ratio != "auto" and (
         isinstance(act_ratio, bool) or not isinstance(act_ratio, (int, float)) or not 0 <= act_ratio <= 1
     ):
-        raise ValueError(f"act_ratio must be in [0, 1], got {act_ratio!r}")
+        raise ValueError(f"act_ratio must be a number in [0, 1] or 'auto', got {act_ratio!r}")
 
 
 def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import FAMILIES, GQA_FAMILIES, prompts, ragged_prompts, tiny_model
+from models import FAMILIES, GQA_FAMILIES, VOCAB, prompts, ragged_prompts, tiny_model
 from streaming import weight_bytes
 
 import hscompile
@@ -228,6 +228,12 @@ def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(referenc
         ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, ValueError, "temperature"),
         ({"max_new_tokens": 2, "do_sample": True, "top_p": 1.5}, ValueError, "top_p"),
         ({"max_new_tokens": 2, "host_memory": 64}, BudgetError, "cannot hold even one sequence"),
+        ({"max_new_tokens": 2, "ids": "vocabulary"}, ValueError,
+         r"input_ids\[1, 3\] = 128 is not a token id of this model: its vocabulary has 128 ids \(0 to 127\)"),
+        ({"max_new_tokens": 2, "ids": "negative"}, ValueError, r"input_ids\[0, 0\] = -1 is not a token id"),
+        ({"max_new_tokens": 2, "ids": "float"}, ValueError, r"2-D integer tensor .*got a 2-D torch.float32 tensor"),
+        ({"max_new_tokens": 2, "act_ratio": 1.5}, ValueError, "act_ratio must be a number in \\[0, 1\\] or 'auto'"),
+        ({"max_new_tokens": 2, "do_sample": True, "seed": "abc"}, ValueError, "seed must be an int or a list"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(kwargs, error, message):
@@ -239,6 +245,15 @@ def test_bad_input_is_refused_before_any_work(kwargs, error, message):
     if kwargs.pop("right_padded", False):
         mask = mask.flip(1)
     mask = kwargs.pop("attention_mask", mask)
+    bad_ids = kwargs.pop("ids", None)
+    if bad_ids == "vocabulary":
+        ids = ids.clone()
+        ids[1, 3] = VOCAB
+    elif bad_ids == "negative":
+        ids = ids.clone()
+        ids[0, 0] = -1
+    elif bad_ids == "float":
+        ids = ids.float()
     generator = hscompile.Generator(model, options)
     with pytest.raises(error, match=message):
         generator.generate(ids, mask, **kwargs)
@@ -320,3 +335,28 @@ def test_many_generators_of_one_model_class_do_not_hit_dynamos_recompile_limit()
             expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
         out = hscompile.Generator(model, {"device": "cpu", "lowering": "eager"}).generate(ids, mask, max_new_tokens=3)
         assert torch.equal(out, expected)
+
+
+def test_any_integer_dtype_of_ids_and_a_per_call_auto_ratio_are_accepted(references):
+    model, ids, mask, expected = references("llama")
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})
+    assert torch.equal(generator.generate(ids.to(torch.int16), mask, max_new_tokens=NEW_TOKENS, act_ratio="auto"),
+                       expected)
+    assert generator.decision is not None  # the cost model chose this call's ratio
+
+
+def test_generating_leaves_the_model_in_the_mode_it_was_in():
+    model = _model("llama", layers=2)
+    model.train()
+    model.model.layers[1].eval()
+    ids, mask = _batch()
+    hscompile.generate(model, ids, attention_mask=mask, max_new_tokens=2, options={"device": "cpu", "lowering": "eager"})
+    assert model.training and model.model.layers[0].training and not model.model.layers[1].training
+
+
+def test_a_model_whose_weights_are_not_loaded_is_refused():
+    with torch.device("meta"):
+        model = tiny_model("llama", layers=2)
+    with pytest.raises(UnsupportedModelError, match=r"weights are not loaded: parameter 'model.embed_tokens.weight' "
+                                                    r"is on the meta device"):
+        hscompile.Generator(model, {"device": "cpu"})
