@@ -134,6 +134,11 @@ class Executor:
         start = time.perf_counter()
         try:
             return self._call(*args)
+        except BaseException:
+            # A call that raised midway (an error, an interrupt) never releases the slots it took:
+            # free them now rather than at the next call, so nothing stays held after a failure.
+            self.runtime.weights.reset()
+            raise
         finally:
             self.last_seconds = time.perf_counter() - start
 
