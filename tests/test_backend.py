@@ -75,3 +75,11 @@ def test_options_dict_is_not_modified():
         compiled(prompts())
     assert options == {"device": "cpu", "lowering": "eager"}
     assert hscompile.inspect(compiled).config.lowering == "eager"
+
+
+def test_dynamic_true_is_named_as_the_cause_of_a_lifted_attention_scale():
+    model = tiny_model("llama", layers=2)
+    compiled = torch.compile(model, backend="hybridserve", options={"device": "cpu", "lowering": "eager"}, dynamic=True)
+    with pytest.raises(UnsupportedModelError, match=r"torch.compile\(\.\.\., dynamic=True\) makes dynamo lift float"), \
+            torch.no_grad():
+        compiled(prompts(2, 5))

@@ -390,9 +390,7 @@ class _Analysis:
             if not isinstance(value, kinds):
                 raise UnsupportedModelError(
                     f"attention {sdpa.name!r} in {path}: {name}={value!r} is computed at run time; it must be a constant. "
-                    "Dynamo lifts a float attribute (like attention's scale) as a run-time input when it changed since "
-                    "an earlier compilation of the same class (another model size in this process): set "
-                    "torch._dynamo.config.specialize_float = True, or torch._dynamo.reset() between models"
+                    + _lifted_float_cause()
                 )
         if not all(isinstance(a, fx.Node) for a in (call.query, call.key, call.value)):
             raise UnsupportedModelError(f"attention {sdpa.name!r} in {path}: query, key and value must be tensors")
@@ -609,3 +607,14 @@ class _Analysis:
         return "?"
 
 
+def _lifted_float_cause() -> str:
+    """Why dynamo made a float of the model a run-time input, and what to do about it."""
+    import torch._dynamo
+
+    if not torch._dynamo.config.assume_static_by_default:
+        return ("torch.compile(..., dynamic=True) makes dynamo lift float attributes (like attention's scale) as "
+                "run-time inputs: compile without dynamic=True (sizes that change become dynamic after one "
+                "recompilation), or set torch._dynamo.config.specialize_float = True")
+    return ("Dynamo lifts a float attribute (like attention's scale) as a run-time input when it changed since an "
+            "earlier compilation of the same class (another model size in this process): set "
+            "torch._dynamo.config.specialize_float = True, or torch._dynamo.reset() between models")
