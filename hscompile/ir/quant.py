@@ -15,6 +15,7 @@ This module is arithmetic on shapes and dtypes; the tensor math is :mod:`hscompi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +71,7 @@ class QuantScheme:
 
     def groups(self, shape: tuple[int, ...]) -> int:
         """Groups in a weight of ``shape`` (it must pass :meth:`check`)."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        return numel // self.group_size
+        return math.prod(shape) // self.group_size
 
     def value_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of the packed quantized values of a weight of ``shape``."""

@@ -54,11 +54,11 @@ def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
     body's entries below the module the body was traced at, rebased onto the call's module.
     A graph without regions is returned as it is.
     """
-    if not has_regions(gm):
+    region_bodies = {str(n.args[0].target) for n in gm.graph.nodes if _is_invoke(n)}
+    if not region_bodies:
         return gm
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
-    region_bodies = {str(n.args[0].target) for n in gm.graph.nodes if _is_invoke(n)}
     bodies: dict[str, fx.GraphModule] = {}  # each body flattened once, however many layers call it
     for node in gm.graph.nodes:
         if node.op == "get_attr" and str(node.target) in region_bodies:
@@ -83,8 +83,7 @@ def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
         env[node] = copied
     _drop_dead_scalars(graph)
     children = {name: module for name, module in gm.named_children() if name not in region_bodies}
-    flat = fx.GraphModule(children, graph,
-                          class_name=type(gm).__name__)
+    flat = fx.GraphModule(children, graph, class_name=type(gm).__name__)
     flat.meta.update(gm.meta)
     return flat
 

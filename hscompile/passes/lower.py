@@ -106,8 +106,7 @@ class _ExampleRecorder(fx.Interpreter):
             return self._outputs[key]
         out = super().call_module(target, args, kwargs)
         viewed = _viewed_arguments(out, values)
-        self._viewed.setdefault(name, viewed)
-        if viewed == self._viewed[name]:
+        if self._viewed.setdefault(name, viewed) == viewed:
             self._outputs[self._key(name, values)] = out
         return out
 

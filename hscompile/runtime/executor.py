@@ -88,7 +88,7 @@ class Runtime:
                    "smaller batches or a larger budget")
         self.last_activation_bytes = activation + staging
         self.peak_device_bytes = max(self.peak_device_bytes, memory.total)
-        self.weights.begin_call()
+        self.weights.reset()
 
     def stats(self) -> dict[str, Any]:
         weight_h2d = self.weights.weight_h2d_bytes

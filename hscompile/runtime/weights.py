@@ -104,12 +104,9 @@ class WeightRuntime:
 
     # -- the ops -------------------------------------------------------------------------
 
-    def begin_call(self) -> None:
-        """Reset the ring: a call that raised midway may have left slots occupied."""
-        self.reset()
-
     def reset(self) -> None:
-        """Free every slot of the ring (its copies stay ordered on the copy stream)."""
+        """Free every slot of the ring, at the start of a call and after one that raised midway
+        (its copies stay ordered on the copy stream)."""
         for slot in self._slots:
             slot.occupant = None
 
