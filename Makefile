@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # $(call pytest,VENV) runs the suite with VENV's Python.
 pytest = OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(1)/bin/python -m pytest -n $(JOBS) $(PYTEST_ARGS)
 
-.PHONY: demo test test-fast test-latest test-versions lock bench-compile gpu-deps clean
+.PHONY: demo test test-fast test-latest test-versions lock bench-compile fuzz gpu-deps clean
 
 # The lock installs with --no-deps: what it lists is what the venv gets, nothing resolved anew.
 # pip and setuptools are pinned too (the editable install builds without isolation).
@@ -82,6 +82,13 @@ lock:
 
 bench-compile: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
+
+# N drawn cases of greedy generation against transformers' (tests/fuzzing.py, as tests/e2e/test_fuzz.py
+# draws them, seed FUZZ_SEED); writes benchmarks/results/fuzz.{json,md}: counts, and a replay line per failure.
+N ?= 200
+FUZZ_SEED ?= 0
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/fuzz.py --n $(N) --seed $(FUZZ_SEED)
 
 # What the GPU machine lacks (it has torch and transformers, no registry): the pure-Python
 # dependencies at their locked versions, in .gpu-deps/ for benchmarks/gpu_check.sh to carry.

@@ -28,7 +28,7 @@ from .errors import (
 from .ir.activation import ActivationEstimate
 from .ir.cache import CacheSpec
 from .ir.fx import fake_value
-from .ir.layout import group_layouts
+from .ir.layout import GLOBAL_GROUP, group_layouts
 from .ir.plan import ModelPlan
 from .ir.policy import CacheBudget, Policy
 from .passes.analyze import analyze
@@ -40,6 +40,7 @@ from .passes.memory import estimate_activations
 from .passes.offload import offload, retarget_graph
 from .passes.partition import partition, stub_cache_updates
 from .passes.placement import place
+from .passes.quantize import quantize_weights
 from .passes.recompute import (
     RecomputeProgram,
     build_recompute_program,
@@ -86,15 +87,16 @@ def _build_program(
             module = retarget_graph(module, trace, device)
         return lower_module(module, config.lowering, device if trace != device else None)
 
-    program = build_recompute_program(graph, plan, lower_piece)
+    program = build_recompute_program(graph, plan, lower_piece, policy.weight_format)
     weights = {w.node: example_inputs[w.input_index] for w in (*plan.global_weights, *plan.layers[0].weights)}
-    check_token_locality(build_recompute_program(graph, plan, lambda module: module), plan, weights)
+    check_token_locality(build_recompute_program(graph, plan, lambda module: module, policy.weight_format), plan,
+                         weights, weight_format=policy.weight_format)
     return program
 
 
 def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
     """The pipeline: inline_regions -> analyze -> estimate_activations -> place -> partition [-> kvcache]
-    -> offload -> verify_schedule [-> lower]. Generation graphs get the cache pass; planning skips lowering."""
+    -> quantize_weights -> offload -> verify_schedule [-> lower]. Generation graphs get the cache pass; planning skips lowering."""
     passes = [
         PassSpec("inline_regions", inline_regions, requires=("captured",), provides=("graph",)),
         PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
@@ -111,7 +113,9 @@ def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
     else:
         passes.append(PassSpec("partition", partition, requires=("graph", "plan"), provides=("partitioned",)))
     passes += [
-        PassSpec("offload", offload, requires=("cached" if generation else "partitioned", "plan", "policy"), provides=("schedule",)),
+        PassSpec("quantize_weights", quantize_weights, requires=("cached" if generation else "partitioned", "plan", "policy"),
+                 provides=("quantized",)),
+        PassSpec("offload", offload, requires=("quantized", "plan", "policy"), provides=("schedule",)),
         PassSpec("verify_schedule", _verify, requires=("schedule", "policy"), provides=("schedule_report",)),
     ]
     if lowering:
@@ -166,6 +170,7 @@ class CompiledModel:
     def stats(self) -> dict[str, Any]:
         """Counters of this compilation and its runs (a fresh dict each call)."""
         partitions = self.partition_calls
+        layouts = group_layouts(self.plan, self.policy.weight_format)
         stats: dict[str, Any] = {
             "layers": self.plan.num_layers,
             "resident_layers": len(self.policy.resident_layers),
@@ -177,7 +182,10 @@ class CompiledModel:
             "compile_seconds": self.lowering.compile_seconds if self.lowering else 0.0,
             "pass_seconds": dict(self.pass_seconds),
             "weight_bytes": self.plan.weight_bytes,
-            "layer_weight_bytes": self.plan.layer_weight_bytes,
+            # What the layers take packed as the store holds them (quantized with weight_quant, aligned):
+            # the bytes a streamed layer's copies move.
+            "layer_weight_bytes": sum(layout.nbytes for group, layout in layouts.items() if group != GLOBAL_GROUP),
+            "weight_quant": self.policy.weight_format.name if self.policy.weight_format else "none",
             "global_weight_bytes": self.plan.global_weight_bytes,
             "planned_device_bytes": self.policy.memory.total,
             "minimum_device_bytes": self.policy.minimum_device_bytes,
@@ -304,7 +312,7 @@ def _runtime(
 ) -> Runtime:
     backend = device_backend(torch.device(policy.device))
     weights = {w.node: example_inputs[w.input_index] for w in plan.weights}
-    weight_runtime = WeightRuntime(policy, group_layouts(plan), weights, backend)
+    weight_runtime = WeightRuntime(policy, group_layouts(plan, policy.weight_format), weights, backend)
     in_place = (
         plan.global_weight_bytes + sum(plan.layers[i].weight_bytes for i in policy.resident_layers)
         if policy.weights_in_place
@@ -359,7 +367,7 @@ def compile_graph(
     executor = None
     if cache is not None:
         assert cache_budget is not None
-        cache.configure(CacheSpec.from_plan(artifacts["plan"], config.cache.block_size))
+        cache.configure(CacheSpec.from_plan(artifacts["plan"], config.cache.block_size, config.quant.cache_quant))
         program = artifacts["program"]
         if isinstance(program, UnsupportedModelError):
             if strict_cache and cache_budget.act_ratio > 0:

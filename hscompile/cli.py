@@ -3,7 +3,7 @@
     hscompile inspect PATH [--device cuda] [--device-memory 8GiB] [--prefetch-depth 1]
                            [--act-ratio auto] [--batch 1] [--seq 512] [--dtype float16]
     hscompile tune [--device cuda] [--dtype float16] [--width 4096] [--force]
-    hscompile predict PATH --profile h100-pcie5|FILE [--batch 32] [--prompt 512] [--new-tokens 32]
+    hscompile predict PATH --profile h100-pcie5|FILE [--batch 32] [--prompt 512] [--new-tokens 32] [--weight-quant int4]
                            [--device-memory 8GiB] [--dtype float16]
     hscompile bench [PATH] [--device cuda] [--device-memory 8GiB] [--batch 8] [--prompt 512]
                     [--new-tokens 32] [--policy auto --policy all-kv ...] [--json out.json] [--trace t.json]
@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from .config import CACHE_QUANT, WEIGHT_QUANT
 from .errors import HybridServeError
 from .loading import DTYPES as WEIGHT_DTYPES
 
@@ -65,6 +66,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     from .planning import check_positions, load_config, plan_model
 
     options: dict[str, object] = {"lowering": "eager"}
+    _quant_options(args, options)
     for key in ("device", "device_memory", "act_ratio", "prefetch_depth", "block_size"):
         value = getattr(args, key)
         if value is not None:
@@ -113,7 +115,8 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     import transformers
     from rich.table import Table
 
-    from .config import parse_bytes
+    from .config import HybridServeConfig, parse_bytes
+    from .ir.quant import scheme_of
     from .planner.cost_model import ModelDims, choose
     from .planner.hardware import load_profile
     from .planning import check_positions, load_config, weights_dtype
@@ -125,12 +128,18 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     dtype = weights_dtype(config, args.dtype or "float16")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    dims = ModelDims.from_model(model)
+    quant: dict[str, object] = {}
+    _quant_options(args, quant)
+    stored_as = HybridServeConfig.from_options(quant).quant
+    weight_format = scheme_of(stored_as)
+    dims = ModelDims.from_model(model).stored_as(stored_as)
     budget = parse_bytes(args.device_memory, key="device_memory") if args.device_memory else profile.device_memory_bytes
     decision = choose(dims, profile, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                       device_budget=budget)
+    stored = f"{weight_format.name} weights (groups of {weight_format.group_size})" if weight_format else "weights as stored"
+    stored += ", int8 cache blocks" if stored_as.cache_quant == "int8" else ""
     table = Table(title=f"{args.path} on {profile.device_name}: batch {args.batch}, prompt {args.prompt}, "
-                        f"{args.new_tokens} new tokens, device budget {budget / 2**30:.1f} GiB")
+                        f"{args.new_tokens} new tokens, device budget {budget / 2**30:.1f} GiB, {stored}")
     # A row per Choice (act_ratio, resident layers, prefetch, mini-batches): each column of it is shown.
     for column in ("act_ratio", "resident layers", "prefetch", "mini-batches", "tokens/s", "decode step ms", "bound"):
         table.add_column(column)
@@ -246,7 +255,27 @@ def _generation_options(args: argparse.Namespace) -> dict[str, object]:
         options["host_memory"] = parse_bytes(args.host_memory, key="host_memory")
     if args.act_ratio is not None:
         options["act_ratio"] = args.act_ratio if args.act_ratio == "auto" else _float(args.act_ratio, "--act-ratio")
+    _quant_options(args, options)
     return options
+
+
+def _quant_options(args: argparse.Namespace, options: dict[str, object]) -> None:
+    """``--weight-quant`` and ``--quant-group-size`` into ``options`` (validated by the config)."""
+    if args.weight_quant is not None:
+        options["weight_quant"] = args.weight_quant
+    if args.quant_group_size is not None:
+        options["quant_group_size"] = args.quant_group_size
+    if getattr(args, "cache_quant", None) is not None:
+        options["cache_quant"] = args.cache_quant
+
+
+def _add_quant_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weight-quant", dest="weight_quant", choices=WEIGHT_QUANT,
+                        help="store the layers' projections quantized (default none)")
+    parser.add_argument("--quant-group-size", dest="quant_group_size", type=int,
+                        help="values per quantization group (default 64)")
+    parser.add_argument("--cache-quant", dest="cache_quant", choices=CACHE_QUANT,
+                        help="store cache blocks as int8 (default none)")
 
 
 def _float(text: str, flag: str) -> float:
@@ -415,6 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batch", type=_positive_int, default=1, help="sequences per call (default 1)")
     inspect.add_argument("--seq", type=_positive_int, default=512, help="tokens per sequence (default 512)")
     inspect.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the config's, else float32)")
+    _add_quant_flags(inspect)
     inspect.set_defaults(run=_inspect)
 
     tune = commands.add_parser("tune", help="measure this machine's device and cache its profile")
@@ -433,6 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, default=32)
     predict.add_argument("--device-memory", dest="device_memory", help="device budget (default: the profile's memory)")
     predict.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float16)")
+    _add_quant_flags(predict)
     predict.set_defaults(run=_predict)
 
     from .bench import POLICIES
@@ -478,6 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--act-ratio", dest="act_ratio", help="share of cached tokens kept as activations, or 'auto'")
     gen.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     gen.add_argument("--lowering", choices=("inductor", "eager"))
+    _add_quant_flags(gen)
     gen.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", dest="top_k", type=int)

@@ -28,6 +28,7 @@ __all__ = [
     "CacheConfig",
     "HybridServeConfig",
     "MemoryConfig",
+    "QuantConfig",
     "ScheduleConfig",
     "format_bytes",
     "parse_bytes",
@@ -188,6 +189,44 @@ class ScheduleConfig:
             raise ConfigError(f"option 'prefetch_depth': got {depth!r}; expected an int >= 1")
 
 
+WEIGHT_QUANT = ("none", "int8", "int4")
+"""Values of the ``weight_quant`` option (formats: :mod:`hscompile.ir.quant`)."""
+CACHE_QUANT = ("none", "int8")
+"""Values of the ``cache_quant`` option."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QuantConfig:
+    """How weights are stored in the host store and moved over the link."""
+
+    weight_quant: str = "none"
+    """``"int8"`` (symmetric) or ``"int4"`` (asymmetric): the projections of the decoder layers are
+    kept group-wise quantized and dequantized on the device inside the compute; ``"none"``: the
+    model's dtype. Norms, biases, embeddings and the head always stay exact."""
+
+    group_size: int = 64
+    """Values per quantization group along a weight's input dimension (one scale, and one zero
+    point for int4, per group); it must divide every quantized weight's input dimension."""
+
+    cache_quant: str = "none"
+    """``"int8"``: cache blocks hold each token's K/V (per head) and checkpoint as int8 values with
+    one scale each (symmetric, absmax / 127, in the model's dtype), dequantized on the device as
+    they are loaded; ``"none"``: the model's dtype."""
+
+    def __post_init__(self) -> None:
+        if self.weight_quant not in WEIGHT_QUANT:
+            raise ConfigError(f"option 'weight_quant': got {self.weight_quant!r}; expected one of "
+                              f"{', '.join(repr(v) for v in WEIGHT_QUANT)}")
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= 65536:
+            raise ConfigError(f"option 'quant_group_size': got {size!r}; expected an int in [2, 65536]")
+        if self.weight_quant == "int4" and size % 2:
+            raise ConfigError(f"option 'quant_group_size': got {size}; int4 packs two values a byte, so it must be even")
+        if self.cache_quant not in CACHE_QUANT:
+            raise ConfigError(f"option 'cache_quant': got {self.cache_quant!r}; expected one of "
+                              f"{', '.join(repr(v) for v in CACHE_QUANT)}")
+
+
 @dataclass(frozen=True, slots=True)
 class OptionSpec:
     """One flat option key of ``torch.compile(..., options=...)``."""
@@ -218,6 +257,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Layers of weights prefetched ahead of the compute."),
     OptionSpec("lowering", ("lowering",), "'inductor' or 'eager'", "'inductor'",
                "Compile partitions with Inductor, or run them eagerly (fast to start, for debugging)."),
+    OptionSpec("weight_quant", ("quant", "weight_quant"), "'none', 'int8' or 'int4'", "'none'",
+               "Store the decoder layers' projections group-wise quantized; dequantized on the device."),
+    OptionSpec("quant_group_size", ("quant", "group_size"), "int in [2, 65536] dividing the input dimensions",
+               "64", "Values per quantization group (one scale, and for int4 one zero point, each)."),
+    OptionSpec("cache_quant", ("quant", "cache_quant"), "'none' or 'int8'", "'none'",
+               "Cache blocks hold K/V and checkpoints as int8 with a scale per token and head; dequantized on loading."),
 )
 _OPTIONS_BY_KEY = {spec.key: spec for spec in OPTIONS}
 
@@ -235,6 +280,7 @@ class HybridServeConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):
@@ -265,6 +311,7 @@ class HybridServeConfig:
         memory = {k: parse_bytes(options[k], key=k) for k in ("device_memory", "host_memory") if options.get(k) is not None}
         cache = {k: options[k] for k in ("act_ratio", "block_size") if k in options}
         schedule = {k: options[k] for k in ("mini_batch_size", "prefetch_depth") if k in options}
+        quant = {spec.path[-1]: options[spec.key] for spec in OPTIONS if spec.path[0] == "quant" and spec.key in options}
         top: dict[str, object] = {}
         if options.get("device") is not None:
             top["device"] = _resolve_device(options["device"], check=check_device)
@@ -274,6 +321,7 @@ class HybridServeConfig:
             memory=MemoryConfig(**memory),  # type: ignore[arg-type]
             cache=CacheConfig(**cache),  # type: ignore[arg-type]
             schedule=ScheduleConfig(**schedule),  # type: ignore[arg-type]
+            quant=QuantConfig(**quant),  # type: ignore[arg-type]
             **top,  # type: ignore[arg-type]
         )
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+from torch import fx
 
 from .backend import CompiledModel, compiled_models
 from .config import HybridServeConfig, format_bytes
-from .ir.layout import GLOBAL_GROUP
+from .ir.layout import GLOBAL_GROUP, group_layouts
 from .ir.plan import ModelPlan
 from .ir.policy import Policy
 from .ir.schedule import StepInfo, step_info
@@ -64,6 +64,17 @@ class Inspection:
             f"{site.num_heads} heads / {site.num_kv_heads} kv heads x {site.head_dim}; {str(plan.dtype).removeprefix('torch.')}; "
             f"weights {format_bytes(plan.weight_bytes)} ({format_bytes(plan.layer_weight_bytes)} in layers)"
         )
+        scheme = self.policy.weight_format
+        if scheme is not None:
+            layouts = group_layouts(plan, scheme)
+            packed = sum(layouts[layer.index].nbytes for layer in plan.layers)
+            parts = "values, scales and zero points" if scheme.asymmetric else "values and scales"
+            yield Text(
+                f"weight_quant={scheme.name} (groups of {scheme.group_size}): the layers' projections are stored and "
+                f"moved as {parts}, {format_bytes(packed)} packed ({packed / plan.layer_weight_bytes:.2f}x), and "
+                f"dequantized on the device inside the compute; norms, biases, embeddings and the head stay "
+                f"{str(plan.dtype).removeprefix('torch.')}"
+            )
         yield self._layers_table()
         yield self._partitions_table()
         yield self._schedule_text()
@@ -155,11 +166,8 @@ class Inspection:
         memory = policy.memory
         table.add_row(
             "device memory",
-            f"budget {budget}; planned {format_bytes(memory.total)} = global weights {format_bytes(memory.global_weights)}"
-            f" + resident layers {format_bytes(memory.resident_layers)} + ring {format_bytes(memory.ring)}"
-            f" + activations {format_bytes(memory.activations)}"
-            + (f" + reserve {format_bytes(memory.reserve)}" if memory.reserve else "")
-            + f"; minimum {format_bytes(policy.minimum_device_bytes)}",
+            f"budget {budget}; planned {format_bytes(memory.total)} = {memory.describe()}"
+            f"; minimum {format_bytes(policy.minimum_device_bytes)}",
         )
         table.add_row("resident layers", _ranges(policy.resident_layers) or "none")
         table.add_row("streamed layers", _ranges(policy.streamed_layers) or "none")

@@ -24,11 +24,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .ir.layout import GroupLayout
+    from .planner.budget import HostBudget
 
 __all__ = ["Checkpoint", "from_pretrained", "read_checkpoint"]
 
@@ -81,6 +85,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(config.get("model_type"), str):
         raise CheckpointError(f"{config_path} has no 'model_type'; it is not a transformers config")
     _check_model_type(config_path, config)
+    from .generation.validation import check_not_prequantized
+
+    check_not_prequantized(config.get("quantization_config"), f"the checkpoint {root}")
     index = root / WEIGHTS_INDEX
     if (root / WEIGHTS).is_file():
         files: tuple[Path, ...] = (root / WEIGHTS,)
@@ -221,8 +228,12 @@ def _read_into(handle: BinaryIO, stored: _Stored, out: torch.Tensor) -> None:
         out.copy_(target)
 
 
-def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) -> tuple[dict[str, torch.Tensor], torch.dtype]:
-    """The checkpoint's tensors, each layer's packed into one host buffer (see :func:`load_model`)."""
+def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
+                budget: HostBudget | None = None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """The checkpoint's tensors, each layer's packed into one host buffer (see :func:`load_model`),
+    after checking from the files' headers that they fit ``budget`` (nothing is allocated before)."""
+    from .planner.budget import check_host_weights
+
     index = _tensor_index(checkpoint)
     floats = {s.dtype for s in index.values() if s.dtype.is_floating_point}
     if dtype is None:
@@ -234,6 +245,11 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) ->
     def target(stored: _Stored) -> torch.dtype:
         return dtype if stored.dtype.is_floating_point else stored.dtype
 
+    layouts = _layer_layouts(index, target)
+    packed = {prefix + weight.node for prefix, layout in layouts for weight in layout.weights}
+    outside = sum(math.prod(s.shape) * target(s).itemsize for name, s in index.items() if name not in packed)
+    check_host_weights([layout.nbytes for _, layout in layouts], outside, budget,
+                       what=f"the checkpoint {checkpoint.path}")
     state: dict[str, torch.Tensor] = {}
     files = contextlib.ExitStack()
     handles = {f: files.enter_context(f.open("rb")) for f in checkpoint.weight_files}  # one open per file
@@ -242,7 +258,7 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) ->
         _read_into(handles[stored.file], stored, out)
 
     with files:
-        _read_layers(index, target, pin, read, state)
+        _read_layers(index, layouts, pin, read, state)
         for name, stored in index.items():
             if name not in state:
                 tensor = torch.empty(stored.shape, dtype=target(stored))
@@ -251,25 +267,35 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool) ->
     return state, dtype
 
 
-def _read_layers(index: dict[str, _Stored], target: Any, pin: bool, read: Any, state: dict[str, torch.Tensor]) -> None:
-    """Each repeated layer's tensors into one packed host buffer, laid out as the host store
-    streams a layer (``placement.group_layouts``: by local name, aligned); fills ``state``."""
+def _layer_layouts(index: dict[str, _Stored], target: Any) -> list[tuple[str, GroupLayout]]:
+    """``(name prefix, layout)`` of each repeated layer, in order: its tensors (in ``target``'s
+    dtypes) packed as the host store streams a layer (``placement.group_layouts``: by local
+    name, aligned). Reads no weight and allocates nothing."""
     from .ir.layout import layout_group
 
+    layouts = []
     for container, layers in _layers(list(index)).items():
-        for number, local in layers.items():
+        for number, local in sorted(layers.items()):
             prefix = f"{container}.{number}."
             refs = [_Ref(name, index[prefix + name].shape, target(index[prefix + name])) for name in sorted(local)]
-            layout = layout_group(number, refs)
-            # Pinned on CUDA: the host store copies streamed layers from here asynchronously.
-            flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
-            for packed in layout.weights:
-                view = flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
-                read(index[prefix + packed.node], view)
-                state[prefix + packed.node] = view
+            layouts.append((prefix, layout_group(number, refs)))
+    return layouts
 
 
-def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *, pin: bool = False) -> torch.nn.Module:
+def _read_layers(index: dict[str, _Stored], layouts: Sequence[tuple[str, GroupLayout]], pin: bool, read: Any,
+                 state: dict[str, torch.Tensor]) -> None:
+    """Each repeated layer's tensors into one packed host buffer laid out as ``layouts`` say; fills ``state``."""
+    for prefix, layout in layouts:
+        # Pinned on CUDA: the host store copies streamed layers from here asynchronously.
+        flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+        for packed in layout.weights:
+            view = flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
+            read(index[prefix + packed.node], view)
+            state[prefix + packed.node] = view
+
+
+def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *, pin: bool = False,
+               budget: HostBudget | None = None) -> torch.nn.Module:
     """The checkpoint's causal LM on the host, in eval mode, its weights checked against its config.
 
     The weights are read from the safetensors files straight into their final place: each
@@ -278,13 +304,15 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *
     other tensors into tensors of their own. transformers builds the model around those tensors
     without copying them, and the compiled model's host store adopts the packed buffers: the
     weights are held once, from the files to the device. A layer whose layout the plan lays out
-    differently is copied once more when compiled (correct, only more memory).
+    differently is copied once more when compiled (correct, only more memory). Weights that
+    cannot fit the host ``budget`` (a layer alone, or all of them) are refused first, from the
+    files' headers (:func:`~hscompile.planner.budget.check_host_weights`).
     """
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _causal_lm_config(checkpoint)
-    state, resolved = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin)
+    state, resolved = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin, budget)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     try:
         model, info = model_class.from_pretrained(
@@ -342,9 +370,10 @@ def from_pretrained(
     """
     from .config import HybridServeConfig
     from .generation import Generator
+    from .planner.budget import machine_budget
 
     checkpoint = read_checkpoint(path)
     config = HybridServeConfig.from_options(options)  # bad options fail before the weights are read
     tokenizer = load_tokenizer(checkpoint)
-    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda")
+    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda", budget=machine_budget())
     return Generator(model, options, tokenizer=tokenizer)

@@ -1,8 +1,9 @@
 """Plan a model without running it: what ``hscompile inspect PATH`` does.
 
 The model is built from its config on the meta device (no weights are read, nothing is
-allocated), captured by dynamo, and taken through every pass but lowering: the result shows
-the plan, the placement under a device budget and the schedule a real run would execute.
+allocated), checked against the host memory its weights need, captured by dynamo, and taken
+through every pass but lowering: the result shows the plan, the placement under a device budget
+and the schedule a real run would execute.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from .config import HybridServeConfig
 from .errors import ConfigError
 from .inspection import Inspection, inspect
 from .ir.cache import max_positions
+from .planner.budget import check_host_weights, machine_budget
+from .planner.cost_model import ModelDims
 
-__all__ = ["check_config", "check_positions", "load_config", "max_positions", "plan_model", "weights_dtype"]
+__all__ = ["check_config", "check_host_weights_of", "check_positions", "load_config", "max_positions", "plan_model",
+           "weights_dtype"]
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
@@ -139,6 +143,19 @@ def weights_dtype(config: transformers.PretrainedConfig, dtype: str | torch.dtyp
     return value
 
 
+def check_host_weights_of(model: torch.nn.Module, config: HybridServeConfig) -> None:
+    """Refuse ``model`` (built on the meta device: nothing allocated) when a layer of its weights,
+    or all of them, cannot fit the memory this machine has available
+    (:func:`~hscompile.planner.budget.check_host_weights`), where ``config`` plans a run on this
+    machine: a plan for a device this machine lacks is for another machine, whose memory is not known."""
+    device = config.device
+    here = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+    budget = machine_budget() if here else None
+    dims = ModelDims.from_model(model)
+    what = f"a {type(model).__name__} of {dims.layers} layers, hidden size {dims.hidden}, {dims.dtype}"
+    check_host_weights([dims.layer_weight_bytes] * dims.layers, dims.global_weight_bytes, budget, what=what)
+
+
 def plan_model(
     source: str | Path | transformers.PretrainedConfig,
     *,
@@ -161,6 +178,7 @@ def plan_model(
     hs_config = HybridServeConfig.from_options(options, check_device=False)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights_dtype(config, dtype)).eval()
+    check_host_weights_of(model, hs_config)
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     captured: list[tuple[torch.fx.GraphModule, list[Any]]] = []
 

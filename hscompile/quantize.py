@@ -5,20 +5,23 @@
 their quantize -> dequantize round trip. transformers' own ``generate`` on that copy is the
 exact reference of a generation that moves the same weights quantized: tests compare greedy
 tokens with it token for token, and its logits against the unquantized model's measure what
-quantization costs.
+quantization costs. :func:`reference_cache` is the same for ``cache_quant``: a transformers
+cache whose stored K/V make the round trip of int8 cache blocks.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .generation.regions import repeated_layers
 from .ir.quant import DEFAULT_GROUP_SIZE, is_quantized_weight, weight_scheme
-from .ops.quant import dequantize, quantize
+from .ops.quant import dequantize, dequantize_rows, quantize, quantize_rows
 
-__all__ = ["quantized_weight_names", "reference"]
+__all__ = ["quantized_weight_names", "reference", "reference_cache"]
 
 
 def quantized_weight_names(model: torch.nn.Module) -> list[str]:
@@ -52,3 +55,78 @@ def reference(model: torch.nn.Module, *, weight_quant: str = "int8",
         weight = out.get_parameter(name)
         weight.copy_(dequantize(quantize(weight, scheme, name)))
     return out
+
+
+def _round_trip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` through an int8 cache block: one scale per row of its last dimension (a head's K or V)."""
+    d = x.shape[-1]
+    return dequantize_rows(quantize_rows(x.reshape(-1, d), d), (d,), d, x.dtype).reshape(x.shape)
+
+
+def reference_cache(model: torch.nn.Module, *, cache_quant: str = "int8", checkpoints: bool = False) -> Any:
+    """A transformers cache for ``model.generate(..., past_key_values=...)`` that keeps every past
+    token as an int8 cache block would (``cache_quant="int8"``): attention reads the new tokens'
+    own K/V and, for the past, what hscompile's cache gives back. With ``checkpoints=False`` that
+    is the round trip of the K/V (KV blocks, ``act_ratio=0``); with ``checkpoints=True`` it is the
+    K/V the layer computes from the round trip of its input hidden state (ACT blocks,
+    ``act_ratio=1``): the layer is run again on it, by its own code, until its attention hands
+    K/V to the cache.
+
+    The cache must serve one ``generate`` call of ``model``; hooks on the decoder layers record
+    their inputs while it is used."""
+    import transformers
+
+    if cache_quant != "int8":
+        raise ConfigError(f"reference_cache: cache_quant must be 'int8', got {cache_quant!r}")
+    layers = [layer for found in repeated_layers(model) for layer in found]
+    inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    class _Captured(Exception):
+        def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+            self.key, self.value = key, value
+
+    class _Capture(transformers.DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            raise _Captured(key_states, value_states)
+
+    class RoundTripCache(transformers.DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            n = key_states.shape[-2]
+            if checkpoints:
+                stored_key, stored_value = self._from_checkpoint(layer_idx)
+            else:
+                stored_key, stored_value = _round_trip(key_states), _round_trip(value_states)
+            keys, values = super().update(stored_key, stored_value, layer_idx, *args, **kwargs)
+            return (torch.cat((keys[..., :-n, :], key_states), dim=-2),
+                    torch.cat((values[..., :-n, :], value_states), dim=-2))
+
+        def _from_checkpoint(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+            args, kwargs = inputs[layer_idx]
+            hidden = _round_trip_rows(args[0] if args else kwargs["hidden_states"])
+            capture = _Capture(config=model.config)
+            args = (hidden, *(capture if a is self else a for a in args[1:])) if args else args
+            kwargs = {k: (capture if v is self else v) for k, v in kwargs.items()}
+            if not args:
+                kwargs["hidden_states"] = hidden
+            try:
+                layers[layer_idx](*args, **kwargs)
+            except _Captured as captured:
+                return captured.key, captured.value
+            raise RuntimeError(f"layer {layer_idx} did not hand its K/V to the cache")
+
+    def record(index: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not any(isinstance(v, _Capture) for v in kwargs.values()):
+                inputs[index] = (args, kwargs)
+        return hook
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(record(index), with_kwargs=True)
+    return RoundTripCache(config=model.config)
+
+
+def _round_trip_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """A hidden state through an int8 ACT block: one scale per token."""
+    d = hidden.shape[-1]
+    return dequantize_rows(quantize_rows(hidden.reshape(-1, d), d), (d,), d, hidden.dtype).reshape(hidden.shape)

@@ -74,6 +74,23 @@ def test_predict_on_a_bundled_profile_ranks_the_choices(tmp_path, capsys):
     assert "H100" in out and "tokens/s" in out and "choice (*)" in out
 
 
+def test_predict_with_quantized_weights_predicts_more_throughput_where_the_link_binds(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA_13B, "num_key_value_heads": 40}))
+
+    def best(*flags):
+        assert main(["predict", str(path), "--profile", "a100-40gb-pcie4", "--batch", "8", "--prompt", "128",
+                     "--new-tokens", "8", "--device-memory", "8GiB", *flags]) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if " * " in line)
+        return out, float(row.split("│")[5])
+
+    plain_out, plain = best()
+    int4_out, int4 = best("--weight-quant", "int4")
+    assert "weights as stored" in " ".join(plain_out.split()) and "int4 weights (groups of 64)" in " ".join(int4_out.split())
+    assert int4 > 2 * plain  # a quarter of the bytes over a link-bound stream
+
+
 def test_tune_measures_and_prints_the_profile(capsys):
     assert main(["tune", "--device", "cpu", "--width", "128"]) == 0
     out = capsys.readouterr().out

@@ -31,6 +31,9 @@ def _files(tmp_path) -> dict[str, str]:
         "layers_zero": json.dumps({**LLAMA, "num_hidden_layers": 0}),
         "heads_zero": json.dumps({**LLAMA, "num_attention_heads": 0}),
         "heads_five": json.dumps({**LLAMA, "num_attention_heads": 5, "num_key_value_heads": 5}),
+        # one layer of 6.25 TiB (float32): planned on the meta device, refused before anything is allocated
+        "absurd": json.dumps({**LLAMA, "hidden_size": 2**17, "intermediate_size": 2**22, "num_attention_heads": 2**10,
+                              "num_key_value_heads": 2**10}),
     }
     files = {}
     for name, text in contents.items():
@@ -73,6 +76,9 @@ CASES = [
     (["predict", "{heads_zero}", *PREDICT], ["num_attention_heads", ">= 1"]),
     (["inspect", "{heads_five}"], ["hidden_size 64", "not a multiple", "num_attention_heads 5"]),
     (["bench", "{heads_five}", "--device", "cpu"], ["hidden_size 64", "not a multiple", "num_attention_heads 5"]),
+    # 7: a layer larger than this machine's host memory
+    (["inspect", "{absurd}", "--device", "cpu"], ["2 layers, hidden size 131072", "layer 0 alone holds 6.25 TiB",
+                                                  "bytes) of host memory available on this machine"]),
 ]
 
 

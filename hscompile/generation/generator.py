@@ -4,9 +4,10 @@
 :func:`generate` keeps one per model and options. A call:
 
 1. validates everything before any work (shapes, left padding, lengths against the model's
-   maximum positions, sampling settings, the host budget for one sequence);
+   maximum positions, sampling settings, the host budget for one sequence: ``host_memory``,
+   else the memory this machine has available);
 2. admits the sequences into host block pools (two-step allocation: split each sequence's
-   blocks between KV and ACT by the ratio, then place them), in waves if the host budget
+   blocks between KV and ACT by the ratio, then place them), in waves if ``host_memory``
    cannot hold them all at once: a sequence waits for blocks, it is never dropped or cut short;
 3. runs prefill over the prompts, then one decode step per new token. Each step calls the
    model through ``torch.compile`` with a backend that compiles its graph with the cache pass:
@@ -42,7 +43,7 @@ from ..errors import UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ir.policy import CacheBudget
 from ..planner import hardware
-from ..planner.budget import admit_waves, decode_staging, staged_ratio
+from ..planner.budget import admit_waves, decode_staging, host_budget, staged_ratio
 from ..planner.choice import choose_call
 from ..planner.cost_model import Decision, ModelDims, resolve_act_ratio, sequence_cost
 from ..planner.hardware import HardwareProfile
@@ -51,7 +52,7 @@ from ..runtime.cache import CacheRuntime, StepRequest
 from .graphs import GeneratorGraphs, entry_point, tracing_settings
 from .regions import LayerRegions
 from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
-from .validation import check_act_ratio, check_batch, check_prompt_length
+from .validation import check_act_ratio, check_batch, check_not_prequantized, check_prompt_length
 
 _LOG = logging.getLogger("hscompile.generation")
 # What dynamo raises when it cannot trace a nested compile region (the first on torch 2.13).
@@ -84,12 +85,14 @@ class Generator:
                 "under torch.device('meta') or with empty weights); load its weights first, e.g. with "
                 "hscompile.from_pretrained(path) or transformers' from_pretrained"
             )
+        check_not_prequantized(getattr(model.config, "quantization_config", None), "the model")
         # The model runs in eval mode inside each call and is left in the mode the caller had.
         self.model = model
         self.tokenizer = tokenizer
         """The model's tokenizer (a transformers tokenizer padding on the left), or None."""
         self.config = HybridServeConfig.from_options(options)
-        self.spec = CacheSpec.from_config(model.config, next(model.parameters()).dtype, self.config.cache.block_size)
+        self.spec = CacheSpec.from_config(model.config, next(model.parameters()).dtype, self.config.cache.block_size,
+                                          self.config.quant.cache_quant)
         """The cache dimensions the model's config declares; each compiled graph checks them
         against what its analysis found (:meth:`CacheRuntime.configure`)."""
         self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
@@ -151,13 +154,17 @@ class Generator:
                              profile=self._hardware)
         self.cache.act_ratio, self.minibatch_size = choice.act_ratio, choice.minibatch_rows
         self.decision = choice.decision
-        waves = admit_waves(self.spec, self.cache.act_ratio, totals, self.config.memory.host_memory)
+        pools = self.cache.cache  # the last call's pools: this call's replace them
+        held = pools.kv.nbytes + pools.act.nbytes if pools is not None else 0
+        waves = admit_waves(self.spec, self.cache.act_ratio, totals, host_budget(self.config, held=held))
         self._staging = self._decode_staging(max(len(w) for w in waves), max(totals))
         self.graphs.check_budget([(len(w), ids.shape[1], False) for w in waves] + [(len(w), 1, True) for w in waves],
                                  self._staging)
         pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
         with _progress(progress, len(waves) * max_new_tokens) as tick, _eval_mode(self.model):
-            for wave in waves:
+            # The largest wave first: its graphs need the most device memory, so a budget too small for
+            # the call is refused by the first graph, before any work, with the minimum the call needs.
+            for wave in sorted(waves, key=len, reverse=True):
                 sampling = Sampling(do_sample, temperature, top_k, top_p,
                                     [streams[i] for i in wave] if streams is not None else None)
                 out = self._generate_wave(ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
@@ -213,6 +220,7 @@ class Generator:
         syncs = self.cache.backend.host_syncs + sum(
             c.executor.runtime.host_syncs() for c in self.graphs.compiled if c.executor is not None)
         records = self.graphs.records
+        pools = self.cache.cache
         phases = {phase: sum(getattr(r, phase) for r in records) for phase in ("trace", "passes", "lowering")}
         return {
             **latest,
@@ -222,6 +230,9 @@ class Generator:
             "act_ratio": self.cache.act_ratio,
             "minibatch_size": self.minibatch_size,
             "graphs": len(self.graphs.compiled),
+            # Blocks held by sequences: 0 between calls, whether the last one finished or raised.
+            "cache_blocks_in_use": 0 if pools is None else sum(
+                pool.num_blocks - pool.num_free() for pool in (pools.kv_pool, pools.act_pool)),
             **counters,
             "host_syncs": syncs,
             "host_syncs_per_step": syncs / counters["cache_steps"] if counters["cache_steps"] else 0.0,
@@ -266,7 +277,7 @@ class Generator:
 
     def _model_dims(self) -> ModelDims:
         if self._dims is None:
-            self._dims = ModelDims.from_model(self.model)
+            self._dims = ModelDims.from_model(self.model).stored_as(self.config.quant)
         return self._dims
 
     def _hardware(self, dims: ModelDims) -> HardwareProfile:

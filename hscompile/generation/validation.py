@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..ir.cache import max_positions
 
-__all__ = ["check_act_ratio", "check_batch", "check_prompt_length"]
+__all__ = ["check_act_ratio", "check_batch", "check_not_prequantized", "check_prompt_length"]
 
 
 def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object,
@@ -92,3 +92,21 @@ def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where:
             f"({tokens + max_new_tokens} tokens for {where}) is not supported yet: use max_new_tokens <= "
             f"{window - tokens}"
         )
+
+
+def check_not_prequantized(quantization_config: object, where: str) -> None:
+    """Refuse a checkpoint or model that is already quantized (GPTQ, AWQ, bitsandbytes, ...).
+
+    Its layers hold packed integers in a format of its own, which hscompile does not read; it
+    quantizes full-precision weights itself (``weight_quant``). ``quantization_config`` is the
+    transformers config's entry (None or absent: nothing to refuse)."""
+    if quantization_config is None:
+        return
+    method = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else getattr(
+        quantization_config, "quant_method", None)
+    method = getattr(method, "value", method)
+    raise CheckpointError(
+        f"{where} is already quantized ({method or 'a quantization_config'}): hscompile does not read pre-quantized "
+        "weights (GPTQ, AWQ, bitsandbytes, ...). Give it the full-precision checkpoint and let it quantize the "
+        "layers itself with options={'weight_quant': 'int8'} or 'int4'"
+    )

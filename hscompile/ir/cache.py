@@ -34,33 +34,54 @@ class CacheSpec:
     block_size: int
     heads: int = 0
     """Query heads (attention replicates K/V to this many for GQA); 0 means ``kv_heads``."""
+    quant: str = "none"
+    """``"int8"``: the pools hold each token as a row of bytes (:meth:`kv_row_bytes`,
+    :meth:`act_row_bytes`): int8 values, then one scale per K/V head (per checkpoint), in ``dtype``."""
 
     @classmethod
-    def from_config(cls, config: Any, dtype: torch.dtype, block_size: int) -> CacheSpec:
+    def from_config(cls, config: Any, dtype: torch.dtype, block_size: int, quant: str = "none") -> CacheSpec:
         """The dimensions a transformers config declares (each compiled graph checks them against
         what its analysis found, :meth:`from_plan`)."""
         dims = ConfigDims.of(config)
         return cls(num_layers=dims.layers, kv_heads=dims.kv_heads, head_dim=dims.head_dim, hidden=dims.hidden,
-                   dtype=dtype, block_size=block_size, heads=dims.heads)
+                   dtype=dtype, block_size=block_size, heads=dims.heads, quant=quant)
 
     @classmethod
-    def from_plan(cls, plan: ModelPlan, block_size: int) -> CacheSpec:
+    def from_plan(cls, plan: ModelPlan, block_size: int, quant: str = "none") -> CacheSpec:
         site = plan.layers[0].attention
         return cls(
             num_layers=plan.num_layers, kv_heads=site.num_kv_heads, head_dim=site.head_dim,
-            hidden=plan.hidden_size, dtype=plan.dtype, block_size=block_size, heads=site.num_heads,
+            hidden=plan.hidden_size, dtype=plan.dtype, block_size=block_size, heads=site.num_heads, quant=quant,
         )
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant != "none"
+
+    @property
+    def kv_row_bytes(self) -> int:
+        """Host bytes of one token's K/V in one layer (what a load moves per token)."""
+        if self.quantized:
+            return self.kv_values_per_token + 2 * self.kv_heads * self.dtype.itemsize
+        return self.kv_values_per_token * self.dtype.itemsize
+
+    @property
+    def act_row_bytes(self) -> int:
+        """Host bytes of one token's checkpoint in one layer."""
+        return self.hidden + self.dtype.itemsize if self.quantized else self.hidden * self.dtype.itemsize
 
     def staging_bytes(self, rows: int, columns: int, new: int, act_tokens: int, *, buffers: int = 1) -> int:
         """Device bytes the cache steps of a mini-batch of ``rows`` sequences hold, with attention
         buffers ``columns`` tokens wide (the longest sequence's past + new tokens) and
         ``act_tokens`` checkpoints loaded per layer: ``buffers`` attention buffers
         (``rows x columns`` K/V) and checkpoint buffers (two when loads are issued ahead), the
-        recomputed K/V of one layer, and the boolean mask over ``columns``."""
+        recomputed K/V of one layer, and the boolean mask over ``columns``. Quantized pools also
+        stage the loaded rows as they are before dequantizing them (:meth:`kv_row_bytes` per token)."""
         item = self.dtype.itemsize
         kv = self.kv_values_per_token * item
+        rows_staged = rows * columns * self.kv_row_bytes + act_tokens * self.act_row_bytes if self.quantized else 0
         return (
-            buffers * (rows * columns * kv + act_tokens * self.hidden * item)
+            buffers * (rows * columns * kv + act_tokens * self.hidden * item + rows_staged)
             + act_tokens * kv
             + rows * new * columns
         )
@@ -83,11 +104,11 @@ class CacheSpec:
     @property
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block: every layer, ``block_size`` tokens."""
-        return self.num_layers * self.block_size * self.kv_values_per_token * self.dtype.itemsize
+        return self.num_layers * self.block_size * self.kv_row_bytes
 
     @property
     def act_block_bytes(self) -> int:
-        return self.num_layers * self.block_size * self.hidden * self.dtype.itemsize
+        return self.num_layers * self.block_size * self.act_row_bytes
 
 
 def act_blocks(num_blocks: int, act_ratio: float) -> int:

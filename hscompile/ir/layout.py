@@ -3,19 +3,23 @@
 A *group* is the unit weights move in: one decoder layer, or the weights outside the layers.
 Its tensors are packed contiguously, each at an offset aligned to :data:`ALIGNMENT` bytes,
 into one ``uint8`` buffer: one copy moves a whole layer, and the schedule carves each weight
-back out with ``as_strided``. The same layout is used for host buffers, device slots and
+back out with ``as_strided``. With a weight format (:mod:`hscompile.ir.quant`) the projections of
+a layer are packed as their parts (quantized values, scales, zero points), each a weight of the
+layout in its own right. The same layout is used for host buffers, device slots and
 resident device copies, so every layer's weights reach a shared compiled partition with the
 same shapes, strides and alignment.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .plan import ModelPlan, WeightRef
+from .quant import QuantScheme, is_quantized_weight
 
 __all__ = ["ALIGNMENT", "GLOBAL_GROUP", "GroupLayout", "PackedWeight", "group_layouts", "layout_group"]
 
@@ -40,6 +44,9 @@ class PackedWeight:
     """Contiguous strides of ``shape``, in elements."""
     dtype: torch.dtype
     nbytes: int
+    part: str | None = None
+    """Which part of a quantized weight this is (``"values"``, ``"scales"``, ``"zeros"``); None
+    for a weight stored as it is."""
 
     @property
     def element_offset(self) -> int:
@@ -56,6 +63,8 @@ class GroupLayout:
     weights: tuple[PackedWeight, ...]
     nbytes: int
     """Buffer size: the end of the last weight, rounded up to :data:`ALIGNMENT`."""
+    scheme: QuantScheme | None = None
+    """The format of the weights packed as parts (None: every weight as it is)."""
 
     @property
     def payload_bytes(self) -> int:
@@ -75,35 +84,43 @@ def _align(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
-def layout_group(group: int, weights: Sequence[WeightRef]) -> GroupLayout:
-    """Pack ``weights`` in the given order (layers: by name, see ``placement.group_layouts``).
+def layout_group(group: int, weights: Sequence[WeightRef], scheme: QuantScheme | None = None) -> GroupLayout:
+    """Pack ``weights`` in the given order (layers: by name, see ``placement.group_layouts``);
+    with ``scheme``, the weights :func:`~hscompile.ir.quant.is_quantized_weight` picks as their parts.
 
-    Only ``node``, ``shape``, ``dtype`` and ``nbytes`` of each weight are read."""
-    packed, offset = [], 0
+    Only ``node``, ``shape``, ``dtype``, ``nbytes`` (and for errors ``qualname``) of each weight are read."""
+    entries: list[tuple[str, tuple[int, ...], torch.dtype, int, str | None]] = []
+    quantized = False
     for weight in weights:
-        packed.append(
-            PackedWeight(
-                node=weight.node,
-                offset=offset,
-                shape=weight.shape,
-                stride=_contiguous_strides(weight.shape),
-                dtype=weight.dtype,
-                nbytes=weight.nbytes,
-            )
-        )
-        offset = _align(offset + weight.nbytes)
-    return GroupLayout(group=group, weights=tuple(packed), nbytes=max(offset, ALIGNMENT))
+        if scheme is not None and is_quantized_weight(weight.shape, weight.dtype, in_layer=group != GLOBAL_GROUP):
+            scheme.check(weight.qualname, weight.shape)
+            quantized = True
+            for part in scheme.parts:
+                shape, dtype = scheme.part_shape(part, weight.shape), scheme.part_dtype(part, weight.dtype)
+                entries.append((weight.node, shape, dtype, math.prod(shape) * dtype.itemsize, part))
+        else:
+            entries.append((weight.node, weight.shape, weight.dtype, weight.nbytes, None))
+    packed, offset = [], 0
+    for node, shape, dtype, nbytes, part in entries:
+        packed.append(PackedWeight(node=node, offset=offset, shape=shape, stride=_contiguous_strides(shape),
+                                   dtype=dtype, nbytes=nbytes, part=part))
+        offset = _align(offset + nbytes)
+    return GroupLayout(group=group, weights=tuple(packed), nbytes=max(offset, ALIGNMENT),
+                       scheme=scheme if quantized else None)
 
 
-def group_layouts(plan: ModelPlan) -> dict[int, GroupLayout]:
+def group_layouts(plan: ModelPlan, scheme: QuantScheme | None = None) -> dict[int, GroupLayout]:
     """The packed layout of every weight group: each layer, and the global group.
 
     A layer's weights are packed in the order of their names inside the layer (the same in every
     layer): a loader can then lay a checkpoint's layers out exactly so before anything is traced
     (:mod:`hscompile.loading`), and the host store adopts those buffers instead of copying them.
+    With ``scheme`` (the policy's :attr:`~hscompile.ir.policy.Policy.weight_format`) the layers'
+    projections are packed quantized; the global group never is.
     """
     layouts = {
-        layer.index: layout_group(layer.index, sorted(layer.weights, key=lambda w: w.local_name)) for layer in plan.layers
+        layer.index: layout_group(layer.index, sorted(layer.weights, key=lambda w: w.local_name), scheme)
+        for layer in plan.layers
     }
     layouts[GLOBAL_GROUP] = layout_group(GLOBAL_GROUP, plan.global_weights)
     return layouts

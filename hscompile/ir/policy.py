@@ -11,6 +11,7 @@ from typing import Any
 from ..config import format_bytes
 from ..errors import BudgetError
 from .layout import GLOBAL_GROUP
+from .quant import QuantScheme
 
 __all__ = ["CUDA_WORKSPACE_RESERVE", "CacheBudget", "DeviceMemoryPlan", "Policy", "check_device_budget",
            "workspace_reserve"]
@@ -58,23 +59,27 @@ class DeviceMemoryPlan:
     """Headroom for library workspaces (cuBLAS, attention kernels) that no graph shows."""
     cache_staging: int = 0
     """Device bytes for the cache steps of one layer (generation graphs only)."""
+    dequantized: int = 0
+    """Full-precision copies of one layer's quantized weights (``weight_quant``), which its
+    partitions make from the parts and drop when they return: at most a layer's worth at once."""
 
     @classmethod
     def build(cls, device_type: str, *, global_weights: int, resident_layers: int, ring: int, activations: int,
-              cache_staging: int = 0) -> DeviceMemoryPlan:
+              cache_staging: int = 0, dequantized: int = 0) -> DeviceMemoryPlan:
         """The plan with its workspace reserve for ``device_type`` (:func:`workspace_reserve`)."""
         return cls(global_weights=global_weights, resident_layers=resident_layers, ring=ring, activations=activations,
-                   reserve=workspace_reserve(device_type, activations + cache_staging), cache_staging=cache_staging)
+                   reserve=workspace_reserve(device_type, activations + cache_staging), cache_staging=cache_staging,
+                   dequantized=dequantized)
 
     def for_call(self, device_type: str, *, activations: int, cache_staging: int) -> DeviceMemoryPlan:
         """The same weights with one call's activations and cache staging."""
         return DeviceMemoryPlan.build(device_type, global_weights=self.global_weights,
                                       resident_layers=self.resident_layers, ring=self.ring, activations=activations,
-                                      cache_staging=cache_staging)
+                                      cache_staging=cache_staging, dequantized=self.dequantized)
 
     @property
     def weights(self) -> int:
-        return self.global_weights + self.resident_layers + self.ring
+        return self.global_weights + self.resident_layers + self.ring + self.dequantized
 
     @property
     def total(self) -> int:
@@ -87,6 +92,8 @@ class DeviceMemoryPlan:
             parts.append(f"resident layers {format_bytes(self.resident_layers)}")
         if self.ring:
             parts.append(f"a slot ring {format_bytes(self.ring)}")
+        if self.dequantized:
+            parts.append(f"dequantized weights {format_bytes(self.dequantized)}")
         parts.append(f"activations {format_bytes(self.activations)}")
         if self.cache_staging:
             parts.append(f"cache staging {format_bytes(self.cache_staging)}")
@@ -146,6 +153,9 @@ class Policy:
     predicted: Any = None
     """The cost model's :class:`~hscompile.planner.cost_model.StepEstimate` of the longest decode
     step (generation graphs compiled with a profile), or None."""
+    weight_format: QuantScheme | None = None
+    """How the layers' projections are stored and moved (``weight_quant``), or None: as the model
+    holds them. The layouts (:func:`~hscompile.ir.layout.group_layouts`) follow it."""
 
     @property
     def copied_groups(self) -> tuple[int, ...]:

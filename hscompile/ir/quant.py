@@ -20,13 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import WEIGHT_QUANT, QuantConfig
 from ..errors import ConfigError
 
-__all__ = ["WEIGHT_SCHEMES", "QuantScheme", "is_quantized_weight", "weight_scheme"]
+__all__ = ["PARTS", "WEIGHT_SCHEMES", "QuantScheme", "is_quantized_weight", "scheme_of", "weight_part",
+           "weight_scheme"]
 
-WEIGHT_SCHEMES = ("none", "int8", "int4")
+WEIGHT_SCHEMES = WEIGHT_QUANT
 """Values of the ``weight_quant`` option."""
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = QuantConfig().group_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,25 @@ class QuantScheme:
         """The largest quantized magnitude: 127 (int8, symmetric) or 15 (int4, unsigned)."""
         return 127 if self.name == "int8" else 15
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """What a quantized weight is stored as, in this order (packed so in its group buffer, and
+        passed so to the compute that dequantizes it)."""
+        return PARTS if self.asymmetric else PARTS[:2]
+
+    def part_shape(self, part: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of ``part`` of a weight of ``shape``: values as the weight (int4: half the last
+        dimension, two a byte); scales and zeros one per group."""
+        if part == "values":
+            return (*shape[:-1], shape[-1] // 2) if self.bits == 4 else shape
+        return (*shape[:-1], shape[-1] // self.group_size)
+
+    def part_dtype(self, part: str, dtype: torch.dtype) -> torch.dtype:
+        """Dtype of ``part`` of a weight of ``dtype``."""
+        if part == "values":
+            return torch.int8 if self.bits == 8 else torch.uint8
+        return dtype
+
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise :class:`ConfigError` unless the groups tile ``name``'s last dimension."""
         columns = shape[-1]
@@ -84,6 +105,15 @@ class QuantScheme:
         return self.value_bytes(shape) + self.groups(shape) * per_group
 
 
+PARTS = ("values", "scales", "zeros")
+"""The parts of a quantized weight (symmetric schemes have no zeros)."""
+
+
+def scheme_of(quant: QuantConfig) -> QuantScheme | None:
+    """The weight format a validated config asks for (None: weights stay in the model's dtype)."""
+    return weight_scheme(quant.weight_quant, quant.group_size)
+
+
 def weight_scheme(weight_quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantScheme | None:
     """The scheme of the ``weight_quant`` option (None for ``"none"``), validated."""
     if weight_quant == "none":
@@ -96,3 +126,11 @@ def weight_scheme(weight_quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> Qu
 def is_quantized_weight(shape: tuple[int, ...], dtype: torch.dtype, in_layer: bool) -> bool:
     """Whether a parameter is quantized: a two-dimensional floating-point weight of a decoder layer."""
     return in_layer and len(shape) == 2 and dtype.is_floating_point
+
+
+def weight_part(weight: torch.Tensor, part: str) -> torch.Tensor:
+    """Schedule vocabulary: ``part`` of quantized ``weight``, as it lies in its layer's packed
+    buffer. The quantize pass writes it and the offload pass replaces it by a view of that buffer;
+    it never runs."""
+    raise RuntimeError(f"weight_part({part!r}) ran: a schedule with quantized weights must go through the offload "
+                       "pass, which reads them from their packed buffer")

@@ -9,13 +9,15 @@ traced and fused by Inductor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..ir.quant import QuantScheme
 
-__all__ = ["QuantizedWeight", "dequantize", "pack_int4", "quantize", "unpack_int4"]
+__all__ = ["QuantizedWeight", "dequantize", "dequantize_parts", "dequantize_rows", "pack_int4", "quantize",
+           "quantize_rows", "unpack_int4"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +67,30 @@ def _nonzero(scales: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
-    """The weight ``q`` stands for, in its dtype: ``value * scale (+ zero)`` computed in float32."""
-    values = unpack_int4(q.values) if q.scheme.asymmetric else q.values
-    groups = _grouped(values.float(), q.scheme.group_size)
-    out = groups * q.scales.float().unsqueeze(-1)
-    if q.zeros is not None:
-        out = out + q.zeros.float().unsqueeze(-1)
-    return out.reshape(q.shape).to(q.dtype)
+    """The weight ``q`` stands for, in its dtype (see :func:`dequantize_parts`)."""
+    parts = (q.values, q.scales) if q.zeros is None else (q.values, q.scales, q.zeros)
+    return dequantize_parts(q.dtype, *parts)
+
+
+def dequantize_parts(dtype: torch.dtype, values: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """``value * scale (+ zero)`` per group, in ``dtype`` (zero points: int4, whose ``values`` hold
+    two a byte; none: int8): the one formula, run eagerly by the
+    reference and traced into the compute that dequantizes on the device.
+
+    It is written so that every correct compiler gives the same bits. int8 is one multiplication
+    in float32. int4 adds the zero point, and a compiler may fuse ``q * s + z`` into one FMA (one
+    rounding instead of two): in float64 the product of a 4-bit value and a scale of at most 24
+    significant bits is exact, so fused or not the sum rounds once, and the result goes down to
+    float32 and then to ``dtype`` explicitly (not in one step, which a GPU may round differently).
+    """
+    if zeros is None:
+        groups = values.to(torch.float32).reshape(*scales.shape, -1)
+        return (groups * scales.to(torch.float32).unsqueeze(-1)).reshape(values.shape).to(dtype)
+    unpacked = unpack_int4(values)
+    groups = unpacked.to(torch.float64).reshape(*scales.shape, -1)
+    out = groups * scales.to(torch.float64).unsqueeze(-1) + zeros.to(torch.float64).unsqueeze(-1)
+    return out.reshape(unpacked.shape).to(torch.float32).to(dtype)
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -82,3 +101,21 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`pack_int4`."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Each of ``x``'s rows (its first dimension) as one row of bytes: int8 values (symmetric,
+    groups of ``group`` along the last dimension), then the groups' scales in ``x``'s dtype. How
+    an int8 cache block holds a token (``group``: a head's ``head_dim`` for K/V, the hidden size
+    for a checkpoint); :func:`dequantize_rows` is its inverse."""
+    n = x.shape[0]
+    q = quantize(x, QuantScheme("int8", group), "cache")
+    return torch.cat((q.values.reshape(n, -1).view(torch.uint8), q.scales.reshape(n, -1).view(torch.uint8)), dim=1)
+
+
+def dequantize_rows(rows: torch.Tensor, shape: tuple[int, ...], group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(len(rows), *shape)`` tensor in ``dtype`` that :func:`quantize_rows` turned into ``rows``."""
+    n, values = rows.shape[0], math.prod(shape)
+    q = rows[:, :values].view(torch.int8).reshape(n, *shape)
+    scales = rows[:, values:].contiguous().view(dtype).reshape(n, *shape[:-1], shape[-1] // group)
+    return dequantize_parts(dtype, q, scales)

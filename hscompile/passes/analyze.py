@@ -371,6 +371,11 @@ class _Analysis:
         ]
         private = [n for n in matching if all(owner.get(u, -1) in (owner.get(output), None) or u.op == "output" for u in n.users)]
         chosen = private if len(private) == 1 else matching
+        if len(chosen) > 1:
+            # Several inputs shaped like the output (rotary tables of a one-head model, head_dim ==
+            # hidden): the hidden state is the one the residual additions carry to the output.
+            residual = _residual_sources(output)
+            chosen = [n for n in chosen if n in residual] or chosen
         if len(chosen) != 1:
             names = ", ".join(n.name for n in matching) or "none"
             raise UnsupportedModelError(
@@ -618,3 +623,20 @@ def _lifted_float_cause() -> str:
     return ("Dynamo lifts a float attribute (like attention's scale) as a run-time input when it changed since an "
             "earlier compilation of the same class (another model size in this process): set "
             "torch._dynamo.config.specialize_float = True, or torch._dynamo.reset() between models")
+
+
+_ADDS = {operator.add, torch.add, torch.Tensor.add, torch.ops.aten.add.Tensor}
+_CASTS = {"to", "float", "type", "add"}
+
+
+def _residual_sources(output: fx.Node) -> set[fx.Node]:
+    """Nodes that reach ``output`` through additions (and dtype casts) only: the residual stream."""
+    seen, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in _CASTS):
+            stack.extend(a for a in node.args if isinstance(a, fx.Node))
+    return seen

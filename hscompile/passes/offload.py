@@ -12,7 +12,8 @@ Postcondition: a new schedule in which
 * every group the policy copies into a resident device buffer (when the weights live on the
   host) is read through ``wait_weights`` of its resident buffer;
 * the partitions read weights as ``as_strided`` views of the group buffer ``wait_weights``
-  returns (the packing of :mod:`hscompile.ir.layout`), never the host placeholders;
+  returns (the packing of :mod:`hscompile.ir.layout`), never the host placeholders; the parts
+  of a quantized weight (the quantize pass's ``weight_part`` nodes) likewise;
 * when compute runs on another device than the model was traced on, user inputs pass through
   ``to_device``, outputs through ``to_host``, and the partitions' device constants
   (``arange(..., device=...)``, ``.to(device)``) name the compute device.
@@ -41,13 +42,14 @@ import operator
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .. import ops
 from ..ir.fx import fake_value, structural_key
 from ..ir.layout import GLOBAL_GROUP, GroupLayout, group_layouts
 from ..ir.plan import ModelPlan
 from ..ir.policy import Policy
+from ..ir.quant import weight_part
 from ..ir.schedule import set_step, step_info
 from .partition import GRAPH_NAME, Partition
 
@@ -104,7 +106,7 @@ class _Builder:
     def __init__(self, schedule: fx.GraphModule, plan: ModelPlan, policy: Policy) -> None:
         self.schedule = schedule
         self.policy = policy
-        self.layouts: dict[int, GroupLayout] = group_layouts(plan)
+        self.layouts: dict[int, GroupLayout] = group_layouts(plan, policy.weight_format)
         self.device = torch.device(policy.device)
         self.trace_device = torch.device(policy.weights_device)
         self.retarget = self.device != self.trace_device
@@ -114,6 +116,8 @@ class _Builder:
         self.placeholders: dict[str, fx.Node] = {}
         """Captured-graph name -> new placeholder (the host weight, an argument of wait_weights)."""
         self.old_placeholders: dict[str, fx.Node] = {}
+        self.parts: dict[tuple[str, str], fx.Node] = {}
+        """(captured-graph name, part) -> the quantize pass's ``weight_part`` node."""
         self.weight_nodes = plan.weight_nodes
         self.pending_release: list[tuple[int, fx.Node]] = []
 
@@ -127,7 +131,7 @@ class _Builder:
 
     def wait(self, group: int) -> None:
         layout = self.layouts[group]
-        hosts = [self.placeholders[p.node] for p in layout.weights]
+        hosts = [self.placeholders[node] for node in dict.fromkeys(p.node for p in layout.weights)]
         flat = self._emit(ops.wait_weights._opoverload, (group, hosts, self.device, layout.nbytes), "wait", group)
         typed: dict[torch.dtype, fx.Node] = {}
         for packed in layout.weights:
@@ -136,7 +140,10 @@ class _Builder:
             view = self.graph.call_function(
                 _aten.as_strided.default, (typed[packed.dtype], list(packed.shape), list(packed.stride), packed.element_offset)
             )
-            self.env[self.old_placeholders[packed.node]] = view
+            if packed.part is None:
+                self.env[self.old_placeholders[packed.node]] = view
+            else:
+                self.env[self.parts[packed.node, packed.part]] = view
 
     def flush_releases(self) -> None:
         for group, call in self.pending_release:
@@ -153,6 +160,9 @@ class _Builder:
 
         transfers = []
         for node in self.schedule.graph.nodes:
+            if node.op == "call_function" and node.target is weight_part:
+                weight, part = node.args
+                self.parts[weight.meta.get(GRAPH_NAME, weight.name), part] = node
             if node.op != "placeholder":
                 continue
             new = self.graph.placeholder(node.name)
@@ -171,8 +181,8 @@ class _Builder:
             self.wait(GLOBAL_GROUP)
 
         for node in self.schedule.graph.nodes:
-            if node.op == "placeholder":
-                continue
+            if node.op == "placeholder" or node.target is weight_part:
+                continue  # a part is a view of its layer's buffer, made by ``wait``
             info = step_info(node)
             if node.op == "output":
                 self.flush_releases()

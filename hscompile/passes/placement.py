@@ -12,12 +12,15 @@ The rule: weights outside the layers are always resident. Whole layers stay resi
 first layer on, while they fit beside a slot ring for the rest; the rest stream. Resident
 layers first because a streamed layer's copy can then overlap the resident layers' compute
 (and the embedding's) at the start of every call. Weights that already live on the compute
-device are used in place and cannot stream (hscompile streams from host memory only).
+device are used in place and cannot stream (hscompile streams from host memory only), unless
+the layers are stored quantized (``weight_quant``): then every group is packed, the layers in
+their quantized format, and no weight is used in place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,6 +31,7 @@ from ..ir.activation import ActivationEstimate
 from ..ir.layout import GLOBAL_GROUP, group_layouts
 from ..ir.plan import ModelPlan
 from ..ir.policy import CacheBudget, DeviceMemoryPlan, Policy, check_device_budget
+from ..ir.quant import is_quantized_weight, scheme_of
 from ..planner.budget import device_budget
 from ..planner.cost_model import Choice, ModelDims, simulate_step
 
@@ -63,8 +67,10 @@ def place(
     weights_device = _weights_device(plan, example_inputs)
     # Host-resident weights (or meta ones, when only planning) can stream; device-resident ones cannot.
     can_stream = weights_device.type in ("cpu", "meta")
-    in_place = weights_device == device
-    layouts = group_layouts(plan)
+    weight_format = scheme_of(config.quant)
+    # A quantized layer exists only in the store's packed buffers: it cannot be used where the model holds it.
+    in_place = weights_device == device and weight_format is None
+    layouts = group_layouts(plan, weight_format)
     budget = device_budget(config)
     depth = config.schedule.prefetch_depth
 
@@ -73,6 +79,10 @@ def place(
 
     global_bytes = plan.global_weight_bytes if in_place else layouts[GLOBAL_GROUP].nbytes
     act = activations.hint
+    # The partitions of a quantized layer hold its matrices at full precision while they run.
+    dequantized = 0 if weight_format is None else max(
+        sum(w.nbytes for w in layer.weights if is_quantized_weight(w.shape, w.dtype, in_layer=True))
+        for layer in plan.layers)
     staging = cache.staging_bytes if cache is not None else 0
     n = plan.num_layers
 
@@ -87,6 +97,7 @@ def place(
             ring=slots * slot,
             activations=act,
             cache_staging=staging,
+            dequantized=dequantized,
         )
         return memory, slots, slot
 
@@ -127,8 +138,9 @@ def place(
     predicted = None
     if cache is not None and cache.profile is not None and cache.workload is not None:
         batch, prompt, new_tokens = cache.workload
-        dims = ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
-                                   global_bytes=global_bytes)
+        dims = replace(ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
+                                           global_bytes=global_bytes, quantized=weight_format is not None),
+                       cache_quant=config.quant.cache_quant)
         predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio, cache.minibatches), cache.profile, batch=batch, new=1,
                                   past=prompt + new_tokens - 1, block_size=config.cache.block_size)
         reason += (f"; predicted longest decode step {predicted.seconds * 1e3:.2f} ms on {cache.profile.device_name}, "
@@ -157,4 +169,5 @@ def place(
         reason=reason,
         minibatches=cache.minibatches if cache is not None else 1,
         predicted=predicted,
+        weight_format=weight_format,
     )

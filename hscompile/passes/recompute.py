@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..errors import UnsupportedModelError
 from ..ir.fx import backward_slice, extract_subgraph, fake_value, slice_inputs, structural_key
 from ..ir.plan import LayerPlan, ModelPlan
+from ..ir.quant import QuantScheme
+from ..ops.quant import quantize
+from .quantize import dequantize_inputs, quantized_weights
 
 __all__ = ["RecomputeProgram", "build_recompute_module", "build_recompute_program", "check_token_locality"]
 
@@ -178,6 +181,17 @@ class RecomputeProgram:
         return {p.key: p.graph_module for p in pieces}
 
 
+def _with_parts(module: fx.GraphModule, bindings: tuple[tuple[int, _SizeBinding], ...],
+                quantized: dict[int, Any]) -> tuple[fx.GraphModule, tuple[tuple[int, _SizeBinding], ...]]:
+    """``module`` taking its quantized weight inputs as parts; its size bindings moved to match."""
+
+    def shift(index: int) -> int:
+        return index + sum(len(form[0].parts) - 1 for i, form in quantized.items() if i < index)
+
+    moved = tuple((shift(position), _SizeBinding(shift(b.tensor_input), b.dim)) for position, b in bindings)
+    return dequantize_inputs(module, quantized, class_name=type(module).__name__), moved
+
+
 def _static(size: object) -> int | None:
     return size if isinstance(size, int) else None
 
@@ -186,12 +200,16 @@ def build_recompute_program(
     gm: fx.GraphModule,
     plan: ModelPlan,
     lower: Callable[[fx.GraphModule], Callable[..., Any]],
+    weight_format: QuantScheme | None = None,
 ) -> RecomputeProgram:
     """Slice, lower (once per distinct structure, with ``lower``) and wire the recompute program.
 
     ``gm`` must be captured with dynamic batch and sequence sizes, so that the slices are
-    shape-generic.
+    shape-generic. With ``weight_format`` a layer's slice takes each quantized weight as its
+    parts and dequantizes them (:func:`~hscompile.passes.quantize.dequantize_inputs`), as the
+    schedule's ``recompute_kv`` passes them.
     """
+    formats = quantized_weights(plan, weight_format)
     by_name = {n.name: n for n in gm.graph.nodes}
     rotary = None
     rotary_outputs: tuple[str, ...] = ()
@@ -233,6 +251,9 @@ def build_recompute_program(
         inputs = [by_name[n] for n in (piece.hidden_input, *piece.weights, *external)]
         nodes = [by_name[n] for n in piece.nodes]
         module, bindings = _piece(gm, nodes, inputs, [by_name[piece.key], by_name[piece.value]], f"RecomputeKV_{layer.index}")
+        quantized = {1 + i: formats[w] for i, w in enumerate(piece.weights) if w in formats}
+        if quantized:
+            module, bindings = _with_parts(module, bindings, quantized)
         run, key = lowered_for(module)
         layers[layer.index] = _Piece(run, module, bindings, key)
         externals[layer.index] = external
@@ -240,15 +261,24 @@ def build_recompute_program(
 
 
 def check_token_locality(
-    program: RecomputeProgram, plan: ModelPlan, weights: dict[str, torch.Tensor], *, tokens: int = 6
+    program: RecomputeProgram, plan: ModelPlan, weights: dict[str, torch.Tensor], *, tokens: int = 6,
+    weight_format: QuantScheme | None = None,
 ) -> None:
     """Raise :class:`UnsupportedModelError` unless recomputing a permuted set of tokens permutes the result.
 
     Runs layer 0's slice on random checkpoints at scattered positions, for ``tokens`` and for a
-    different count, as the runtime will (``(1, N, hidden)``), on the weights' device.
+    different count, as the runtime will (``(1, N, hidden)``), on the weights' device; the
+    program's quantized weights (``weight_format``) are given as their parts.
     """
     layer = plan.layers[0]
-    w = [weights[n] for n in layer.recompute.weights]
+    formats = quantized_weights(plan, weight_format)
+    w = []
+    for name in layer.recompute.weights:
+        if name in formats:
+            q = quantize(weights[name], formats[name][0], name)
+            w.extend(p for p in (q.values, q.scales, q.zeros) if p is not None)
+        else:
+            w.append(weights[name])
     rotary = [weights[n] for n in plan.positions.weights] if plan.positions else []
     device, dtype = w[0].device, plan.dtype
     generator = torch.Generator().manual_seed(0)

@@ -3,23 +3,30 @@
 The device side: :func:`device_budget` (the option, else free CUDA memory) and
 :func:`decode_staging` (the cache staging of a call's longest decode step, which the
 placement of its graphs must leave room for). The check against the budget itself is
-:func:`hscompile.ir.policy.check_device_budget`. The host side: :func:`admit_waves` splits a
-batch into waves whose cache blocks fit ``host_memory`` together; a sequence waits for a later
-wave, it is never dropped or cut short.
+:func:`hscompile.ir.policy.check_device_budget`. The host side: :func:`machine_budget` (what this
+machine has available now), :func:`check_host_weights` (a model whose layer, or whose weights
+together, cannot live in that memory is refused before any weight is allocated),
+:func:`host_budget` (the cache pools': ``host_memory``, else the machine's) and
+:func:`admit_waves`, which refuses a sequence the pools cannot hold even alone and splits a batch
+into waves whose cache blocks fit ``host_memory`` together; a sequence waits for a later wave, it
+is never dropped or cut short.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError
 from ..ir.cache import CacheSpec, checkpoint_tokens
+from .hardware import host_memory_available
 
-__all__ = ["admit_waves", "decode_staging", "device_budget", "staged_ratio"]
+__all__ = ["HostBudget", "admit_waves", "check_host_weights", "decode_staging", "device_budget", "host_budget",
+           "machine_budget", "staged_ratio"]
 
 
 def device_budget(config: HybridServeConfig) -> int | None:
@@ -32,23 +39,97 @@ def device_budget(config: HybridServeConfig) -> int | None:
     return None  # the CPU as a device: no limit unless one is given
 
 
-def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int], host_budget: int | None) -> list[list[int]]:
+@dataclass(frozen=True, slots=True)
+class HostBudget:
+    """Host memory the weight store and the cache pools may use, and where the figure comes from."""
+
+    nbytes: int
+    option: bool
+    """True: the ``host_memory`` option; False: what this machine has available (see :func:`host_budget`)."""
+
+    def __str__(self) -> str:
+        if self.option:
+            return f"host_memory={format_bytes(self.nbytes)}"
+        return f"the {format_bytes(self.nbytes)} ({self.nbytes} bytes) of host memory available on this machine"
+
+    @property
+    def advice(self) -> str:
+        """What raises the budget."""
+        return "a larger host_memory" if self.option else "a machine with more memory"
+
+
+def machine_budget(*, held: int = 0) -> HostBudget | None:
+    """The memory this machine has available now (:func:`~hscompile.planner.hardware.host_memory_available`)
+    plus ``held``, bytes hscompile holds now and replaces before it needs more (the last call's
+    cache pools); None where it cannot be read. A model's weights are checked against this figure
+    when it is loaded or planned (:func:`check_host_weights`); the ``host_memory`` option bounds the
+    cache pools and, at placement, the streamed layers' host buffers."""
+    available = host_memory_available()
+    return HostBudget(available + held, option=False) if available is not None else None
+
+
+def host_budget(config: HybridServeConfig, *, held: int = 0) -> HostBudget | None:
+    """The budget of the cache pools: ``host_memory``, else :func:`machine_budget`."""
+    if config.memory.host_memory is not None:
+        return HostBudget(config.memory.host_memory, option=True)
+    return machine_budget(held=held)
+
+
+def check_host_weights(layer_bytes: Sequence[int], global_bytes: int, budget: HostBudget | None, *,
+                       what: str) -> None:
+    """Refuse weights that cannot live in host memory, before any is allocated: hscompile keeps
+    every weight there (and streams layers from there), so each layer (``layer_bytes``, one
+    figure per layer, as packed for streaming) must fit ``budget`` alone, and all of them with the
+    ``global_bytes`` (embeddings, head, final norm) together. ``what`` names the model. A
+    :class:`~hscompile.errors.BudgetError` gives the numbers."""
+    if budget is None or not layer_bytes:
+        return
+    largest = max(range(len(layer_bytes)), key=layer_bytes.__getitem__)
+    layer = layer_bytes[largest]
+    if layer > budget.nbytes:
+        raise BudgetError(
+            f"{what}: layer {largest} alone holds {format_bytes(layer)} ({layer} bytes) of weights, more than "
+            f"{budget}; hscompile keeps each layer's weights in host memory and streams them from there: use a "
+            f"smaller model or dtype, or {budget.advice}"
+        )
+    total = sum(layer_bytes) + global_bytes
+    if total > budget.nbytes:
+        raise BudgetError(
+            f"{what}: its weights take {format_bytes(total)} ({total} bytes: {len(layer_bytes)} layers of up to "
+            f"{format_bytes(layer)} and {format_bytes(global_bytes)} outside them), more than {budget}; hscompile "
+            f"keeps every weight in host memory: use a smaller model or dtype, or {budget.advice}"
+        )
+
+
+def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int],
+                budget: HostBudget | int | None) -> list[list[int]]:
     """Sequences (indices of ``totals``, each its prompt + new tokens) grouped into waves whose
-    blocks fit ``host_budget`` bytes together, in order; one wave without a budget. A sequence
-    that cannot fit even alone is a :class:`~hscompile.errors.BudgetError` naming its need."""
-    if host_budget is None:
+    blocks fit ``budget`` (a :func:`host_budget`, or ``host_memory``'s bytes) together, in order.
+    A sequence that cannot fit even alone is a :class:`~hscompile.errors.BudgetError` naming its
+    need, before anything is allocated.
+
+    Only the ``host_memory`` option forms waves: memory this machine has available only refuses
+    a sequence that cannot fit it alone (the figure moves as other work runs, and a refusal near
+    it is better than a run killed hours in); without a budget, one wave."""
+    if budget is None:
+        return [list(range(len(totals)))]
+    if isinstance(budget, int):
+        budget = HostBudget(budget, option=True)
+    needs = [spec.sequence_bytes(act_ratio, tokens) for tokens in totals]
+    for index, (tokens, need) in enumerate(zip(totals, needs)):
+        if need > budget.nbytes:
+            advice = f"use host_memory >= {need}" if budget.option else "use fewer tokens or a machine with more memory"
+            raise BudgetError(
+                f"{budget} cannot hold even one sequence: sequence {index} needs "
+                f"{math.ceil(tokens / spec.block_size)} blocks of {spec.block_size} tokens "
+                f"({format_bytes(need)}, {need} bytes) for {tokens} tokens; {advice}"
+            )
+    if not budget.option:
         return [list(range(len(totals)))]
     waves: list[list[int]] = [[]]
     used = 0
-    for index, tokens in enumerate(totals):
-        need = spec.sequence_bytes(act_ratio, tokens)
-        if need > host_budget:
-            raise BudgetError(
-                f"host_memory={format_bytes(host_budget)} cannot hold even one sequence: sequence {index} needs "
-                f"{math.ceil(tokens / spec.block_size)} blocks of {spec.block_size} tokens "
-                f"({format_bytes(need)}, {need} bytes) for {tokens} tokens; use host_memory >= {need}"
-            )
-        if used + need > host_budget:
+    for index, need in enumerate(needs):
+        if used + need > budget.nbytes:
             waves.append([])
             used = 0
         waves[-1].append(index)

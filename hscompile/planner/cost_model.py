@@ -39,11 +39,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..config import HybridServeConfig, format_bytes
+from ..config import HybridServeConfig, QuantConfig, format_bytes
 from ..errors import BudgetError
 from ..ir.cache import CacheSpec, ConfigDims, checkpoint_tokens
 from ..ir.plan import ModelPlan
 from ..ir.policy import DeviceMemoryPlan
+from ..ir.quant import QuantScheme, scheme_of
 from .budget import decode_staging
 from .hardware import HardwareProfile
 
@@ -79,6 +80,16 @@ class ModelDims:
     """Elements of the weights a checkpoint's K/V recompute multiplies by (k and v projections)."""
     head_matmul_params: int
     """Elements of the LM head."""
+    dequant_bytes: int = 0
+    """Device-memory bytes one run of a layer's partitions adds to dequantize its quantized
+    weights (``weight_quant``): the packed layer read, its matrices written at full precision
+    (:meth:`_dequant_bytes`); paid once per mini-batch, since every partition call dequantizes."""
+
+    cache_quant: str = "none"
+    """How cache blocks are stored (the ``cache_quant`` option): what a cached token moves."""
+
+    def _dequant_bytes(self, packed_layer_bytes: int) -> int:
+        return packed_layer_bytes + self.layer_matmul_params * self.item
 
     @property
     def item(self) -> int:
@@ -95,8 +106,18 @@ class ModelDims:
         return self.hidden * self.item
 
     @property
+    def kv_link_bytes(self) -> int:
+        """Bytes one token's K/V in one layer moves over the link (as its cache block holds it)."""
+        return self.cache_spec(1).kv_row_bytes
+
+    @property
+    def act_link_bytes(self) -> int:
+        """Bytes one token's checkpoint in one layer moves over the link."""
+        return self.cache_spec(1).act_row_bytes
+
+    @property
     def checkpoints_save_bytes(self) -> bool:
-        return self.act_bytes < self.kv_bytes
+        return self.act_link_bytes < self.kv_link_bytes
 
     def prefill_activation_bytes(self, rows: int, tokens: int) -> int:
         """A floor on the device activations of a prefill of ``rows x tokens``: a layer's widest
@@ -111,17 +132,33 @@ class ModelDims:
     def cache_spec(self, block_size: int) -> CacheSpec:
         """The cache dimensions of this model with blocks of ``block_size`` tokens."""
         return CacheSpec(num_layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, hidden=self.hidden,
-                         dtype=getattr(torch, self.dtype), block_size=block_size, heads=self.heads)
+                         dtype=getattr(torch, self.dtype), block_size=block_size, heads=self.heads,
+                         quant=self.cache_quant)
+
+    def stored_as(self, quant: QuantConfig) -> ModelDims:
+        """These dims with weights and cache stored as ``quant`` says: the layers' matrices in its
+        weight format (fewer bytes to stream, and the dequantization's work on the device), the
+        cache blocks in its cache format."""
+        dims = replace(self, cache_quant=quant.cache_quant)
+        scheme = scheme_of(quant)
+        return dims if scheme is None else dims._quantized(scheme)
+
+    def _quantized(self, scheme: QuantScheme) -> ModelDims:
+        packed = scheme.packed_bytes((self.layer_matmul_params,), getattr(torch, self.dtype))
+        layer = self.layer_weight_bytes - self.layer_matmul_params * self.item + packed  # norms and biases stay
+        return replace(self, layer_weight_bytes=layer, dequant_bytes=self._dequant_bytes(layer))
 
     @classmethod
-    def from_plan(cls, plan: ModelPlan, *, layout_bytes: int | None = None, global_bytes: int | None = None) -> ModelDims:
-        """From an analysis plan (what the backend has when it places a graph)."""
+    def from_plan(cls, plan: ModelPlan, *, layout_bytes: int | None = None, global_bytes: int | None = None,
+                  quantized: bool = False) -> ModelDims:
+        """From an analysis plan (what the backend has when it places a graph); ``quantized``: the
+        layers are stored quantized, ``layout_bytes`` packed so."""
         layer = plan.layers[0]
         site = layer.attention
         matrices = sum(math.prod(w.shape) for w in layer.weights if len(w.shape) >= 2)
         recompute = sum(math.prod(w.shape) for w in layer.weights if len(w.shape) >= 2 and w.node in layer.recompute.weights)
         head = max((w for w in plan.global_weights if len(w.shape) == 2), key=lambda w: math.prod(w.shape), default=None)
-        return cls(
+        dims = cls(
             layers=plan.num_layers, hidden=plan.hidden_size, heads=site.num_heads, kv_heads=site.num_kv_heads,
             head_dim=site.head_dim, dtype=str(plan.dtype).removeprefix("torch."),
             layer_weight_bytes=layout_bytes if layout_bytes is not None else layer.weight_bytes,
@@ -129,6 +166,7 @@ class ModelDims:
             layer_matmul_params=matrices, recompute_matmul_params=recompute,
             head_matmul_params=math.prod(head.shape) if head is not None else 0,
         )
+        return dims if not quantized else replace(dims, dequant_bytes=dims._dequant_bytes(dims.layer_weight_bytes))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> ModelDims:
@@ -201,13 +239,13 @@ def _layer_costs(dims: ModelDims, profile: HardwareProfile, batch: int, new: int
     compute = (
         profile.gemm_seconds(rows, dims.hidden, max(dims.layer_matmul_params // dims.hidden, 1), dims.dtype)
         + profile.attention_seconds(batch, dims.heads, new, past + new, dims.head_dim, dims.dtype)
-        + profile.memory_seconds(ELEMENTWISE_PASSES * rows * dims.act_bytes)
+        + profile.memory_seconds(ELEMENTWISE_PASSES * rows * dims.act_bytes + dims.dequant_bytes)
         + profile.layer_overhead_seconds
     )
     act_tokens = batch * checkpoint_tokens(past, act_ratio, block_size)
     kv_tokens = batch * past - act_tokens
-    loaded = kv_tokens * dims.kv_bytes + act_tokens * dims.act_bytes
-    stored = rows * max(dims.kv_bytes, dims.act_bytes) if act_ratio else rows * dims.kv_bytes
+    loaded = kv_tokens * dims.kv_link_bytes + act_tokens * dims.act_link_bytes
+    stored = rows * max(dims.kv_link_bytes, dims.act_link_bytes) if act_ratio else rows * dims.kv_link_bytes
     cache = link = 0.0
     if past:
         cache = profile.memory_seconds((act_tokens + rows) * dims.kv_bytes)  # recomputed and new K/V placed
@@ -227,7 +265,7 @@ def sequence_cost(dims: ModelDims, profile: HardwareProfile | None, *, kv_tokens
     """``(load, compute)`` of one sequence in one layer of a step: its past tokens' copy over the
     link, and its attention and recompute on the compute side. In seconds on
     ``profile``; without one, bytes moved and bytes read stand in for time."""
-    loaded = kv_tokens * dims.kv_bytes + act_tokens * dims.act_bytes
+    loaded = kv_tokens * dims.kv_link_bytes + act_tokens * dims.act_link_bytes
     past = kv_tokens + act_tokens
     if profile is None:
         return float(loaded), float(act_tokens * dims.act_bytes * 4 + (past + new) * dims.kv_bytes)
@@ -376,6 +414,7 @@ def device_memory(dims: ModelDims, choice: Choice, *, batch: int, context: int, 
         ring=min(choice.prefetch_depth + 1, streamed) * dims.layer_weight_bytes,
         activations=activations,
         cache_staging=staging,
+        dequantized=dims.layer_matmul_params * dims.item if dims.dequant_bytes else 0,
     )
 
 
@@ -442,8 +481,9 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
             " (the cache staging of one whole batch would not fit beside these resident layers)"
             if device_budget is not None and one > device_budget else " overlap cache loads with compute"))
     if not dims.checkpoints_save_bytes:
-        why += (f"; a checkpoint ({dims.act_bytes} B/token/layer) is not smaller than K/V ({dims.kv_bytes} B), "
-                "so checkpoints were not considered")
+        cached = " (int8 cache blocks)" if dims.cache_quant != "none" else ""
+        why += (f"; a checkpoint ({dims.act_link_bytes} B/token/layer{cached}) is not smaller than K/V "
+                f"({dims.kv_link_bytes} B), so checkpoints were not considered")
     return Decision(best, tuple(considered), why)
 
 

@@ -44,8 +44,8 @@ OverheadProbe = Callable[[torch.device, int], float]
 """``probe(device, repeat) -> seconds`` of hscompile's host work per layer per decode step. It runs
 the generator, which this layer may not import: the front layer supplies it (see :func:`tune`)."""
 
-__all__ = ["PROFILE_SCHEMA", "HardwareProfile", "OverheadProbe", "bundled_profiles", "load_profile", "measure",
-           "profile_path", "tune"]
+__all__ = ["PROFILE_SCHEMA", "HardwareProfile", "OverheadProbe", "bundled_profiles", "host_memory_available",
+           "load_profile", "measure", "profile_path", "tune"]
 
 PROFILE_SCHEMA = 1
 
@@ -269,6 +269,23 @@ def _call(device: torch.device) -> float:
     x = torch.zeros(1, device=device)
     calls = 200
     return _timed(lambda: [x.add_(1) for _ in range(calls)], device, 3) / calls
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory this machine has available now: ``MemAvailable`` in ``/proc/meminfo``
+    (free memory plus the page cache the kernel can reclaim), else the free pages ``sysconf``
+    counts; None where neither can be read. A container's cgroup limit is not consulted."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file says kB and means KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _memory_sizes(device: torch.device) -> tuple[int, int]:

@@ -116,13 +116,20 @@ class HybridCache:
     kv_pool: BlockPool
     act_pool: BlockPool
     kv: torch.Tensor
-    """``[layers, kv_blocks * block_size, 2, kv_heads, head_dim]`` host tensor (pinned on CUDA)."""
+    """``[layers, kv_blocks * block_size, 2, kv_heads, head_dim]`` host tensor (pinned on CUDA);
+    with int8 blocks ``[layers, kv_blocks * block_size, kv_row_bytes]`` bytes."""
     act: torch.Tensor
-    """``[layers, act_blocks * block_size, hidden]`` host tensor."""
+    """``[layers, act_blocks * block_size, hidden]`` host tensor (int8 blocks: ``act_row_bytes`` a token)."""
     sequences: dict[int, SequenceBlocks] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, spec: CacheSpec, act_ratio: float, kv_blocks: int, act_blocks: int, *, pin: bool) -> HybridCache:
+        if spec.quantized:  # a row of bytes per token (ops.quant.quantize_rows)
+            kv = torch.empty((spec.num_layers, kv_blocks * spec.block_size, spec.kv_row_bytes), dtype=torch.uint8,
+                             pin_memory=pin)
+            act = torch.empty((spec.num_layers, act_blocks * spec.block_size, spec.act_row_bytes), dtype=torch.uint8,
+                              pin_memory=pin)
+            return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act)
         kv = torch.empty(
             (spec.num_layers, kv_blocks * spec.block_size, 2, spec.kv_heads, spec.head_dim), dtype=spec.dtype, pin_memory=pin
         )

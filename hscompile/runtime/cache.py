@@ -33,6 +33,7 @@ import torch
 from ..errors import BudgetError, UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ops.context import KVRecompute
+from ..ops.quant import quantize_rows
 from .attention import attend, read_bytes
 from .blocks import HybridCache
 from .device import DeviceBackend, device_backend
@@ -378,9 +379,14 @@ class CacheRuntime:
                 packed = torch.stack((key.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)[step.store_kv_src],
                                       value.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)[step.store_kv_src]),
                                      dim=1)
-            self._store(cache.kv[layer], packed.to(dtype), step.store_kv_slots, step.store_kv_runs, layer, "kv")
+            packed = packed.to(dtype)
+            if cache.spec.quantized:  # a row of bytes a token: int8 K/V, a scale per head
+                packed = quantize_rows(packed, head_dim)
+            self._store(cache.kv[layer], packed, step.store_kv_slots, step.store_kv_runs, layer, "kv")
         if step.store_act_src.numel():
             packed = hidden.reshape(batch * new, -1)[step.store_act_src].to(dtype)
+            if cache.spec.quantized:
+                packed = quantize_rows(packed, packed.shape[1])
             self._store(cache.act[layer], packed, step.store_act_slots, step.store_act_runs, layer, "act")
         if layer == 0 and positions is not None:
             assert self.positions is not None

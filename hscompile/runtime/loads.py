@@ -8,7 +8,9 @@ new tokens' K/V all land in it, each written once) and the checkpoint buffer
 pool straight into the buffer (asynchronous from pinned memory on CUDA, on the copy stream, after
 the buffer's previous reader is done); nothing is gathered on the host. When loads overlap
 compute, taking one load issues the next one in run order (this layer's next mini-batch, else the
-next layer's first) into the other buffer.
+next layer's first) into the other buffer. With int8 cache blocks the runs are copied, as they
+are, into byte buffers of the same layout, and dequantized into the buffers attention reads when
+the load is taken (on the device, after the copy).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from ..ir.cache import CacheSpec
+from ..ops.quant import dequantize_rows
 from .blocks import HybridCache
 from .device import DeviceBackend
 from .step_plan import StepPlan
@@ -41,12 +44,15 @@ class StagingArena:
         self.rows = self.columns = self.act_tokens = 0
         self.kv: list[torch.Tensor] = []
         self.act: list[torch.Tensor] = []
+        self.kv_rows: list[torch.Tensor] = []
+        """Int8 cache blocks: per buffer, the loaded rows of bytes ``[rows * columns, kv_row_bytes]``."""
+        self.act_rows: list[torch.Tensor] = []
         self.free: list[Any] = [None] * buffers
         """Per buffer: the event after which its last reader is done (None: free now)."""
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.kv, *self.act))
+        return sum(t.numel() * t.element_size() for t in (*self.kv, *self.act, *self.kv_rows, *self.act_rows))
 
     def fit(self, rows: int, columns: int, act_tokens: int) -> int:
         """Make the buffers hold ``rows x columns`` tokens and ``act_tokens`` checkpoints; returns
@@ -57,10 +63,17 @@ class StagingArena:
             shape = (self.rows, self.columns, 2, spec.kv_heads, spec.head_dim)
             self.kv = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(self.buffers)]
             zeroed += sum(t.numel() * t.element_size() for t in self.kv)
+            if spec.quantized:  # zeros: a row never loaded dequantizes to zeros, never garbage
+                self.kv_rows = [torch.zeros((self.rows * self.columns, spec.kv_row_bytes), dtype=torch.uint8,
+                                            device=self.device) for _ in range(self.buffers)]
+                zeroed += sum(t.numel() for t in self.kv_rows)
         if act_tokens > self.act_tokens:
             self.act_tokens = act_tokens
             self.act = [torch.empty((act_tokens, spec.hidden), dtype=spec.dtype, device=self.device)
                         for _ in range(self.buffers)]
+            if spec.quantized:
+                self.act_rows = [torch.empty((act_tokens, spec.act_row_bytes), dtype=torch.uint8, device=self.device)
+                                 for _ in range(self.buffers)]
         return zeroed
 
 
@@ -75,7 +88,7 @@ class LoadPipeline:
         asynchronous (CUDA), so they run on the copy stream beside the compute; on the CPU they
         would only hold memory longer."""
         self.arena: StagingArena | None = None
-        self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, Any]] = {}
+        self._pending: dict[tuple[str, int, int], tuple[tuple[torch.Tensor, torch.Tensor | None], Any]] = {}
 
     @property
     def overlapping(self) -> bool:
@@ -112,19 +125,23 @@ class LoadPipeline:
         self.arena.free[self.buffer(layer, index, count)] = self.backend.record()
 
     def _issue(self, cache: HybridCache, plans: list[StepPlan], kind: str, layer: int,
-               index: int) -> tuple[torch.Tensor, Any]:
-        """Start copying mini-batch ``index``'s past ``kind`` tokens of ``layer`` into its buffer."""
+               index: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], Any]:
+        """Start copying mini-batch ``index``'s past ``kind`` tokens of ``layer`` into its buffer:
+        ``((its part of the buffer, the rows of bytes to dequantize into it or None), copy done)``."""
         arena = self.arena
         assert arena is not None
         plan = plans[index]
         slot = self.buffer(layer, index, len(plans))
+        spec = cache.spec
         if kind == "kv":
             target = arena.kv[slot]
-            flat = target.view(-1, 2, cache.spec.kv_heads, cache.spec.head_dim)
+            flat = arena.kv_rows[slot] if spec.quantized else target.view(-1, 2, spec.kv_heads, spec.head_dim)
             pool, runs = cache.kv[layer], plan.kv_runs
         else:
             target = flat = arena.act[slot] if arena.act else torch.empty(
-                (0, cache.spec.hidden), dtype=cache.spec.dtype, device=self.backend.device)
+                (0, spec.hidden), dtype=spec.dtype, device=self.backend.device)
+            if spec.quantized and arena.act:
+                flat = arena.act_rows[slot]
             pool, runs = cache.act[layer], plan.act_runs
         done = None
         after = arena.free[slot]
@@ -138,13 +155,22 @@ class LoadPipeline:
                 self.counters.attention_assembly_bytes += moved
         self.counters.load_runs += len(runs)
         # A view of this mini-batch's part: the buffer itself stays the arena's.
-        return (target[: plan.batch] if kind == "kv" else target[: plan.act_tokens]), done
+        part = target[: plan.batch] if kind == "kv" else target[: plan.act_tokens]
+        return (part, flat if spec.quantized else None), done
 
     def load(self, cache: HybridCache, plans: list[StepPlan], kind: str, layer: int, index: int) -> torch.Tensor:
         """Mini-batch ``index``'s buffer of ``kind`` for ``layer``, its past tokens loaded."""
         pending = self._pending.pop((kind, layer, index), None)
-        out, done = pending if pending is not None else self._issue(cache, plans, kind, layer, index)
+        (out, rows), done = pending if pending is not None else self._issue(cache, plans, kind, layer, index)
         self.backend.wait(done)
+        if rows is not None and out.numel():
+            spec = cache.spec
+            if kind == "kv":
+                flat = out.view(-1, 2, spec.kv_heads, spec.head_dim)
+                flat.copy_(dequantize_rows(rows[: flat.shape[0]], (2, spec.kv_heads, spec.head_dim), spec.head_dim,
+                                           spec.dtype))
+            else:
+                out.copy_(dequantize_rows(rows[: out.shape[0]], (spec.hidden,), spec.hidden, spec.dtype))
         if self.overlapping:
             following = (layer, index + 1) if index + 1 < len(plans) else (layer + 1, 0)
             if following[0] < cache.spec.num_layers and (kind, *following) not in self._pending:

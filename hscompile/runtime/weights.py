@@ -2,7 +2,8 @@
 
 * **Host store**: each streamed layer's weights packed into one host buffer (pinned on CUDA,
   so copies are asynchronous). The model's parameters are re-pointed at views of that buffer,
-  so host memory holds each weight once.
+  so host memory holds each weight once. A layer stored quantized (the layout's ``scheme``) is
+  quantized into its buffer instead, and the model keeps its own weights as they were.
 * **Resident copies**: groups the policy keeps on the device are packed into a device buffer
   once, when the runtime is built (or, when the weights already live on the compute device,
   used where they are and not copied at all).
@@ -24,6 +25,7 @@ import torch
 
 from ..ir.layout import GroupLayout
 from ..ir.policy import Policy
+from ..ops.quant import quantize
 from .device import DeviceBackend
 
 __all__ = ["WeightRuntime"]
@@ -38,9 +40,17 @@ class _Slot:
 
 
 def _pack(flat: torch.Tensor, layout: GroupLayout, sources: dict[str, torch.Tensor]) -> None:
+    quantized: dict[str, dict[str, torch.Tensor]] = {}
     for packed in layout.weights:
         view = flat.narrow(0, packed.offset, packed.nbytes).view(packed.dtype).view(packed.shape)
-        view.copy_(sources[packed.node])
+        if packed.part is None:
+            view.copy_(sources[packed.node])
+            continue
+        if packed.node not in quantized:
+            assert layout.scheme is not None
+            q = quantize(sources[packed.node], layout.scheme, packed.node)
+            quantized[packed.node] = {"values": q.values, "scales": q.scales, "zeros": q.zeros}
+        view.copy_(quantized[packed.node][packed.part])
 
 
 def _views(flat: torch.Tensor, layout: GroupLayout) -> dict[str, torch.Tensor]:
@@ -96,7 +106,7 @@ class WeightRuntime:
             return existing
         flat = self.backend.host_buffer(layout.nbytes)
         _pack(flat, layout, sources)
-        if repoint:
+        if repoint and layout.scheme is None:
             # The store now holds these weights; point the model at it so host memory holds them once.
             for node, view in _views(flat, layout).items():
                 sources[node].data = view
@@ -161,6 +171,8 @@ class WeightRuntime:
 
 def _packed_storage(layout: GroupLayout, sources: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The flat buffer the group's weights already are views of, if an earlier store packed them."""
+    if layout.scheme is not None:
+        return None  # a quantized buffer is never the model's own
     storages = {t.untyped_storage().data_ptr() for t in sources.values()}
     if len(storages) != 1:
         return None

@@ -228,20 +228,34 @@ def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(referenc
         ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, ValueError, "temperature"),
         ({"max_new_tokens": 2, "do_sample": True, "top_p": 1.5}, ValueError, "top_p"),
         ({"max_new_tokens": 2, "host_memory": 64}, BudgetError, "cannot hold even one sequence"),
+        ({"max_new_tokens": 2, "available": 1024}, BudgetError,
+         (r"the 1.00 KiB \(1024 bytes\) of host memory available on this machine cannot hold even one sequence: "
+          r"sequence 0 needs 1 blocks of 16 tokens")),
         ({"max_new_tokens": 2, "ids": "vocabulary"}, ValueError,
          r"input_ids\[1, 3\] = 128 is not a token id of this model: its vocabulary has 128 ids \(0 to 127\)"),
         ({"max_new_tokens": 2, "ids": "negative"}, ValueError, r"input_ids\[0, 0\] = -1 is not a token id"),
         ({"max_new_tokens": 2, "ids": "float"}, ValueError, r"2-D integer tensor .*got a 2-D torch.float32 tensor"),
         ({"max_new_tokens": 2, "act_ratio": 1.5}, ValueError, "act_ratio must be a number in \\[0, 1\\] or 'auto'"),
         ({"max_new_tokens": 2, "do_sample": True, "seed": "abc"}, ValueError, "seed must be an int or a list"),
+        ({"max_new_tokens": 2, "do_sample": True, "seed": [1, 2]}, ValueError,
+         r"seed must be an int or a list of 3 ints \(one per sequence\), got \[1, 2\]"),
+        ({"max_new_tokens": 2, "do_sample": True, "top_k": 0}, ValueError, "top_k must be an int >= 1 or None, got 0"),
+        ({"max_new_tokens": 2, "ids": "empty"}, ValueError, r"input_ids is empty: shape \(3, 0\)"),
+        ({"max_new_tokens": 2, "attention_mask": torch.full((3, 9), 2)}, ValueError,
+         r"attention_mask must hold only 0 \(padding\) and 1 \(tokens\)"),
+        ({"max_new_tokens": 2, "attention_mask": torch.zeros(3, 9, dtype=torch.long)}, ValueError,
+         r"sequence 0 of the batch has no tokens \(its mask is all 0\)"),
     ],
 )
-def test_bad_input_is_refused_before_any_work(kwargs, error, message):
+def test_bad_input_is_refused_before_any_work(kwargs, error, message, monkeypatch):
     model = _model("llama", layers=2)
     ids, mask = _batch()
     options = {"device": "cpu", "lowering": "eager"}
     if "host_memory" in kwargs:
         options["host_memory"] = kwargs.pop("host_memory")
+    if "available" in kwargs:  # no host_memory option: what this machine has available bounds one sequence
+        available = kwargs.pop("available")
+        monkeypatch.setattr("hscompile.planner.budget.host_memory_available", lambda: available)
     if kwargs.pop("right_padded", False):
         mask = mask.flip(1)
     mask = kwargs.pop("attention_mask", mask)
@@ -254,6 +268,8 @@ def test_bad_input_is_refused_before_any_work(kwargs, error, message):
         ids[0, 0] = -1
     elif bad_ids == "float":
         ids = ids.float()
+    elif bad_ids == "empty":
+        ids = ids[:, :0]
     generator = hscompile.Generator(model, options)
     with pytest.raises(error, match=message):
         generator.generate(ids, mask, **kwargs)
@@ -342,6 +358,7 @@ def test_any_integer_dtype_of_ids_and_a_per_call_auto_ratio_are_accepted(referen
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "act_ratio": 0.5})
     assert torch.equal(generator.generate(ids.to(torch.int16), mask, max_new_tokens=NEW_TOKENS, act_ratio="auto"),
                        expected)
+    assert torch.equal(generator.generate(ids.to(torch.int8), mask, max_new_tokens=NEW_TOKENS), expected)  # ids < 128
     assert generator.decision is not None  # the cost model chose this call's ratio
 
 
