@@ -18,21 +18,31 @@ import torch
 
 from .errors import ConfigError
 from .generation.regions import repeated_layers
+from .ir.cache import ConfigDims
 from .ir.quant import DEFAULT_GROUP_SIZE, is_quantized_weight, weight_scheme
 from .ops.quant import dequantize, dequantize_rows, quantize, quantize_rows
 
-__all__ = ["quantized_weight_names", "reference", "reference_cache"]
+__all__ = ["decoder_layers", "quantized_weight_names", "reference", "reference_cache"]
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, as hscompile's analysis finds them: the module list as long as
+    the config's layer count (a one-layer model's list repeats nothing), else the repeated layers."""
+    count = ConfigDims.of(model.config).layers if hasattr(model, "config") else None
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if lists:
+        return list(lists[0])
+    return [layer for found in repeated_layers(model) for layer in found]
 
 
 def quantized_weight_names(model: torch.nn.Module) -> list[str]:
     """Names (as in ``model.named_parameters()``) of the weights a quantized ``model`` stores quantized."""
     names = {id(p): name for name, p in model.named_parameters()}
     found = []
-    for layers in repeated_layers(model):
-        for layer in layers:
-            for p in layer.parameters():
-                if is_quantized_weight(tuple(p.shape), p.dtype, in_layer=True):
-                    found.append(names[id(p)])
+    for layer in decoder_layers(model):
+        for p in layer.parameters():
+            if is_quantized_weight(tuple(p.shape), p.dtype, in_layer=True):
+                found.append(names[id(p)])
     return found
 
 
@@ -78,7 +88,7 @@ def reference_cache(model: torch.nn.Module, *, cache_quant: str = "int8", checkp
 
     if cache_quant != "int8":
         raise ConfigError(f"reference_cache: cache_quant must be 'int8', got {cache_quant!r}")
-    layers = [layer for found in repeated_layers(model) for layer in found]
+    layers = decoder_layers(model)
     inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     class _Captured(Exception):

@@ -117,5 +117,6 @@ def dequantize_rows(rows: torch.Tensor, shape: tuple[int, ...], group: int, dtyp
     """The ``(len(rows), *shape)`` tensor in ``dtype`` that :func:`quantize_rows` turned into ``rows``."""
     n, values = rows.shape[0], math.prod(shape)
     q = rows[:, :values].view(torch.int8).reshape(n, *shape)
-    scales = rows[:, values:].contiguous().view(dtype).reshape(n, *shape[:-1], shape[-1] // group)
+    # A copy: the scales start at byte ``values`` of a row, where ``dtype`` may not be aligned.
+    scales = rows[:, values:].clone().view(dtype).reshape(n, *shape[:-1], shape[-1] // group)
     return dequantize_parts(dtype, q, scales)

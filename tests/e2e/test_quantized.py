@@ -262,3 +262,18 @@ def test_an_int8_cache_moves_at_most_055x_the_bytes_of_a_bf16_cache_per_decode_s
     expected = (2 * 2 * 64 + 2 * 2 * 2) / (2 * 2 * 64 * 2) if ratio == 0 else (256 + 2) / (256 * 2)
     assert moved["int8"] == pytest.approx(expected * moved["none"], rel=0, abs=0.5)
     assert moved["int8"] <= 0.55 * moved["none"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_one_layer_model_is_quantized_like_any_other(family):
+    model = tiny_model(family, layers=1, seed=5)
+    assert quantized_weight_names(model)  # one layer is still a decoder layer
+    ids = prompts(2, 6)
+    out = hscompile.generate(model, ids, max_new_tokens=4, options={
+        "device": "cpu", "lowering": "eager", "weight_quant": "int4", "quant_group_size": GROUP,
+        "cache_quant": "int8", "act_ratio": 1.0, "block_size": 2})
+    ref = reference(model, weight_quant="int4", quant_group_size=GROUP)
+    with torch.no_grad():
+        expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                pad_token_id=0, past_key_values=reference_cache(ref, checkpoints=True))
+    assert torch.equal(out, expected)
