@@ -138,6 +138,7 @@ def main() -> int:
         "counts": dict(Counter(r["outcome"].status for r in records)),
         "refused_by_reason": dict(refused.most_common()),
         "families": dict(Counter(r["case"].family for r in records)),
+        "quantized": dict(Counter(f"{k}={v}" for r in records for k, v in r["case"].quant.items() if k != "quant_group_size")),
         "finished_runs_that": {  # what the cases that ran to the end exercised
             "streamed_layers": sum(1 for f in facts if f["streamed_layers"]),
             "split_minibatches": sum(1 for f in facts if f["minibatch_size"]),
