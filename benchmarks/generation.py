@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, help="override the setting's prompt length")
     parser.add_argument("--new-tokens", dest="new_tokens", type=int, help="override the setting's new tokens")
     parser.add_argument("--budget-fraction", type=float, default=0.5)
-    parser.add_argument("--policy", action="append", choices=bench.POLICIES)
+    parser.add_argument("--policy", action="append", choices=bench.ALL_POLICIES)
     parser.add_argument("--lowering", default="inductor", choices=("inductor", "eager"))
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -5,6 +5,9 @@
 * hscompile with ``act_ratio="auto"`` (the cost model's choice), with all state as K/V
   (FlexGen's policy) and with all state as checkpoints, each under the same device budget;
 * hscompile with everything resident, where the weights and cache staging fit the device;
+* on request (:data:`QUANTIZED_POLICIES`, not in the default list), hscompile with ``act_ratio="auto"``
+  and its layers' weights quantized (``int8-weights``, ``int4-weights``), or int4 weights and int8
+  cache blocks (``int4-int8-cache``);
 * transformers' own ``generate``: with its cache on the device (``transformers``), with its
   offloaded cache (``offloaded-cache``), without a cache (``token-recompute``: every step
   recomputes K/V from the token ids), and, on CUDA with ``accelerate`` installed, with the
@@ -34,12 +37,17 @@ from .planner.cost_model import Choice, ModelDims, generation_seconds
 from .planner.hardware import HardwareProfile
 from .runtime.timeline import LANES, Span
 
-__all__ = ["POLICIES", "BenchResult", "Workload", "plot_timeline", "results_table", "run", "trace", "weight_bytes"]
+__all__ = ["ALL_POLICIES", "POLICIES", "QUANTIZED_POLICIES", "BenchResult", "Workload", "plot_timeline", "results_table", "run", "trace", "weight_bytes"]
 
 POLICIES = ("auto", "all-kv", "all-act", "resident", "transformers", "offloaded-cache", "token-recompute", "accelerate")
 """Every policy :func:`run` knows, in report order."""
 
-_HSCOMPILE = {"auto": "auto", "all-kv": 0.0, "all-act": 1.0, "resident": "auto"}
+QUANTIZED_POLICIES = ("int8-weights", "int4-weights", "int4-int8-cache")
+ALL_POLICIES = POLICIES + QUANTIZED_POLICIES
+_HSCOMPILE = {"auto": "auto", "all-kv": 0.0, "all-act": 1.0, "resident": "auto", "int8-weights": "auto",
+              "int4-weights": "auto", "int4-int8-cache": "auto"}
+_QUANT = {"int8-weights": {"weight_quant": "int8"}, "int4-weights": {"weight_quant": "int4"},
+          "int4-int8-cache": {"weight_quant": "int4", "cache_quant": "int8"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,7 @@ def _hscompile(model: torch.nn.Module, policy: str, workload: Workload, options:
         if profile.device_memory_bytes and weights > profile.device_memory_bytes:
             return BenchResult(policy, note=f"the weights ({weights / 2**30:.1f} GiB) do not fit the device")
     opts["act_ratio"] = _HSCOMPILE[policy]
+    opts.update(_QUANT.get(policy, {}))
     torch._dynamo.reset()
     try:
         generator = Generator(model, opts)
@@ -206,9 +215,9 @@ def run(model: torch.nn.Module, workload: Workload, *, options: dict[str, Any], 
         policies: Sequence[str] = POLICIES, progress: Callable[[str], None] | None = None) -> list[BenchResult]:
     """Measure ``policies`` on ``model`` (host-resident, random weights are fine) for ``workload``
     with hscompile ``options`` (the device and its budget); see the module docstring."""
-    unknown = sorted(set(policies) - set(POLICIES))
+    unknown = sorted(set(policies) - set(ALL_POLICIES))
     if unknown:
-        raise ValueError(f"unknown benchmark policies {unknown}; valid: {', '.join(POLICIES)}")
+        raise ValueError(f"unknown benchmark policies {unknown}; valid: {', '.join(ALL_POLICIES)}")
     if workload.batch < 1 or workload.prompt < 1 or workload.new_tokens < 1:
         raise ValueError(f"batch, prompt and new_tokens must be >= 1, got {workload}")
     ids = _prompts(workload, model.config.vocab_size)

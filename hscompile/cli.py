@@ -466,7 +466,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_quant_flags(predict)
     predict.set_defaults(run=_predict)
 
-    from .bench import POLICIES
+    from .bench import ALL_POLICIES
 
     bench_command = commands.add_parser("bench", help="measure generation throughput of policies side by side "
                                                       "(random weights from a config: reads no weights)")
@@ -480,7 +480,8 @@ def _parser() -> argparse.ArgumentParser:
     bench_command.add_argument("--new-tokens", dest="new_tokens", type=int, default=16)
     bench_command.add_argument("--dtype", help="weights dtype (default float32)")
     bench_command.add_argument("--lowering", choices=("inductor", "eager"))
-    bench_command.add_argument("--policy", action="append", choices=POLICIES, help="a policy to measure (repeatable; default: all)")
+    bench_command.add_argument("--policy", action="append", choices=ALL_POLICIES,
+                               help="a policy to measure (repeatable; default: all but the quantized ones)")
     bench_command.add_argument("--json", help="write the results and ratios as JSON here")
     bench_command.add_argument("--trace", help="write the timeline of an auto-policy generation here (Chrome/Perfetto "
                                                "JSON: compute, copy and host lanes per layer and mini-batch)")

@@ -39,6 +39,21 @@ def test_every_policy_is_measured_or_says_why_not(profile):
     assert versus["all-kv"] == 1.0
 
 
+def test_quantized_policies_run_on_request_and_move_fewer_bytes_a_step(profile):
+    model = tiny_model("llama", layers=4, hidden=128)
+    workload = bench.Workload(batch=2, prompt=8, new_tokens=4)
+    options = {"device": "cpu", "lowering": "eager", "device_memory": int(weight_bytes(model) * 0.6),
+               "quant_group_size": 32}
+    policies = ("all-kv", *bench.QUANTIZED_POLICIES)
+    results = {r.policy: r for r in bench.run(model, workload, options=options, profile=profile, policies=policies)}
+    assert all(r.ran for r in results.values()), {p: r.note for p, r in results.items()}
+    # Quantized layers stream less (here they all fit beside the budget: nothing streams), and int8
+    # cache blocks move about half the cache bytes.
+    assert results["int4-weights"].link_bytes_per_step <= results["int8-weights"].link_bytes_per_step
+    assert results["int8-weights"].link_bytes_per_step < results["all-kv"].link_bytes_per_step
+    assert results["int4-int8-cache"].link_bytes_per_step < results["int4-weights"].link_bytes_per_step
+
+
 def test_unknown_policies_and_empty_workloads_are_refused(profile):
     model = tiny_model("opt", layers=2)
     with pytest.raises(ValueError, match="unknown benchmark policies.*valid"):
