@@ -12,17 +12,18 @@ cache whose stored K/V make the round trip of int8 cache blocks.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
 from .generation.regions import repeated_layers
-from .ir.cache import ConfigDims
+from .ir.cache import ConfigDims, checkpoint_tokens
 from .ir.quant import DEFAULT_GROUP_SIZE, is_quantized_weight, weight_scheme
 from .ops.quant import dequantize, dequantize_rows, quantize, quantize_rows
 
-__all__ = ["decoder_layers", "quantized_weight_names", "reference", "reference_cache"]
+__all__ = ["act_tokens_of", "decoder_layers", "quantized_weight_names", "reference", "reference_cache"]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -73,14 +74,18 @@ def _round_trip(x: torch.Tensor) -> torch.Tensor:
     return dequantize_rows(quantize_rows(x.reshape(-1, d), d), (d,), d, x.dtype).reshape(x.shape)
 
 
-def reference_cache(model: torch.nn.Module, *, cache_quant: str = "int8", checkpoints: bool = False) -> Any:
+def reference_cache(model: torch.nn.Module, *, cache_quant: str = "int8", checkpoints: bool = False,
+                    act_tokens: Sequence[int] | None = None, pads: Sequence[int] | None = None) -> Any:
     """A transformers cache for ``model.generate(..., past_key_values=...)`` that keeps every past
     token as an int8 cache block would (``cache_quant="int8"``): attention reads the new tokens'
-    own K/V and, for the past, what hscompile's cache gives back. With ``checkpoints=False`` that
-    is the round trip of the K/V (KV blocks, ``act_ratio=0``); with ``checkpoints=True`` it is the
-    K/V the layer computes from the round trip of its input hidden state (ACT blocks,
-    ``act_ratio=1``): the layer is run again on it, by its own code, until its attention hands
-    K/V to the cache.
+    own K/V and, for the past, what hscompile's cache gives back. For a token of a KV block that
+    is the round trip of its K/V; for a token of an ACT block, the K/V the layer computes from the
+    round trip of its input hidden state: the layer is run again on it, by its own code, until its
+    attention hands K/V to the cache.
+
+    Which tokens are ACT: all (``checkpoints=True``, ``act_ratio=1``), none (the default,
+    ``act_ratio=0``), or per batch row the first ``act_tokens[r]`` real tokens (hscompile's block
+    split, :func:`act_tokens_of`), after ``pads[r]`` left-padding positions.
 
     The cache must serve one ``generate`` call of ``model``; hooks on the decoder layers record
     their inputs while it is used."""
@@ -103,13 +108,24 @@ def reference_cache(model: torch.nn.Module, *, cache_quant: str = "int8", checkp
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             n = key_states.shape[-2]
-            if checkpoints:
-                stored_key, stored_value = self._from_checkpoint(layer_idx)
-            else:
-                stored_key, stored_value = _round_trip(key_states), _round_trip(value_states)
+            act = self._act_mask(layer_idx, key_states)  # (batch, n): which new tokens are checkpoints
+            stored_key, stored_value = _round_trip(key_states), _round_trip(value_states)
+            if bool(act.any()):
+                key_act, value_act = self._from_checkpoint(layer_idx)
+                where = act[:, None, :, None]
+                stored_key = torch.where(where, key_act, stored_key)
+                stored_value = torch.where(where, value_act, stored_value)
             keys, values = super().update(stored_key, stored_value, layer_idx, *args, **kwargs)
             return (torch.cat((keys[..., :-n, :], key_states), dim=-2),
                     torch.cat((values[..., :-n, :], value_states), dim=-2))
+
+        def _act_mask(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
+            batch, n = key_states.shape[0], key_states.shape[-2]
+            if act_tokens is None:
+                return torch.full((batch, n), checkpoints, dtype=torch.bool)
+            start = self.get_seq_length(layer_idx) if len(self.layers) > layer_idx else 0
+            real = torch.arange(start, start + n).unsqueeze(0) - torch.tensor(pads or [0] * batch).unsqueeze(1)
+            return (real >= 0) & (real < torch.tensor(list(act_tokens)).unsqueeze(1))
 
         def _from_checkpoint(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
             args, kwargs = inputs[layer_idx]
@@ -134,6 +150,12 @@ def reference_cache(model: torch.nn.Module, *, cache_quant: str = "int8", checkp
     for index, layer in enumerate(layers):
         layer.register_forward_pre_hook(record(index), with_kwargs=True)
     return RoundTripCache(config=model.config)
+
+
+def act_tokens_of(lengths: Sequence[int], max_new_tokens: int, act_ratio: float, block_size: int) -> list[int]:
+    """How many of each sequence's first real tokens hscompile keeps as checkpoints, for prompts of
+    ``lengths`` generating ``max_new_tokens``: its block split of the whole sequence (ACT blocks first)."""
+    return [checkpoint_tokens(n + max_new_tokens, act_ratio, block_size) for n in lengths]
 
 
 def _round_trip_rows(hidden: torch.Tensor) -> torch.Tensor:

@@ -128,16 +128,16 @@ def quant_options(draw: Callable[[st.SearchStrategy[Any]], Any], *, hidden: int,
                   act_ratio: float | str) -> dict[str, Any]:
     """The one place where quantization options are drawn: ``weight_quant`` with a group size that
     divides every layer weight's last dimension (``hidden`` and the attention ``width``, heads x
-    head_dim; the MLPs' are multiples of ``hidden``), and ``cache_quant`` where transformers has an
-    exact reference for it (:func:`hscompile.quantize.reference_cache`: all K/V, ``act_ratio`` 0, or
-    all checkpoints, 1)."""
+    head_dim; the MLPs' are multiples of ``hidden``), and ``cache_quant`` at any given ``act_ratio``
+    (not "auto", whose choice the reference cannot know: :func:`hscompile.quantize.reference_cache`
+    is given hscompile's block split)."""
     out: dict[str, Any] = {}
     scheme = draw(st.sampled_from(("none", "none", "int8", "int4")))
     common = math.gcd(hidden, width)
     groups = [g for g in range(2, common + 1) if common % g == 0 and (scheme != "int4" or g % 2 == 0)]
     if scheme != "none" and groups:
         out.update(weight_quant=scheme, quant_group_size=draw(st.sampled_from(groups)))
-    if act_ratio in (0.0, 1.0) and draw(st.booleans()):
+    if act_ratio != "auto" and draw(st.booleans()):
         out["cache_quant"] = "int8"
     return out
 
@@ -218,7 +218,12 @@ def reference_cache_kwargs(model: torch.nn.Module, reference: torch.nn.Module,
 
     if reference is model:
         reference = copy.deepcopy(model)
-    return reference, {"past_key_values": reference_cache(reference, checkpoints=case.act_ratio == 1.0)}
+    from hscompile.quantize import act_tokens_of
+
+    width = max(case.lengths)
+    act = act_tokens_of(case.lengths, case.max_new_tokens, float(case.act_ratio), case.block_size)
+    return reference, {"past_key_values": reference_cache(reference, act_tokens=act,
+                                                          pads=[width - n for n in case.lengths])}
 
 
 def batch(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +248,8 @@ def host_budget(model: torch.nn.Module, case: Case) -> int:
     from hscompile.ir.cache import CacheSpec
     from hscompile.planner.cost_model import RATIOS
 
-    spec = CacheSpec.from_config(model.config, next(model.parameters()).dtype, case.block_size)
+    spec = CacheSpec.from_config(model.config, next(model.parameters()).dtype, case.block_size,
+                                 case.quant.get("cache_quant", "none"))
     ratios = RATIOS if case.act_ratio == "auto" else (float(case.act_ratio),)
     totals = [n + case.max_new_tokens for n in case.lengths]
     low = max(spec.sequence_bytes(r, t) for r in ratios for t in totals)

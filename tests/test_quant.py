@@ -89,3 +89,16 @@ def test_the_reference_names_the_weight_a_group_size_does_not_fit():
     model = tiny_model("llama", layers=2, hidden=64)
     with pytest.raises(ConfigError, match=r"of weight 'model\.layers\.0\..*sizes that divide it"):
         reference(model, weight_quant="int8", quant_group_size=48)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_rows_round_trip_at_any_width_and_row_count(rows, dtype):
+    from hscompile.ops.quant import dequantize, dequantize_rows, quantize, quantize_rows
+
+    x = torch.randn(rows, 2, 3, 17, generator=torch.Generator().manual_seed(rows)).to(dtype)  # odd widths
+    packed = quantize_rows(x, 17)  # the scales start unaligned in each row
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, 2 * 3 * 17 + 2 * 3 * dtype.itemsize)
+    back = dequantize_rows(packed, (2, 3, 17), 17, dtype)
+    # The same round trip as a weight's, group by group: one formula for both.
+    assert torch.equal(back, dequantize(quantize(x, QuantScheme("int8", 17))))

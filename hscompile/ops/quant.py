@@ -117,6 +117,8 @@ def dequantize_rows(rows: torch.Tensor, shape: tuple[int, ...], group: int, dtyp
     """The ``(len(rows), *shape)`` tensor in ``dtype`` that :func:`quantize_rows` turned into ``rows``."""
     n, values = rows.shape[0], math.prod(shape)
     q = rows[:, :values].view(torch.int8).reshape(n, *shape)
-    # A copy: the scales start at byte ``values`` of a row, where ``dtype`` may not be aligned.
-    scales = rows[:, values:].clone().view(dtype).reshape(n, *shape[:-1], shape[-1] // group)
+    # A contiguous copy: the scales start at byte ``values`` of a row, where ``dtype`` may not be
+    # aligned (and a one-row slice keeps its row stride through a plain clone).
+    scales = rows[:, values:].clone(memory_format=torch.contiguous_format).view(dtype)
+    scales = scales.reshape(n, *shape[:-1], shape[-1] // group)
     return dequantize_parts(dtype, q, scales)

@@ -13,7 +13,7 @@ from models import FAMILIES, prompts, tiny_model
 import hscompile
 from hscompile.errors import BudgetError, CheckpointError, ConfigError
 from hscompile.ir.layout import ALIGNMENT
-from hscompile.quantize import quantized_weight_names, reference, reference_cache
+from hscompile.quantize import act_tokens_of, quantized_weight_names, reference, reference_cache
 
 GROUP = 32
 
@@ -277,3 +277,24 @@ def test_a_one_layer_model_is_quantized_like_any_other(family):
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                                 pad_token_id=0, past_key_values=reference_cache(ref, checkpoints=True))
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(("family", "ratio"), [(f, 0.5) for f in FAMILIES] + [("qwen2", 0.25)])
+def test_int8_cache_blocks_at_a_mixed_ratio_on_a_ragged_batch_give_the_reference_tokens(family, ratio):
+    model = _sharp(family, seed=0)
+    ids = prompts(3, 12, seed=0)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :7] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    lengths, pads = mask.sum(1).tolist(), (mask.shape[1] - mask.sum(1)).tolist()
+    generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "cache_quant": "int8",
+                                            "act_ratio": ratio, "block_size": 4})
+    out = generator.generate(ids, mask, max_new_tokens=10)
+    ref = reference(model, weight_quant="none")
+    # Each sequence's first blocks are checkpoints (hscompile's split of prompt + new tokens), the rest K/V.
+    cache = reference_cache(ref, act_tokens=act_tokens_of(lengths, 10, ratio, 4), pads=pads)
+    with torch.no_grad():
+        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                past_key_values=cache)
+    assert torch.equal(out, expected)
+    assert generator.stats()["recomputed_tokens"] > 0
