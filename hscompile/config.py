@@ -257,6 +257,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Layers of weights prefetched ahead of the compute."),
     OptionSpec("lowering", ("lowering",), "'inductor' or 'eager'", "'inductor'",
                "Compile partitions with Inductor, or run them eagerly (fast to start, for debugging)."),
+    OptionSpec("graph_cache", ("graph_cache",), "True or False", "True",
+               "Save captured graphs under $HSCOMPILE_CACHE_DIR/graphs and reuse them (later generators and processes "
+               "skip dynamo's capture)."),
     OptionSpec("weight_quant", ("quant", "weight_quant"), "'none', 'int8' or 'int4'", "'none'",
                "Store the decoder layers' projections group-wise quantized; dequantized on the device."),
     OptionSpec("quant_group_size", ("quant", "group_size"), "int in [2, 65536] dividing the input dimensions",
@@ -277,6 +280,10 @@ class HybridServeConfig:
     lowering: Lowering = "inductor"
     """``"inductor"`` compiles each partition with Inductor; ``"eager"`` runs the FX partitions as they are."""
 
+    graph_cache: bool = True
+    """Save each graph dynamo captures for a generator, and reuse saved ones whose key matches
+    (:mod:`hscompile.generation.captures`)."""
+
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -287,6 +294,8 @@ class HybridServeConfig:
             object.__setattr__(self, "device", _resolve_device(self.device))
         if self.lowering not in ("inductor", "eager"):
             raise ConfigError(f"option 'lowering': got {self.lowering!r}; expected 'inductor' or 'eager'")
+        if not isinstance(self.graph_cache, bool):
+            raise ConfigError(f"option 'graph_cache': got {self.graph_cache!r}; expected True or False")
 
     @classmethod
     def from_options(cls, options: Mapping[str, object] | None = None, *, check_device: bool = True) -> HybridServeConfig:
@@ -315,8 +324,9 @@ class HybridServeConfig:
         top: dict[str, object] = {}
         if options.get("device") is not None:
             top["device"] = _resolve_device(options["device"], check=check_device)
-        if "lowering" in options:
-            top["lowering"] = options["lowering"]
+        for key in ("lowering", "graph_cache"):
+            if key in options:
+                top[key] = options[key]
         return cls(
             memory=MemoryConfig(**memory),  # type: ignore[arg-type]
             cache=CacheConfig(**cache),  # type: ignore[arg-type]

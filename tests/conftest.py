@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -11,8 +12,12 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(__file__))
-# Hardware profiles measured during the tests go to a directory of their own, not the user's cache.
-os.environ.setdefault("HSCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="hscompile-test-cache-"))
+# Hardware profiles measured and graphs captured during the tests go to a directory of their own,
+# not the user's cache. The workers share the controller's (a test may reuse a graph an earlier one
+# saved for the same model structure, as a later process would); the controller removes it at the end.
+_OWN_CACHE = "HSCOMPILE_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["HSCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="hscompile-test-cache-")
 
 import hscompile  # noqa: E402,F401  (registers the backend)
 
@@ -21,11 +26,24 @@ import hscompile  # noqa: E402,F401  (registers the backend)
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.environ["HSCOMPILE_CACHE_DIR"], ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def fresh_graph_cache(tmp_path, monkeypatch):
+    """No saved graphs: generators in the test capture with dynamo (for tests of tracing itself;
+    the others may reuse graphs an earlier test of the session saved for the same structure)."""
+    monkeypatch.setenv("HSCOMPILE_CACHE_DIR", str(tmp_path / "hscompile-cache"))
+    return tmp_path / "hscompile-cache"
 
 
 class CaptureBackend:

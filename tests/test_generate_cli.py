@@ -37,7 +37,7 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prompts_print_their_completions_and_json_gives_the_fields(checkpoint, capsys):
+def test_prompts_print_their_completions_and_json_gives_the_fields(checkpoint, capsys, fresh_graph_cache):
     args = ["generate", str(checkpoint), "--prompt", "The capital of France is", "--prompt", "hello", "--max-new-tokens", "5"]
     assert main([*args, *EAGER]) == 0
     captured = capsys.readouterr()

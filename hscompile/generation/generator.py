@@ -49,6 +49,7 @@ from ..planner.cost_model import Decision, ModelDims, resolve_act_ratio, sequenc
 from ..planner.hardware import HardwareProfile
 from ..planner.minibatch import SequenceCost, minibatch_count, step_groups
 from ..runtime.cache import CacheRuntime, StepRequest
+from .captures import INPUTS, CaptureStore, SavedGraph, sources_hash
 from .graphs import GeneratorGraphs, entry_point, tracing_settings
 from .regions import LayerRegions
 from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
@@ -107,6 +108,9 @@ class Generator:
         self._staging = 0
         self.graphs = GeneratorGraphs(self.config, self.cache, self._budget)
         self._regions = LayerRegions(model)
+        self._state: dict[str, torch.Tensor] | None = None
+        # hscompile's code as this process runs it (a part of every key; read once).
+        self._sources = sources_hash() if self.config.graph_cache else ""
         self._compiled = torch.compile(entry_point(f"hscompile_generator_{id(self):x}"), backend=self.graphs.backend(),
                                        fullgraph=True)
 
@@ -142,6 +146,7 @@ class Generator:
         early (as its end-of-sequence token would): stop strings use it.
         """
         ids, mask = check_batch(input_ids, attention_mask, max_new_tokens, _vocab_size(self.model))
+        self._key_graphs()
         lengths = mask.sum(dim=1)
         self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
         check_sampling(do_sample, temperature, top_k, top_p)
@@ -314,6 +319,10 @@ class Generator:
                 if tensor.shape[dim] > 1:  # one prefill graph for every prompt shape
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         request.groups = self._groups(prefill)
+        tensors = dict(zip(INPUTS, (ids, mask, positions), strict=True))
+        saved = self._run_saved(tensors, request)
+        if saved is not None:
+            return self.cache.fetch(saved[:, -1, :].float())
         compiled_before, start = len(self.graphs.records), time.perf_counter()
         while True:
             self.cache.request = request
@@ -340,6 +349,64 @@ class Generator:
             ran = sum(c.executor.last_seconds for c in self.graphs.compiled[compiled_before:] if c.executor is not None)
             self.graphs.traced(compiled_before, time.perf_counter() - start - ran)
         return logits
+
+    def _key_graphs(self) -> None:
+        """Key this call's saved graphs by the model as it is now (an attribute changed since the
+        last call is a new key, as it would fail dynamo's guards)."""
+        if not self.config.graph_cache:
+            return
+        store = CaptureStore.for_model(self.model, self._sources)
+        current = self.graphs.store
+        if store is None or current is None or store.key != current.key:
+            self.graphs.store = store
+            self._state = None
+
+    def _run_saved(self, tensors: dict[str, torch.Tensor], request: StepRequest) -> torch.Tensor | None:
+        """The step's logits from a graph an earlier capture saved, or None when none serves it
+        (dynamo then captures one). A saved graph is compiled on its first use."""
+        store = self.graphs.store
+        if store is None:
+            return None
+        for entry in store.saved():
+            if not entry.admits(tensors):
+                continue
+            args = entry.arguments(tensors, self._state_tensor)
+            self.cache.request = request
+            try:
+                if entry.compiled is None and not self._compile_saved(store, entry, tensors, args):
+                    continue
+                if not entry.guards_pass(args):
+                    continue
+                out = entry.compiled(*args)
+            finally:
+                self.cache.request = None
+            return out[0]
+        return None
+
+    def _compile_saved(self, store: CaptureStore, entry: SavedGraph, tensors: dict[str, torch.Tensor],
+                       args: list[Any]) -> bool:
+        """Load and compile ``entry`` for a call with ``args``; False when it cannot serve it."""
+        start = time.perf_counter()
+        graph = store.load(entry)
+        if graph is None:
+            return False
+        try:
+            examples = entry.examples(graph, args)
+            if not entry.guards_pass(args):  # the capture's own guards, before spending a compilation
+                return False
+        except Exception as error:  # noqa: BLE001 - a torch whose shape environment differs: capture anew
+            _LOG.info("not reusing the saved graph %s (%s): capturing it again", entry.path, error)
+            entry.refused = True
+            return False
+        entry.compiled = self.graphs.compile_saved(entry, graph, examples, time.perf_counter() - start)
+        entry.watch(graph)  # with the guards the passes added
+        return True
+
+    def _state_tensor(self, name: str) -> torch.Tensor:
+        if self._state is None:
+            self._state = dict(self.model.named_parameters(remove_duplicate=False))
+            self._state.update(self.model.named_buffers(remove_duplicate=False))
+        return self._state[name]
 
     def _generate_wave(self, ids: torch.Tensor, mask: torch.Tensor, totals: list[int], max_new_tokens: int,
                        sampling: Sampling, tick: Callable[[], None] = lambda: None,

@@ -20,8 +20,9 @@ from ..config import HybridServeConfig
 from ..errors import HybridServeError, surface_through_dynamo
 from ..ir.fx import fake_value
 from ..ir.policy import CacheBudget, check_device_budget
-from ..passes.inline import region_calls
+from ..passes.inline import inline_regions, region_calls
 from ..runtime.cache import CacheRuntime
+from .captures import CaptureStore, SavedGraph
 
 __all__ = ["CompileRecord", "GeneratorGraphs", "entry_point", "step_activations", "tracing_settings"]
 
@@ -71,24 +72,45 @@ class GeneratorGraphs:
         self.compiled: list[CompiledModel] = []
         self.records: list[CompileRecord] = []
         """One per compiled graph, oldest first (:meth:`traced` adds the trace time)."""
+        self.store: CaptureStore | None = None
+        """Where the graphs dynamo captures are saved, and saved ones found (None: nowhere)."""
         # When these graphs' owner goes, so do their buffers, whatever dynamo still holds.
         weakref.finalize(self, _release, self.compiled)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> CompiledModel:
+        bodies, calls = region_calls(gm)
+        flat = inline_regions(gm)
+        compiled = self._compile(flat, example_inputs, traced_layers=None, regions=(bodies, calls))
+        if self.store is not None:
+            # After compiling: the shape environment then holds every guard the passes added too.
+            self.store.save(flat, example_inputs)
+        return compiled
+
+    def compile_saved(self, entry: SavedGraph, graph: fx.GraphModule, example_inputs: list[Any],
+                      loading: float) -> CompiledModel:
+        """Compile a graph an earlier capture saved (``loading``: the seconds reading it took)."""
+        compiled = self._compile(graph, example_inputs, traced_layers=0, regions=(0, 0))
+        self.records[-1] = replace(self.records[-1], trace=loading)
+        _LOG.info(self.records[-1].line() + f" (captured earlier: {entry.path.name})")
+        return compiled
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, traced_layers: int | None,
+                 regions: tuple[int, int]) -> CompiledModel:
         budget = self._budget()
         assert budget is not None, "the generator that owns this backend is gone"
         kind = "prefill" if self.cache.request is not None and self.cache.request.admit is not None else "decode"
         hits = _cache_hits()
-        bodies, calls = region_calls(gm)
         try:
             compiled = compile_graph(gm, example_inputs, self.config, cache=self.cache, cache_budget=budget())
         except HybridServeError as error:
             raise surface_through_dynamo(error) from None
         record(compiled, example_inputs)
         self.compiled.append(compiled)
+        bodies, calls = regions
+        layers = compiled.plan.num_layers
         self.records.append(CompileRecord(
-            graph=compiled.sequence, kind=kind, layers=compiled.plan.num_layers,
-            traced_layers=compiled.plan.num_layers - calls + bodies,
+            graph=compiled.sequence, kind=kind, layers=layers,
+            traced_layers=layers - calls + bodies if traced_layers is None else traced_layers,
             partitions=len(set(compiled.partition_calls)),
             passes=sum(s for name, s in compiled.pass_seconds.items() if name != "lower"),
             lowering=compiled.pass_seconds.get("lower", 0.0), cache_hits=_cache_hits() - hits))

@@ -52,10 +52,11 @@ def inline_regions(gm: fx.GraphModule) -> fx.GraphModule:
     order, with their metadata and dynamo sources; it calls no region and holds no subgraph
     module; an inlined node's ``nn_module_stack`` is its call site's stack followed by the
     body's entries below the module the body was traced at, rebased onto the call's module.
-    A graph without regions is returned as it is.
+    Size queries and scalar arithmetic that nothing reads are dropped (:func:`_drop_dead_scalars`).
+    A graph without regions or such dead scalars is returned as it is.
     """
     region_bodies = {str(n.args[0].target) for n in gm.graph.nodes if _is_invoke(n)}
-    if not region_bodies:
+    if not region_bodies and not any(_dead_scalar(n) for n in gm.graph.nodes):
         return gm
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
@@ -115,14 +116,20 @@ def _inline_call(graph: fx.Graph, body: fx.GraphModule, args: list[Any], call_st
 
 def _drop_dead_scalars(graph: fx.Graph) -> None:
     """Remove size queries and scalar arithmetic nothing reads. Dynamo leaves them in a region's
-    body (shape checks it resolved while tracing); a flat capture has none, and later passes
-    would count them as computation of the layer."""
+    body (shape checks it resolved while tracing), and in a flat capture of layers it met through
+    the regions' wrapper but traced one by one (two layers that differ). Later passes would count
+    them as computation of the layer, and one after attention that reads the repeated K/V would
+    keep that tensor alive past the attention that replaces it."""
     for node in reversed(graph.nodes):
-        if node.users or node.op not in ("call_method", "call_function"):
-            continue
-        if (node.op == "call_method" and node.target in _SIZE_METHODS) or (
-                node.op == "call_function" and node.target in _PURE_OPERATORS):
+        if _dead_scalar(node):
             graph.erase_node(node)
+
+
+def _dead_scalar(node: fx.Node) -> bool:
+    if node.users or node.op not in ("call_method", "call_function"):
+        return False
+    return (node.op == "call_method" and node.target in _SIZE_METHODS) or (
+        node.op == "call_function" and node.target in _PURE_OPERATORS)
 
 
 class _Rebase:

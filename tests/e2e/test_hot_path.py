@@ -97,7 +97,7 @@ def test_the_attention_buffers_are_allocated_once_per_batch():
     assert len(arenas) == 1  # every decode step and layer reused the first step's buffer
 
 
-def test_stats_say_where_compilation_time_went():
+def test_stats_say_where_compilation_time_went(fresh_graph_cache):
     model = tiny_model("llama", layers=2)
     ids, mask = ragged_prompts()
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager"})
