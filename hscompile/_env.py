@@ -4,7 +4,7 @@
     When set, the pass manager writes every graph each pass produces into this directory
     (one ``.py`` file per pass and artifact), like ``TORCH_LOGS`` graph dumps.
 ``HSCOMPILE_CACHE_DIR``, ``XDG_CACHE_HOME``
-    Where hardware profiles are cached (see :func:`cache_dir`).
+    Where hardware profiles, converted checkpoints and saved graph captures are kept (see :func:`cache_dir`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def dump_dir() -> Path | None:
 
 
 def cache_dir() -> Path:
-    """Where hscompile keeps per-machine data (hardware profiles): ``$HSCOMPILE_CACHE_DIR``, else
+    """Where hscompile keeps per-machine data (hardware profiles, converted checkpoints, saved graph
+    captures under ``graphs/``): ``$HSCOMPILE_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/hscompile``, else ``~/.cache/hscompile``."""
     explicit = os.environ.get("HSCOMPILE_CACHE_DIR")
     if explicit:

@@ -50,7 +50,7 @@ _LOG = logging.getLogger("hscompile.generation")
 
 FORMAT = 1
 """The layout of a saved graph; a file of another layout is ignored (and replaced)."""
-_KEEP_META = ("val", "example_value", "nn_module_stack", "stack_trace")
+_KEEP_META = ("val", "example_value", "nn_module_stack")
 """Node metadata the passes read (``grapharg`` would pickle the weights themselves)."""
 _MAX_GRAPHS = 32
 """Saved graphs per key, at most (a model called with ever-new shapes stops saving)."""
