@@ -88,6 +88,8 @@ class LoadPipeline:
         asynchronous (CUDA), so they run on the copy stream beside the compute; on the CPU they
         would only hold memory longer."""
         self.arena: StagingArena | None = None
+        self.width = 0
+        """Columns of the step being run (the arena may be wider, from an earlier step)."""
         self._pending: dict[tuple[str, int, int], tuple[tuple[torch.Tensor, torch.Tensor | None], Any]] = {}
 
     @property
@@ -100,6 +102,7 @@ class LoadPipeline:
         if self.arena is None or self.arena.buffers != buffers or self.arena.spec != spec:
             self.arena = StagingArena(spec, self.backend.device, buffers)
         zeroed = self.arena.fit(max(p.batch for p in plans), columns, max(p.act_tokens for p in plans))
+        self.width = columns
         if zeroed:
             self.counters.attention_assembly_bytes += zeroed
             # The zeroing runs on the compute stream: no load may write a buffer before it is done.
@@ -166,9 +169,13 @@ class LoadPipeline:
         if rows is not None and out.numel():
             spec = cache.spec
             if kind == "kv":
-                flat = out.view(-1, 2, spec.kv_heads, spec.head_dim)
-                flat.copy_(dequantize_rows(rows[: flat.shape[0]], (2, spec.kv_heads, spec.head_dim), spec.head_dim,
-                                           spec.dtype))
+                # Only the step's columns: the arena may be wider (an earlier, longer step), and
+                # the rows past them are neither loaded nor read.
+                batch, columns = out.shape[0], out.shape[1]
+                picked = rows[: batch * columns].view(batch, columns, -1)[:, : self.width]
+                window = out[:, : self.width]
+                window.copy_(dequantize_rows(picked.reshape(-1, rows.shape[1]), (2, spec.kv_heads, spec.head_dim),
+                                             spec.head_dim, spec.dtype).view(window.shape))
             else:
                 out.copy_(dequantize_rows(rows[: out.shape[0]], (spec.hidden,), spec.hidden, spec.dtype))
         if self.overlapping:
