@@ -150,6 +150,8 @@ class CompiledModel:
     """None when the graph was only planned (``hscompile inspect PATH``), not compiled to run."""
     sequence: int = field(default=0)
     """Order of compilation in this process (later graphs of one model have larger numbers)."""
+    _layer_bytes: int | None = field(default=None, repr=False)
+    """The layers' packed bytes, once :meth:`stats` computed them (the layouts are derived, not kept)."""
 
     def __call__(self, *args: Any) -> Any:
         if self.executor is None:
@@ -170,7 +172,9 @@ class CompiledModel:
     def stats(self) -> dict[str, Any]:
         """Counters of this compilation and its runs (a fresh dict each call)."""
         partitions = self.partition_calls
-        layouts = group_layouts(self.plan, self.policy.weight_format)
+        if self._layer_bytes is None:
+            layouts = group_layouts(self.plan, self.policy.weight_format)
+            self._layer_bytes = sum(layout.nbytes for group, layout in layouts.items() if group != GLOBAL_GROUP)
         stats: dict[str, Any] = {
             "layers": self.plan.num_layers,
             "resident_layers": len(self.policy.resident_layers),
@@ -184,7 +188,7 @@ class CompiledModel:
             "weight_bytes": self.plan.weight_bytes,
             # What the layers take packed as the store holds them (quantized with weight_quant, aligned):
             # the bytes a streamed layer's copies move.
-            "layer_weight_bytes": sum(layout.nbytes for group, layout in layouts.items() if group != GLOBAL_GROUP),
+            "layer_weight_bytes": self._layer_bytes,
             "weight_quant": self.policy.weight_format.name if self.policy.weight_format else "none",
             "global_weight_bytes": self.plan.global_weight_bytes,
             "planned_device_bytes": self.policy.memory.total,
