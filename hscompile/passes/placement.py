@@ -31,7 +31,7 @@ from ..ir.activation import ActivationEstimate
 from ..ir.layout import GLOBAL_GROUP, group_layouts
 from ..ir.plan import ModelPlan
 from ..ir.policy import CacheBudget, DeviceMemoryPlan, Policy, check_device_budget
-from ..ir.quant import is_quantized_weight, scheme_of
+from ..ir.quant import scheme_of
 from ..planner.budget import device_budget
 from ..planner.cost_model import Choice, ModelDims, simulate_step
 
@@ -79,10 +79,11 @@ def place(
 
     global_bytes = plan.global_weight_bytes if in_place else layouts[GLOBAL_GROUP].nbytes
     act = activations.hint
-    # The partitions of a quantized layer hold its matrices at full precision while they run.
-    dequantized = 0 if weight_format is None else max(
-        sum(w.nbytes for w in layer.weights if is_quantized_weight(w.shape, w.dtype, in_layer=True))
-        for layer in plan.layers)
+    # The partitions of a quantized layer hold its matrices at full precision while they run; which
+    # matrices are quantized is the layouts' to say (as for the quantize pass).
+    dequantized = max((sum(w.nbytes for w in layer.weights
+                           if w.node in {p.node for p in layouts[i].weights if p.part is not None})
+                       for i, layer in enumerate(plan.layers)), default=0)
     staging = cache.staging_bytes if cache is not None else 0
     n = plan.num_layers
 
