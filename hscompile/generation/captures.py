@@ -10,7 +10,8 @@ The key says everything the graph was traced from; a graph is reused only where 
 equal, else it is ignored and dynamo captures (and saves) anew (:func:`structure_key`):
 
 - the versions of Python, torch and transformers, and the hash of hscompile's own sources;
-- the grad mode and default dtype (not the options: the passes, which read them, run again);
+- the default dtype (not the grad mode: a generator captures under ``no_grad`` only; not the
+  options: the passes, which read them, run again);
 - the model: every module's class and path, the hash of the source file of each class it is
   made of (an edited modeling file is a new key), every instance attribute that is a plain value
   (config fields, scales, flags: dynamo bakes them into the graph), every parameter and buffer's
@@ -22,7 +23,8 @@ A saved graph serves a call only if the call passes what dynamo guarded: each in
 rank and static sizes (checked before loading), then the shape environment's guards on its
 symbolic sizes (checked after; a graph whose guards fail is set aside for the process). A file
 that cannot be read is deleted and rebuilt. Writes are atomic (a file appears whole or not at
-all), so processes may share the directory.
+all), so processes may share the directory. At most 32 graphs a key and 64 keys are kept (the least
+recently used key goes first); a temporary file a killed process left is removed after an hour.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +58,10 @@ _KEEP_META = ("val", "example_value", "nn_module_stack")
 """Node metadata the passes read (``grapharg`` would pickle the weights themselves)."""
 _MAX_GRAPHS = 32
 """Saved graphs per key, at most (a model called with ever-new shapes stops saving)."""
+_MAX_KEYS = 64
+"""Keys kept, at most: saving under a new key removes the least recently used beyond it."""
+_STALE_SECONDS = 3600
+"""A temporary file this old was left by a process killed while saving (a save takes a second)."""
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 """The generator's tensor arguments (``graphs.entry_point``), in the order bindings name them."""
 
@@ -231,12 +239,19 @@ class CaptureStore:
         return cls(_env.cache_dir() / "graphs", key)
 
     def saved(self) -> list[SavedGraph]:
+        """The graphs saved under this key, read once (marks the key as used)."""
         if self.graphs is None:
             self.graphs = []
-            for path in sorted(self.directory.glob("*.graph")) if self.directory.is_dir() else ():
-                entry = self._read(path)
-                if entry is not None:
-                    self.graphs.append(entry)
+            if self.directory.is_dir():
+                _touch(self.directory)
+                now = time.time()
+                for stale in self.directory.glob("*.tmp"):
+                    if now - _mtime(stale) > _STALE_SECONDS:
+                        _forget(stale)
+                for path in sorted(self.directory.glob("*.graph")):
+                    entry = self._read(path)
+                    if entry is not None:
+                        self.graphs.append(entry)
         return self.graphs
 
     def _read(self, path: Path) -> SavedGraph | None:
@@ -300,6 +315,8 @@ class CaptureStore:
             return None
         header = {"format": FORMAT, "key": self.key, "inputs": inputs,
                   "bindings": [dataclasses.astuple(b) for b in bindings if b is not None]}
+        if not self.directory.is_dir():
+            _evict(self.directory.parent, keep=_MAX_KEYS - 1)
         self.directory.mkdir(parents=True, exist_ok=True)
         if len(list(self.directory.glob("*.graph"))) >= _MAX_GRAPHS:
             return None
@@ -369,6 +386,28 @@ def _without_fake_mode(desc: Any) -> Any:
     return dataclasses.replace(desc, fake_mode=None, base=None if base is None else _without_fake_mode(base))
 
 
+def _evict(root: Path, keep: int) -> None:
+    """Remove the least recently used key directories under ``root`` beyond ``keep`` (another
+    process reading one has its graphs in memory already, or captures them again)."""
+    keys = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    for old in sorted(keys, key=_mtime, reverse=True)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def _forget(path: Path) -> None:
     try:
         path.unlink()
@@ -392,7 +431,7 @@ def structure_key(model: nn.Module, sources: str | None = None) -> str | None:
             digest.update(b"\0")
 
     add(FORMAT, sys.version_info[:3], torch.__version__, transformers.__version__, sources or sources_hash(),
-        torch.get_default_dtype(), torch.is_grad_enabled())
+        torch.get_default_dtype())  # not grad mode: a generator always captures under no_grad
     if _global_hooks():
         return None
     described: dict[int, str] = {}

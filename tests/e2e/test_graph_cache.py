@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -150,3 +151,23 @@ def test_a_second_process_reuses_the_first_ones_graphs(cache_dir):
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0]["traced"] == [1, 1] and runs[1]["traced"] == [0, 0]
     assert runs[1]["tokens"] == runs[0]["tokens"]
+
+
+def test_least_recently_used_keys_and_stale_temporary_files_are_removed(cache_dir, monkeypatch):
+    from hscompile.generation import captures
+
+    monkeypatch.setattr(captures, "_MAX_KEYS", 2)
+    graphs = cache_dir / "graphs"
+    for age, name in ((3000, "older"), (2000, "old")):
+        (graphs / name).mkdir(parents=True)
+        os.utime(graphs / name, (time.time() - age, time.time() - age))
+    model = tiny_model("llama", layers=2)
+    hscompile.Generator(model, OPTIONS).generate(prompts(2, 6), max_new_tokens=2)
+    key = structure_key(model)
+    assert sorted(d.name for d in graphs.iterdir()) == sorted(["old", key])  # "older" went, "old" stays
+    stale, fresh = graphs / key / "a.tmp", graphs / key / "b.tmp"
+    stale.write_bytes(b"half a graph")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert len(CaptureStore(graphs, key).saved()) == 2
+    assert not stale.exists() and fresh.exists()
