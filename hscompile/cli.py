@@ -164,12 +164,18 @@ def _random_model(path: str | None, dtype: str | None) -> torch.nn.Module:
     """A model with random weights, built on the host from ``path``'s config (or the default)."""
     import transformers
 
-    from .planning import load_config, weights_dtype
+    from .config import HybridServeConfig
+    from .planning import check_host_weights_of, load_config, weights_dtype
 
     # load_config checks the config's sizes (check_config) before a model is built from it.
     config = transformers.AutoConfig.for_model(**DEFAULT_BENCH_CONFIG) if path is None else load_config(path)
+    weights = weights_dtype(config, dtype or "float32")
+    # Its weights are built in host memory: refuse, before allocating any, a model this machine cannot hold.
+    with torch.device("meta"):
+        check_host_weights_of(transformers.AutoModelForCausalLM.from_config(config, dtype=weights),
+                              HybridServeConfig.from_options({"device": "cpu"}))
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights_dtype(config, dtype or "float32"))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights)
     return model.eval()
 
 

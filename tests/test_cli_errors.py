@@ -79,6 +79,8 @@ CASES = [
     # 7: a layer larger than this machine's host memory
     (["inspect", "{absurd}", "--device", "cpu"], ["2 layers, hidden size 131072", "layer 0 alone holds 6.25 TiB",
                                                   "bytes) of host memory available on this machine"]),
+    (["bench", "{absurd}", "--device", "cpu"], ["2 layers, hidden size 131072", "layer 0 alone holds 6.25 TiB",
+                                                "bytes) of host memory available on this machine"]),
 ]
 
 
