@@ -138,8 +138,11 @@ def _hscompile(model: torch.nn.Module, policy: str, workload: Workload, options:
         return BenchResult(policy, note=f"does not fit: {error}")
     except Exception as error:  # reported in the table, not hidden, and the other policies still run
         return BenchResult(policy, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-    (full_bytes, full_steps), (short_bytes, short_steps) = counted[1], counted[2]
-    per_step = (full_bytes - short_bytes) // max(full_steps - short_steps, 1) if workload.new_tokens > 2 else full_bytes
+    full_bytes, full_steps = counted[1]
+    per_step = full_bytes  # with 2 new tokens or fewer there is no shorter run to subtract (_timed)
+    if len(counted) > 2:
+        short_bytes, short_steps = counted[2]
+        per_step = (full_bytes - short_bytes) // max(full_steps - short_steps, 1)
     stats = generator.stats()
     executors = [c.executor for c in generator.compiled_graphs if c.executor is not None]
     peak = max(e.runtime.peak_device_bytes for e in executors)

@@ -54,6 +54,17 @@ def test_quantized_policies_run_on_request_and_move_fewer_bytes_a_step(profile):
     assert results["int4-int8-cache"].link_bytes_per_step < results["int4-weights"].link_bytes_per_step
 
 
+@pytest.mark.parametrize("new_tokens", [1, 2])
+def test_a_workload_of_one_or_two_new_tokens_is_measured(profile, new_tokens):
+    # No shorter run to subtract: the bytes a step moves are the whole run's (it used to index past the runs).
+    model = tiny_model("llama", layers=2)
+    results = bench.run(model, bench.Workload(2, 6, new_tokens), options={"device": "cpu", "lowering": "eager"},
+                        profile=profile, policies=["all-kv"])
+    assert results[0].ran and results[0].tokens_per_s > 0, results[0].note
+    # With two new tokens the one decode step loads the prompt's K/V; with one there is no decode step.
+    assert (results[0].link_bytes_per_step > 0) == (new_tokens == 2)
+
+
 def test_unknown_policies_and_empty_workloads_are_refused(profile):
     model = tiny_model("opt", layers=2)
     with pytest.raises(ValueError, match="unknown benchmark policies.*valid"):
