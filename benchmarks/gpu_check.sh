@@ -4,8 +4,11 @@
 #   2. the pinned copy bandwidth probe,
 #   3. one generation table: an OPT-6.7B-shaped fp16 model with random weights, device budget a
 #      quarter of the weights, batch 32, prompt 512, 32 new tokens: auto, all-KV, all-ACT, and
-#      Accelerate's offload if accelerate is installed there.
-# Each part has its own time limit; the three fit in 10 minutes on one H200.
+#      Accelerate's offload if accelerate is installed there,
+#   4. last, if time is left: the quantized policies on an OPT-1.3B-shaped model (int8 and int4
+#      weights, int4 weights with int8 cache blocks) beside auto, a quarter of the weights.
+# Each part has its own time limit; the first three fit in 10 minutes on one H200, and the fourth
+# comes last so that the run's own limit can only cut it.
 #
 # The GPU machine has torch and transformers and no package registry: build the rest here with
 # `make gpu-deps` (pure-Python wheels into .gpu-deps/) and carry that folder with the run, e.g.
@@ -37,5 +40,8 @@ step bandwidth 45 $PY benchmarks/bandwidth.py --device cuda --mib 512 --repeat 1
 step generation 300 $PY benchmarks/generation.py --device cuda --models opt-6.7b --budget-fraction 0.25 \
     --batch 32 --prompt 512 --new-tokens 32 --policy auto --policy all-kv --policy all-act --policy accelerate \
     --json "$OUT/generation.json"
+step quantized 100 $PY benchmarks/generation.py --device cuda --models opt-1.3b --budget-fraction 0.25 \
+    --batch 32 --prompt 512 --new-tokens 16 --policy auto --policy int8-weights --policy int4-weights \
+    --policy int4-int8-cache --json "$OUT/quantized.json"
 cat "$OUT/summary.txt"
 tail -n 30 "$OUT/generation.txt"
