@@ -38,15 +38,19 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
 from .. import _env
+
+if TYPE_CHECKING:
+    from ..backend import CompiledModel
 
 __all__ = ["Binding", "CaptureStore", "SavedGraph", "sources_hash", "structure_key"]
 
@@ -101,7 +105,7 @@ class SavedGraph:
     bindings: tuple[Binding, ...]
     payload: bytes
     """The graph, pickled with its fake values (loaded only when a call's inputs admit it)."""
-    compiled: Any = None
+    compiled: CompiledModel | None = None
     """The :class:`~hscompile.backend.CompiledModel` built from it, once built."""
     graph: fx.GraphModule | None = None
     """The graph, once loaded."""
@@ -446,7 +450,7 @@ def structure_key(model: nn.Module, sources: str | None = None) -> str | None:
                 continue
             file = _source_file(klass)
             if file is not None and file not in files:
-                files[file] = _file_hash(file)
+                files[file] = _file_hash(file) + _namespace_code(klass.__module__)
         for name, value in sorted(vars(module).items()):
             if name in ("_parameters", "_buffers", "_modules", "training") or "hook" in name:
                 continue
@@ -486,10 +490,7 @@ def _describe(value: object, seen: dict[int, str], depth: int) -> str | None:
         items = [(repr(k), _describe(v, seen, depth + 1)) for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))]
         text = None if any(v is None for _, v in items) else f"dict({items})"
     elif callable(value) and hasattr(value, "__qualname__"):
-        code = getattr(value, "__code__", None)
-        text = f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-        if code is not None:
-            text += ":" + hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+        text = _function_code(value)
     elif hasattr(value, "to_json_string"):  # a transformers config
         text = value.to_json_string(use_diff=False)
     elif hasattr(value, "__dict__") and depth < 3:
@@ -500,6 +501,65 @@ def _describe(value: object, seen: dict[int, str], depth: int) -> str | None:
     if text is not None:
         seen[id(value)] = text
     return text
+
+
+def _namespace_code(name: str) -> str:
+    """What the functions of a model's source module are now, beyond its file: a function replaced
+    in its namespace, a method patched on one of its classes, or a function registered in a
+    registry it holds (transformers' attention functions) is a new key, as it would be traced anew."""
+    module = sys.modules.get(name)
+    digest = hashlib.sha256()
+    for key, value in sorted(vars(module).items()) if module is not None else ():
+        if key.startswith("__") or isinstance(value, types.ModuleType):
+            continue
+        if isinstance(value, type):
+            text = f"{value.__module__}.{value.__qualname__}"
+            if value.__module__ == name:
+                text += repr(_functions(vars(value)))
+        elif isinstance(value, types.FunctionType):
+            text = _function_code(value)
+        else:
+            # A registry (a dict of functions, or an object holding such dicts): its functions only;
+            # other state (a logger's caches) changes as it is used and would only miss the cache.
+            tables = [value] if isinstance(value, dict) else [
+                v for v in (*getattr(value, "__dict__", {}).values(), *vars(type(value)).values())
+                if isinstance(v, dict)]
+            found = [_functions(table) for table in tables]
+            if not any(found):
+                continue
+            text = repr(found)
+        digest.update(f"{key}={text}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _functions(table: dict) -> list[tuple[str, str]]:
+    return sorted((str(k), _function_code(v)) for k, v in table.items()
+                  if isinstance(v, (types.FunctionType, staticmethod, classmethod, property)))
+
+
+def _function_code(value: object) -> str:
+    function = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+    code = getattr(function, "__code__", None)
+    name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
+    return name if code is None else f"{name}:{_code_hash(code)}"
+
+
+def _code_hash(code: types.CodeType) -> str:
+    """A hash of what ``code`` does, the same in every process (a nested function's code object
+    would show its address in a plain ``repr`` of the constants)."""
+    return hashlib.sha256(code.co_code + repr((_stable(code.co_consts), code.co_names)).encode()).hexdigest()[:16]
+
+
+def _stable(value: object) -> str:
+    """``repr(value)`` for a code constant, the same in every process: nested code by its hash, and
+    sets sorted (their order follows string hashing, which differs between processes)."""
+    if isinstance(value, types.CodeType):
+        return _code_hash(value)
+    if isinstance(value, tuple):
+        return "(" + ",".join(_stable(v) for v in value) + ")"
+    if isinstance(value, frozenset):
+        return "frozenset(" + ",".join(sorted(_stable(v) for v in value)) + ")"
+    return repr(value)
 
 
 def _tensor_layout(tensor: torch.Tensor) -> str:

@@ -373,18 +373,18 @@ class Generator:
             args = entry.arguments(tensors, self._state_tensor)
             self.cache.request = request
             try:
-                if entry.compiled is None and not self._compile_saved(store, entry, tensors, args):
+                if entry.compiled is None and not self._compile_saved(store, entry, args):
                     continue
                 if not entry.guards_pass(args):
                     continue
+                assert entry.compiled is not None
                 out = entry.compiled(*args)
             finally:
                 self.cache.request = None
             return out[0]
         return None
 
-    def _compile_saved(self, store: CaptureStore, entry: SavedGraph, tensors: dict[str, torch.Tensor],
-                       args: list[Any]) -> bool:
+    def _compile_saved(self, store: CaptureStore, entry: SavedGraph, args: list[Any]) -> bool:
         """Load and compile ``entry`` for a call with ``args``; False when it cannot serve it."""
         start = time.perf_counter()
         graph = store.load(entry)

@@ -171,3 +171,27 @@ def test_least_recently_used_keys_and_stale_temporary_files_are_removed(cache_di
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert len(CaptureStore(graphs, key).saved()) == 2
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_patched_function_method_or_attention_registration_is_a_new_key(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model("llama", layers=2)
+    key = structure_key(model)
+    rotary = modeling_llama.apply_rotary_pos_emb
+    forward = modeling_llama.LlamaMLP.forward
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    patches = [
+        (modeling_llama, "apply_rotary_pos_emb", lambda *args, **kwargs: rotary(*args, **kwargs)),
+        (modeling_llama.LlamaMLP, "forward", lambda self, x: forward(self, x)),
+    ]
+    for owner, name, replacement in patches:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, replacement)
+            assert structure_key(model) != key, name
+        assert structure_key(model) == key, name
+    with monkeypatch.context() as patch:
+        patch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *args, **kwargs: sdpa(*args, **kwargs))
+        assert structure_key(model) != key
+    assert structure_key(model) == key
