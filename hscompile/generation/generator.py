@@ -232,6 +232,8 @@ class Generator:
             **decision,
             "compile_seconds_by_phase": phases,
             "inductor_cache_hits": sum(r.cache_hits for r in records),
+            # Graphs built from captures saved earlier (this process or another), without dynamo.
+            "saved_graphs_used": sum(r.saved is not None for r in records),
             "act_ratio": self.cache.act_ratio,
             "minibatch_size": self.minibatch_size,
             "graphs": len(self.graphs.compiled),

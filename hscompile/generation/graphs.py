@@ -51,13 +51,17 @@ class CompileRecord:
     cache_hits: int
     """Partitions Inductor's FX graph cache served instead of compiling."""
     trace: float = 0.0
-    """Seconds dynamo spent capturing the graph (set once the call that compiled it returns)."""
+    """Seconds dynamo spent capturing the graph (set once the call that compiled it returns), or
+    reading it from a saved capture."""
+    saved: str | None = None
+    """The file of the saved capture the graph was built from (None: dynamo captured it)."""
 
     def line(self) -> str:
         return (f"compiled the {self.kind} graph: {self.layers} layers ({self.traced_layers} traced), "
                 f"{self.partitions} distinct partitions; "
                 f"trace {self.trace:.1f} s, passes {self.passes:.1f} s, lowering {self.lowering:.1f} s"
-                f" ({self.cache_hits} from Inductor's cache)")
+                f" ({self.cache_hits} from Inductor's cache)"
+                + (f" (captured earlier: {self.saved})" if self.saved else ""))
 
 
 class GeneratorGraphs:
@@ -90,8 +94,8 @@ class GeneratorGraphs:
                       loading: float) -> CompiledModel:
         """Compile a graph an earlier capture saved (``loading``: the seconds reading it took)."""
         compiled = self._compile(graph, example_inputs, traced_layers=0, regions=(0, 0))
-        self.records[-1] = replace(self.records[-1], trace=loading)
-        _LOG.info(self.records[-1].line() + f" (captured earlier: {entry.path.name})")
+        self.records[-1] = replace(self.records[-1], trace=loading, saved=entry.path.name)
+        _LOG.info(self.records[-1].line())
         return compiled
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, traced_layers: int | None,

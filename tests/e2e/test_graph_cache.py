@@ -56,7 +56,8 @@ def test_a_model_of_the_same_structure_reuses_the_saved_graphs_without_tracing_a
     assert torch.equal(generator.generate(wider, max_new_tokens=3), _reference(other, wider))
     records = generator.graphs.records
     assert [r.kind for r in records] == ["prefill", "decode"]
-    assert all(r.traced_layers == 0 for r in records), records
+    assert all(r.traced_layers == 0 and r.saved for r in records), records
+    assert generator.stats()["saved_graphs_used"] == 2 and "(captured earlier: " in records[0].line()
     assert len(_saved(cache_dir)) == 2
 
 
@@ -68,6 +69,7 @@ def test_a_call_the_saved_graphs_do_not_admit_is_captured_by_dynamo_and_saved(ca
     one = prompts(1, 6)  # batch 1: dynamo specialises size 1, so the symbolic graphs do not serve it
     assert torch.equal(generator.generate(one, max_new_tokens=2), _reference(model, one, 2))
     assert [r.traced_layers for r in generator.graphs.records] == [1, 1]
+    assert generator.stats()["saved_graphs_used"] == 0
     assert len(_saved(cache_dir)) == 4
 
 
