@@ -110,8 +110,8 @@ class SavedGraph:
     graph: fx.GraphModule | None = None
     """The graph, once loaded."""
     guards: Any = None
-    """``(shape_env, code, positions)``: the shape guards the arguments at ``positions`` must pass
-    (None: none)."""
+    """``(shape_env, code, positions)``: the shape guards (compiled) the arguments at ``positions``
+    must pass (None: none)."""
     refused: bool = False
     """Its load failed in this process: not tried again."""
 
@@ -185,7 +185,8 @@ class SavedGraph:
         if shape_env is None:
             shape_env = next((v.fake_mode.shape_env for v in values if hasattr(v, "fake_mode")), None)
         code = None if shape_env is None else shape_env.produce_guards_expression(values, ignore_static=False)
-        self.guards = None if code is None else (shape_env, code, positions)
+        # Compiled once: they are evaluated at every step this graph serves.
+        self.guards = None if code is None else (shape_env, compile(code, "<saved graph guards>", "eval"), positions)
 
 
 def _symbolic_sizes(value: Any) -> list[torch.SymInt]:
@@ -285,9 +286,8 @@ class CaptureStore:
             mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
             graph = GraphPickler.loads(entry.payload, mode)
             assert isinstance(graph, fx.GraphModule)
-            sources = {n.name: b for n, b in zip(_placeholders(graph), entry.bindings, strict=True)}
-            for node in _placeholders(graph):
-                node._dynamo_source = _SavedSource(sources[node.name])  # type: ignore[attr-defined]
+            for node, binding in zip(_placeholders(graph), entry.bindings, strict=True):
+                node._dynamo_source = _SavedSource(binding)  # type: ignore[attr-defined]
         except Exception as error:  # noqa: BLE001
             _LOG.info("ignoring the saved graph %s (%s): it will be captured again", entry.path, error)
             entry.refused = True
@@ -312,6 +312,11 @@ class CaptureStore:
                                                      for s in _fake(node).shape))
                   for b, node, example in zip(bindings, placeholders, example_inputs, strict=True)
                   if b is not None and b.kind == "input"]
+        if not self.directory.is_dir():
+            _evict(self.directory.parent, keep=_MAX_KEYS - 1)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if len(list(self.directory.glob("*.graph"))) >= _MAX_GRAPHS:  # before pickling: that is the cost
+            return None
         try:
             payload = _pickle_graph(graph)
         except Exception as error:  # noqa: BLE001 - a graph the pickler cannot take is just not saved
@@ -319,11 +324,6 @@ class CaptureStore:
             return None
         header = {"format": FORMAT, "key": self.key, "inputs": inputs,
                   "bindings": [dataclasses.astuple(b) for b in bindings if b is not None]}
-        if not self.directory.is_dir():
-            _evict(self.directory.parent, keep=_MAX_KEYS - 1)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if len(list(self.directory.glob("*.graph"))) >= _MAX_GRAPHS:
-            return None
         name = hashlib.sha256(payload).hexdigest()[:24] + ".graph"
         target = self.directory / name
         if target.exists():
@@ -364,7 +364,11 @@ def _pickle_graph(graph: fx.GraphModule) -> bytes:
     no dynamo state)."""
     from torch.fx._graph_pickler import Options
 
-    clean = fx.GraphModule(nn.Module(), graph.graph)
+    # A copy (nodes and metadata): a module built around ``graph.graph`` itself would take it over
+    # from the module dynamo handed the backend.
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph.graph, {}))
+    clean = fx.GraphModule(nn.Module(), copy)
     return _pickler().dumps(clean, Options(ops_filter=None, node_metadata_key_filter=lambda k: k in _KEEP_META))
 
 

@@ -84,7 +84,8 @@ class GeneratorGraphs:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any) -> CompiledModel:
         bodies, calls = region_calls(gm)
         flat = inline_regions(gm)
-        compiled = self._compile(flat, example_inputs, traced_layers=None, regions=(bodies, calls))
+        compiled = self._compile(flat, example_inputs)
+        self.records[-1] = replace(self.records[-1], traced_layers=compiled.plan.num_layers - calls + bodies)
         if self.store is not None:
             # After compiling: the shape environment then holds every guard the passes added too.
             self.store.save(flat, example_inputs)
@@ -93,13 +94,13 @@ class GeneratorGraphs:
     def compile_saved(self, entry: SavedGraph, graph: fx.GraphModule, example_inputs: list[Any],
                       loading: float) -> CompiledModel:
         """Compile a graph an earlier capture saved (``loading``: the seconds reading it took)."""
-        compiled = self._compile(graph, example_inputs, traced_layers=0, regions=(0, 0))
-        self.records[-1] = replace(self.records[-1], trace=loading, saved=entry.path.name)
+        compiled = self._compile(graph, example_inputs)
+        self.records[-1] = replace(self.records[-1], traced_layers=0, trace=loading, saved=entry.path.name)
         _LOG.info(self.records[-1].line())
         return compiled
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any], *, traced_layers: int | None,
-                 regions: tuple[int, int]) -> CompiledModel:
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> CompiledModel:
+        """Compile ``gm`` and record it (as if dynamo traced every layer: the callers say otherwise)."""
         budget = self._budget()
         assert budget is not None, "the generator that owns this backend is gone"
         kind = "prefill" if self.cache.request is not None and self.cache.request.admit is not None else "decode"
@@ -110,11 +111,9 @@ class GeneratorGraphs:
             raise surface_through_dynamo(error) from None
         record(compiled, example_inputs)
         self.compiled.append(compiled)
-        bodies, calls = regions
         layers = compiled.plan.num_layers
         self.records.append(CompileRecord(
-            graph=compiled.sequence, kind=kind, layers=layers,
-            traced_layers=layers - calls + bodies if traced_layers is None else traced_layers,
+            graph=compiled.sequence, kind=kind, layers=layers, traced_layers=layers,
             partitions=len(set(compiled.partition_calls)),
             passes=sum(s for name, s in compiled.pass_seconds.items() if name != "lower"),
             lowering=compiled.pass_seconds.get("lower", 0.0), cache_hits=_cache_hits() - hits))

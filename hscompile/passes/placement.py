@@ -81,9 +81,10 @@ def place(
     act = activations.hint
     # The partitions of a quantized layer hold its matrices at full precision while they run; which
     # matrices are quantized is the layouts' to say (as for the quantize pass).
-    dequantized = max((sum(w.nbytes for w in layer.weights
-                           if w.node in {p.node for p in layouts[i].weights if p.part is not None})
-                       for i, layer in enumerate(plan.layers)), default=0)
+    dequantized = 0
+    for i, layer in enumerate(plan.layers):
+        quantized = {p.node for p in layouts[i].weights if p.part is not None}
+        dequantized = max(dequantized, sum(w.nbytes for w in layer.weights if w.node in quantized))
     staging = cache.staging_bytes if cache is not None else 0
     n = plan.num_layers
 
