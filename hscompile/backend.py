@@ -30,7 +30,8 @@ from .ir.cache import CacheSpec
 from .ir.fx import fake_value
 from .ir.layout import GLOBAL_GROUP, group_layouts
 from .ir.plan import ModelPlan
-from .ir.policy import CacheBudget, Policy
+from .ir.call import CallPlan
+from .ir.policy import Policy
 from .passes.analyze import analyze
 from .passes.inline import inline_regions
 from .passes.kvcache import rewrite_for_cache
@@ -233,11 +234,9 @@ class _CompiledRegistry:
         sessions = self._sessions.setdefault(anchor, {})
         key = repr(sorted(config.to_options().items()))
         if key not in sessions:
-            sessions[key] = CacheRuntime(
-                device=config.device,
-                act_ratio=resolve_act_ratio(config, plan.hidden_size, plan.layers[0].attention.kv_values_per_token),
-                host_budget=config.memory.host_memory,
-            )
+            spec = CacheSpec.from_plan(plan, config.cache.block_size, config.quant.cache_quant)
+            sessions[key] = CacheRuntime(device=config.device, host_budget=config.memory.host_memory)
+            sessions[key].use(CallPlan.fixed(resolve_act_ratio(config, spec)))
         return sessions[key]
 
     def generator(self, model: torch.nn.Module, options: Any, make: Any) -> Any:
@@ -332,7 +331,7 @@ def compile_graph(
     *,
     plan_only: bool = False,
     cache: CacheRuntime | None = None,
-    cache_budget: CacheBudget | None = None,
+    call: CallPlan | None = None,
     strict_cache: bool = True,
     plan: ModelPlan | None = None,
 ) -> CompiledModel:
@@ -341,13 +340,14 @@ def compile_graph(
     ``plan_only`` stops before lowering and builds no runtime: nothing is compiled, allocated
     or copied (used to inspect models on the meta device). ``cache`` makes it a generation
     graph whose attention reads and extends the hybrid cache that runtime serves, placed to leave
-    room for ``cache_budget`` (required with it); with
+    room for the cache staging of ``call``, the plan of the call that compiles it (required with
+    it); with
     ``strict_cache`` a graph from which K/V cannot be recomputed is an error, without it the
     cache stores that graph's tokens as K/V only. ``plan``, when the caller already analysed
     ``gm``, is used instead of analysing it again.
     """
-    if (cache is None) != (cache_budget is None):
-        raise TypeError("compile_graph takes cache and cache_budget together")
+    if (cache is None) != (call is None):
+        raise TypeError("compile_graph takes cache and call together")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sequence = _REGISTRY.next_sequence()
     inputs = {
@@ -356,7 +356,7 @@ def compile_graph(
         "fake_inputs": [fake_value(n) for n in placeholders],
         "config": config,
         "lowering": config.lowering,
-        "cache": cache_budget,
+        "cache": call,
     }
     if plan is not None:
         inputs["plan"] = plan
@@ -370,11 +370,11 @@ def compile_graph(
     artifacts = result.artifacts
     executor = None
     if cache is not None:
-        assert cache_budget is not None
+        assert call is not None
         cache.configure(CacheSpec.from_plan(artifacts["plan"], config.cache.block_size, config.quant.cache_quant))
         program = artifacts["program"]
         if isinstance(program, UnsupportedModelError):
-            if strict_cache and cache_budget.act_ratio > 0:
+            if strict_cache and call.act_ratio > 0:
                 raise program
             cache.no_program = str(program)
         else:
@@ -410,13 +410,13 @@ def hybridserve_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwa
     """
     try:
         config = _config_from(kwargs)
-        cache = cache_budget = None
+        cache = call = None
         gm = inline_regions(gm)
         plan = analyze(gm)
         if plan.layers[0].attention.past_key is not None:
             cache = _REGISTRY.session(example_inputs, config, plan)
-            cache_budget = CacheBudget(act_ratio=cache.act_ratio, staging_bytes=0)
-        compiled = compile_graph(gm, example_inputs, config, cache=cache, cache_budget=cache_budget, strict_cache=False,
+            call = cache.plan
+        compiled = compile_graph(gm, example_inputs, config, cache=cache, call=call, strict_cache=False,
                                  plan=plan)
     except HybridServeError as error:
         raise surface_through_dynamo(error) from None

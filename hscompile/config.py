@@ -30,6 +30,7 @@ __all__ = [
     "MemoryConfig",
     "QuantConfig",
     "ScheduleConfig",
+    "act_ratio_value",
     "format_bytes",
     "parse_bytes",
 ]
@@ -143,6 +144,16 @@ class MemoryConfig:
                 raise ConfigError(f"option {name!r}: got {value!r}; expected a positive number of bytes or None")
 
 
+def act_ratio_value(ratio: object, where: str) -> float | Auto:
+    """``ratio`` as an ACT ratio: ``"auto"`` or a float in [0, 1]. The one check of a ratio, for
+    the option and for a call's own (``where`` names it in the :class:`ConfigError`)."""
+    if ratio == "auto":
+        return "auto"
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+        raise ConfigError(f"{where}: got {ratio!r}; expected a float in [0, 1] or 'auto'")
+    return float(ratio)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CacheConfig:
     """How per-token attention state is cached in host memory."""
@@ -155,13 +166,7 @@ class CacheConfig:
     """Tokens per cache block (KV or ACT); the unit the block allocator hands out."""
 
     def __post_init__(self) -> None:
-        ratio = self.act_ratio
-        if ratio != "auto" and (
-            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0
-        ):
-            raise ConfigError(f"option 'act_ratio': got {ratio!r}; expected a float in [0, 1] or 'auto'")
-        if isinstance(ratio, int):
-            object.__setattr__(self, "act_ratio", float(ratio))
+        object.__setattr__(self, "act_ratio", act_ratio_value(self.act_ratio, "option 'act_ratio'"))
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not 1 <= self.block_size <= 65536:
             raise ConfigError(f"option 'block_size': got {self.block_size!r}; expected an int of tokens in [1, 65536]")
 

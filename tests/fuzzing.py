@@ -344,16 +344,10 @@ def run_case(case: Case) -> Outcome:
 
 def _facts(generator: hscompile.Generator, case: Case, options: dict[str, Any]) -> dict[str, Any]:
     """Diagnostics only: a figure the library no longer offers as it did is None, not a failure."""
-    from hscompile.planner.budget import admit_waves
-
-    totals = [n + case.max_new_tokens for n in case.lengths]
-    try:
-        waves: int | None = len(admit_waves(generator.spec, generator.cache.act_ratio, totals,
-                                            options.get("host_memory")))
-    except Exception:  # noqa: BLE001
-        waves = None
+    plan = generator.plan
     return {"streamed_layers": max((c.stats().get("streamed_layers", 0) for c in generator.compiled_graphs), default=0),
-            "minibatch_size": generator.minibatch_size, "waves": waves, "act_ratio": generator.cache.act_ratio}
+            "minibatch_size": plan.minibatch_rows if plan else None, "waves": len(plan.waves) if plan else None,
+            "act_ratio": plan.act_ratio if plan else None}
 
 
 def _broken_promises(generator: hscompile.Generator) -> list[str]:

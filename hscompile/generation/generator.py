@@ -17,9 +17,9 @@
    sequence at its end-of-sequence token and pads it after, as ``transformers`` does.
 
 The parts: :mod:`~hscompile.generation.validation` checks the input,
-:func:`~hscompile.planner.budget.admit_waves` admits it, :func:`~hscompile.planner.choice.choose_call`
-decides the ratio and mini-batches, :class:`~hscompile.generation.graphs.GeneratorGraphs` compiles
-and budget-checks the graphs, :class:`~hscompile.runtime.cache.CacheRuntime` serves the cache, and
+:func:`~hscompile.planner.choice.plan_call` makes the call's one plan (ratio, mini-batches, waves,
+staging), which the cache, the graphs and this driver read and never decide again,
+:class:`~hscompile.generation.graphs.GeneratorGraphs` compiles and budget-checks the graphs, :class:`~hscompile.runtime.cache.CacheRuntime` serves the cache, and
 :mod:`~hscompile.generation.sampling` picks tokens. This module drives them.
 
 Positions follow transformers' convention for left-padded batches (``cumsum(mask) - 1``), so
@@ -41,19 +41,18 @@ from ..backend import CompiledModel, kept_generator
 from ..config import HybridServeConfig
 from ..errors import UnsupportedModelError
 from ..ir.cache import CacheSpec
-from ..ir.policy import CacheBudget
-from ..planner import hardware
-from ..planner.budget import admit_waves, decode_staging, host_budget, staged_ratio
-from ..planner.choice import choose_call
-from ..planner.cost_model import Decision, ModelDims, resolve_act_ratio, sequence_cost
+from ..ir.call import CallPlan
+from ..planner.budget import host_budget
+from ..planner.choice import plan_call
+from ..planner.cost_model import ModelDims, sequence_cost
 from ..planner.hardware import HardwareProfile
-from ..planner.minibatch import SequenceCost, minibatch_count, step_groups
+from ..planner.minibatch import SequenceCost, step_groups
 from ..runtime.cache import CacheRuntime, StepRequest
 from .captures import INPUTS, CaptureStore, SavedGraph, sources_hash
 from .graphs import GeneratorGraphs, entry_point, tracing_settings
 from .regions import LayerRegions
 from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
-from .validation import check_act_ratio, check_batch, check_not_prequantized, check_prompt_length
+from .validation import check_batch, check_not_prequantized, check_prompt_length
 
 _LOG = logging.getLogger("hscompile.generation")
 # What dynamo raises when it cannot trace a nested compile region (the first on torch 2.13).
@@ -96,17 +95,15 @@ class Generator:
                                           self.config.quant.cache_quant)
         """The cache dimensions the model's config declares; each compiled graph checks them
         against what its analysis found (:meth:`CacheRuntime.configure`)."""
-        self.act_ratio = resolve_act_ratio(self.config, self.spec.hidden, self.spec.kv_values_per_token)
-        self.cache = CacheRuntime(device=self.config.device, act_ratio=self.act_ratio, host_budget=None)
-        self.decision: Decision | None = None
-        """The cost model's choice for the last call with an ``"auto"`` option (alternatives and why)."""
-        self.minibatch_size: int | None = None
-        """Rows per mini-batch of the last call (None: every step runs whole)."""
+        self.cache = CacheRuntime(device=self.config.device, host_budget=None)
+        self.cache.configure(self.spec)
+        self.plan: CallPlan | None = None
+        """The plan of the last call (:func:`~hscompile.planner.choice.plan_call`): its ACT ratio,
+        mini-batches, waves, staging and, where something was ``"auto"``, the cost model's
+        decision with its alternatives and why."""
         self._dims: ModelDims | None = None
         self._profile: HardwareProfile | None = None
-        self._workload: tuple[int, int, int] | None = None
-        self._staging = 0
-        self.graphs = GeneratorGraphs(self.config, self.cache, self._budget)
+        self.graphs = GeneratorGraphs(self.config, self.cache)
         self._regions = LayerRegions(model)
         self._state: dict[str, torch.Tensor] | None = None
         # hscompile's code as this process runs it (a part of every key; read once).
@@ -151,25 +148,23 @@ class Generator:
         self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
         check_sampling(do_sample, temperature, top_k, top_p)
         streams = samplers(seed, ids.shape[0]) if do_sample else None
-        check_act_ratio(act_ratio)
         totals = [int(n) + max_new_tokens for n in lengths]
-        self._workload = (ids.shape[0], int(lengths.max()), max_new_tokens)
-        choice = choose_call(self.config, batch=ids.shape[0], prompt=int(lengths.max()), new_tokens=max_new_tokens,
-                             act_ratio=act_ratio, fallback_ratio=self.act_ratio, dims=self._model_dims,
-                             profile=self._hardware)
-        self.cache.act_ratio, self.minibatch_size = choice.act_ratio, choice.minibatch_rows
-        self.decision = choice.decision
         pools = self.cache.cache  # the last call's pools: this call's replace them
         held = pools.kv.nbytes + pools.act.nbytes if pools is not None else 0
-        waves = admit_waves(self.spec, self.cache.act_ratio, totals, host_budget(self.config, held=held))
-        self._staging = self._decode_staging(max(len(w) for w in waves), max(totals))
+        plan = plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()), new_tokens=max_new_tokens,
+                         act_ratio=act_ratio, overlap=self.cache.overlap_loads,
+                         host=host_budget(self.config, held=held), dims=self._model_dims(), profile=self._profile)
+        self.plan, self._profile = plan, plan.profile or self._profile
+        self.cache.use(plan)
+        self.graphs.use(plan)
+        waves = [list(w) for w in plan.waves]
         self.graphs.check_budget([(len(w), ids.shape[1], False) for w in waves] + [(len(w), 1, True) for w in waves],
-                                 self._staging)
+                                 plan.staging_bytes)
         pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
         with _progress(progress, len(waves) * max_new_tokens) as tick, _eval_mode(self.model):
-            # The largest wave first: its graphs need the most device memory, so a budget too small for
-            # the call is refused by the first graph, before any work, with the minimum the call needs.
-            for wave in sorted(waves, key=len, reverse=True):
+            # The largest wave first (the plan's order): its graphs need the most device memory, so a budget
+            # too small for the call is refused by the first graph, before any work, with the minimum it needs.
+            for wave in waves:
                 sampling = Sampling(do_sample, temperature, top_k, top_p,
                                     [streams[i] for i in wave] if streams is not None else None)
                 out = self._generate_wave(ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
@@ -216,11 +211,12 @@ class Generator:
         of the host on the device in this generator's steps (setting up a graph's resident weights
         excluded); ``host_syncs_per_step`` is their mean per step (1: the step's tokens)."""
         latest = self.graphs.compiled[-1].stats() if self.graphs.compiled else {}
+        plan = self.plan
         decision = {}
-        if self.decision is not None:
-            best = self.decision.best
+        if plan is not None and plan.decision is not None:
+            best = plan.decision.best
             decision = {"predicted_seconds": best.seconds, "predicted_tokens_per_s": best.tokens_per_s,
-                        "decision": self.decision.reason}
+                        "decision": plan.decision.reason}
         counters = self.cache.counters.as_stats()
         syncs = self.cache.backend.host_syncs + sum(
             c.executor.runtime.host_syncs() for c in self.graphs.compiled if c.executor is not None)
@@ -234,8 +230,8 @@ class Generator:
             "inductor_cache_hits": sum(r.cache_hits for r in records),
             # Graphs built from captures saved earlier (this process or another), without dynamo.
             "saved_graphs_used": sum(r.saved is not None for r in records),
-            "act_ratio": self.cache.act_ratio,
-            "minibatch_size": self.minibatch_size,
+            "act_ratio": self.cache.plan.act_ratio,
+            "minibatch_size": plan.minibatch_rows if plan is not None else None,
             "graphs": len(self.graphs.compiled),
             # Blocks held by sequences: 0 between calls, whether the last one finished or raised.
             "cache_blocks_in_use": 0 if pools is None else sum(
@@ -264,48 +260,25 @@ class Generator:
 
     # -- planning a call -------------------------------------------------------------------
 
-    def _decode_staging(self, batch: int, longest: int) -> int:
-        """Staging bytes of the longest step this call can have (the budget of new graphs holds it)."""
-        rows = batch
-        if self.minibatch_size is not None:  # one mini-batch is staged at a time
-            rows = -(-batch // minibatch_count(batch, self.minibatch_size))
-        ratio = max(self.cache.act_ratio, staged_ratio(self.config, self.spec))
-        return decode_staging(self.spec, ratio, rows=rows, longest=longest, overlap=self.cache.overlap_loads)
-
-    def _budget(self) -> CacheBudget:
-        """What the placement of a graph compiled now must leave room for."""
-        if self.cache.spec is None:
-            self.cache.configure(self.spec)
-        minibatches = 1
-        if self._workload is not None and self.minibatch_size is not None:
-            minibatches = -(-self._workload[0] // self.minibatch_size)
-        return CacheBudget(act_ratio=self.cache.act_ratio, staging_bytes=self._staging, workload=self._workload,
-                           profile=self._profile, minibatches=minibatches)
-
     def _model_dims(self) -> ModelDims:
         if self._dims is None:
             self._dims = ModelDims.from_model(self.model).stored_as(self.config.quant)
         return self._dims
-
-    def _hardware(self, dims: ModelDims) -> HardwareProfile:
-        """This device's profile (measured once and cached, see :func:`hscompile.tune`)."""
-        if self._profile is None:
-            self._profile = hardware.tune(self.config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True)
-        return self._profile
 
     def _groups(self, mask: torch.Tensor | None) -> list[list[int]] | None:
         """The mini-batches of the next step (None: run it whole): sequences grouped so each
         group's cache loads and compute are balanced, in the order that overlaps them best
         (:func:`~hscompile.planner.minibatch.form_minibatches`). ``mask`` is the prefill's mask,
         None for a decode step (its costs come from what the cache holds)."""
-        size = self.minibatch_size
+        assert self.plan is not None
+        size = self.plan.minibatch_rows
         if size is None:
             return None
         if mask is not None:  # a prefill: every row is computed at the padded length
             costs = [SequenceCost(0.0, float(n)) for n in mask.sum(dim=1).tolist()]
         else:
             dims = self._model_dims()
-            costs = [SequenceCost(*sequence_cost(dims, self._profile, kv_tokens=kv, act_tokens=act, new=1))
+            costs = [SequenceCost(*sequence_cost(dims, self.plan.profile, kv_tokens=kv, act_tokens=act, new=1))
                      for kv, act in self.cache.held_tokens()]
         return step_groups(size, costs)
 
@@ -327,11 +300,10 @@ class Generator:
             return self.cache.fetch(saved[:, -1, :].float())
         compiled_before, start = len(self.graphs.records), time.perf_counter()
         while True:
-            self.cache.request = request
             try:
                 # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
                 # that differs between two models of the same class as a run-time input.
-                with tracing_settings(), self._regions.applied():
+                with self.cache.serving(request), tracing_settings(), self._regions.applied():
                     out = self._compiled(self.model, input_ids=ids, attention_mask=mask, position_ids=positions,
                                          use_cache=False, logits_to_keep=1)
                 break
@@ -344,8 +316,6 @@ class Generator:
                 _LOG.warning("tracing the layers as one nested compile region failed, tracing each layer "
                              "instead: %s", str(error).splitlines()[0])
                 self._regions.disable()
-            finally:
-                self.cache.request = None
         logits = self.cache.fetch(out.logits[:, -1, :].float())
         if len(self.graphs.records) > compiled_before:  # this call compiled: what was not ours was dynamo's
             ran = sum(c.executor.last_seconds for c in self.graphs.compiled[compiled_before:] if c.executor is not None)
@@ -373,16 +343,13 @@ class Generator:
             if not entry.admits(tensors):
                 continue
             args = entry.arguments(tensors, self._state_tensor)
-            self.cache.request = request
-            try:
+            with self.cache.serving(request):
                 if entry.compiled is None and not self._compile_saved(store, entry, args):
                     continue
                 if not entry.guards_pass(args):
                     continue
                 assert entry.compiled is not None
                 out = entry.compiled(*args)
-            finally:
-                self.cache.request = None
             return out[0]
         return None
 

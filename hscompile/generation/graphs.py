@@ -19,7 +19,8 @@ from ..backend import CompiledModel, compile_graph, record
 from ..config import HybridServeConfig
 from ..errors import HybridServeError, surface_through_dynamo
 from ..ir.fx import fake_value
-from ..ir.policy import CacheBudget, check_device_budget
+from ..ir.call import CallPlan
+from ..ir.policy import check_device_budget
 from ..passes.inline import inline_regions, region_calls
 from ..runtime.cache import CacheRuntime
 from .captures import CaptureStore, SavedGraph
@@ -68,11 +69,12 @@ class GeneratorGraphs:
     """The dynamo backend of one generator (every graph is compiled with the cache pass) and the
     graphs it compiled, oldest first."""
 
-    def __init__(self, config: HybridServeConfig, cache: CacheRuntime, budget: Callable[[], CacheBudget]) -> None:
+    def __init__(self, config: HybridServeConfig, cache: CacheRuntime) -> None:
         self.config = config
         self.cache = cache
-        # Weakly: the generator owns this backend, and dynamo keeps the backend alive in its caches.
-        self._budget = weakref.WeakMethod(budget)  # type: ignore[arg-type]
+        self.plan: CallPlan | None = None
+        """The plan of the call in progress: a graph compiled during it is placed for it (set by
+        the generator with :meth:`use` before the call's first step)."""
         self.compiled: list[CompiledModel] = []
         self.records: list[CompileRecord] = []
         """One per compiled graph, oldest first (:meth:`traced` adds the trace time)."""
@@ -101,12 +103,11 @@ class GeneratorGraphs:
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> CompiledModel:
         """Compile ``gm`` and record it (as if dynamo traced every layer: the callers say otherwise)."""
-        budget = self._budget()
-        assert budget is not None, "the generator that owns this backend is gone"
+        assert self.plan is not None, "generation graphs are compiled inside a planned call"
         kind = "prefill" if self.cache.request is not None and self.cache.request.admit is not None else "decode"
         hits = _cache_hits()
         try:
-            compiled = compile_graph(gm, example_inputs, self.config, cache=self.cache, cache_budget=budget())
+            compiled = compile_graph(gm, example_inputs, self.config, cache=self.cache, call=self.plan)
         except HybridServeError as error:
             raise surface_through_dynamo(error) from None
         record(compiled, example_inputs)
@@ -118,6 +119,10 @@ class GeneratorGraphs:
             passes=sum(s for name, s in compiled.pass_seconds.items() if name != "lower"),
             lowering=compiled.pass_seconds.get("lower", 0.0), cache_hits=_cache_hits() - hits))
         return compiled
+
+    def use(self, plan: CallPlan) -> None:
+        """Place the graphs compiled from now on for ``plan``."""
+        self.plan = plan
 
     def traced(self, since: int, seconds: float) -> None:
         """Give the graphs compiled since record ``since`` the call's ``seconds`` that neither the

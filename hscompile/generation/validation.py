@@ -13,7 +13,7 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 from ..ir.cache import max_positions
 
-__all__ = ["check_act_ratio", "check_batch", "check_not_prequantized", "check_prompt_length"]
+__all__ = ["check_batch", "check_not_prequantized", "check_prompt_length"]
 
 
 def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object,
@@ -62,15 +62,6 @@ def check_batch(input_ids: object, attention_mask: object, max_new_tokens: objec
             "the batch is not left-padded: padding must come before each prompt (e.g. tokenizer.padding_side='left')"
         )
     return ids, mask
-
-
-def check_act_ratio(act_ratio: object) -> None:
-    """A per-call ACT ratio is None (the options' ratio), ``"auto"`` (the cost model's choice, as
-    the option) or a number in [0, 1]."""
-    if act_ratio is not None and act_ratio != "auto" and (
-        isinstance(act_ratio, bool) or not isinstance(act_ratio, (int, float)) or not 0 <= act_ratio <= 1
-    ):
-        raise ValueError(f"act_ratio must be a number in [0, 1] or 'auto', got {act_ratio!r}")
 
 
 def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where: str) -> None:

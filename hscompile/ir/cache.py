@@ -70,6 +70,14 @@ class CacheSpec:
         """Host bytes of one token's checkpoint in one layer."""
         return self.hidden + self.dtype.itemsize if self.quantized else self.hidden * self.dtype.itemsize
 
+    @property
+    def checkpoints_save_bytes(self) -> bool:
+        """Whether a token's checkpoint moves fewer bytes than its K/V, as the pools hold them
+        (int8 rows and their scales included). The one statement of the ``"auto"`` rule: where it
+        is False (GQA with ``2 * kv_heads * head_dim <= hidden``), recompute cannot save link
+        bytes, so an automatic ratio keeps every token as K/V."""
+        return self.act_row_bytes < self.kv_row_bytes
+
     def staging_bytes(self, rows: int, columns: int, new: int, act_tokens: int, *, buffers: int = 1) -> int:
         """Device bytes the cache steps of a mini-batch of ``rows`` sequences hold, with attention
         buffers ``columns`` tokens wide (the longest sequence's past + new tokens) and

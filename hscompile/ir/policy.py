@@ -13,7 +13,7 @@ from ..errors import BudgetError
 from .layout import GLOBAL_GROUP
 from .quant import QuantScheme
 
-__all__ = ["CUDA_WORKSPACE_RESERVE", "CacheBudget", "DeviceMemoryPlan", "Policy", "check_device_budget",
+__all__ = ["CUDA_WORKSPACE_RESERVE", "DeviceMemoryPlan", "Policy", "check_device_budget",
            "workspace_reserve"]
 
 CUDA_WORKSPACE_RESERVE = 64 * 2**20
@@ -25,23 +25,6 @@ def workspace_reserve(device_type: str, transient_bytes: int) -> int:
     """Device bytes kept free beside ``transient_bytes`` of activations and cache staging: on
     CUDA :data:`CUDA_WORKSPACE_RESERVE` plus a tenth of them; nothing elsewhere."""
     return CUDA_WORKSPACE_RESERVE + transient_bytes // 10 if device_type == "cuda" else 0
-
-
-@dataclass(frozen=True, slots=True)
-class CacheBudget:
-    """What a generation graph's placement must leave room for."""
-
-    act_ratio: float
-    """Fraction of cached tokens kept as activation checkpoints."""
-    staging_bytes: int
-    """Device bytes one layer's cache steps hold at once at the longest context this graph will
-    see (loaded K/V and checkpoints, recomputed K/V, the padded past, the mask)."""
-    workload: tuple[int, int, int] | None = None
-    """``(batch, prompt, new_tokens)`` of the generation that compiles the graph, for predictions."""
-    profile: Any = None
-    """The :class:`~hscompile.planner.hardware.HardwareProfile` predictions use."""
-    minibatches: int = 1
-    """Mini-batches a step of that generation runs as."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,8 @@ from ..errors import BudgetError, ConfigError
 from ..ir.activation import ActivationEstimate
 from ..ir.layout import GLOBAL_GROUP, group_layouts
 from ..ir.plan import ModelPlan
-from ..ir.policy import CacheBudget, DeviceMemoryPlan, Policy, check_device_budget
+from ..ir.call import CallPlan
+from ..ir.policy import DeviceMemoryPlan, Policy, check_device_budget
 from ..ir.quant import scheme_of
 from ..planner.budget import device_budget
 from ..planner.cost_model import Choice, ModelDims, simulate_step
@@ -59,10 +60,11 @@ def place(
     activations: ActivationEstimate,
     example_inputs: Sequence[Any],
     config: HybridServeConfig,
-    cache: CacheBudget | None = None,
+    cache: CallPlan | None = None,
 ) -> Policy:
-    """See the module docstring. ``cache`` is given for generation graphs: the plan also holds
-    its staging bytes, and the policy records its ACT ratio."""
+    """See the module docstring. ``cache`` is given for generation graphs: the plan of the call
+    that compiles the graph; the device plan also holds its staging bytes, and the policy records
+    its ACT ratio and mini-batches."""
     device = config.device
     weights_device = _weights_device(plan, example_inputs)
     # Host-resident weights (or meta ones, when only planning) can stream; device-resident ones cannot.

@@ -155,4 +155,4 @@ def staged_ratio(config: HybridServeConfig, spec: CacheSpec) -> float:
     configured = config.cache.act_ratio
     if configured != "auto":
         return float(configured)
-    return 1.0 if spec.hidden < spec.kv_values_per_token else 0.0
+    return 1.0 if spec.checkpoints_save_bytes else 0.0

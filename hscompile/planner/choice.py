@@ -1,63 +1,83 @@
-"""The per-call decision: the ACT ratio and mini-batch size one generation call runs with.
+"""The per-call decision: one frozen :class:`~hscompile.ir.call.CallPlan` per generation call.
 
-Fixed options are used as they are; an ``"auto"`` one is decided by the cost model's search
-(:func:`~hscompile.planner.cost_model.choose`) on the device's hardware profile.
+:func:`plan_call` decides, once and before any work, the ACT ratio, the mini-batch rows and
+count, the waves the host budget admits, and the cache staging the call's graphs reserve. Fixed
+options are used as they are; an ``"auto"`` one is the cost model's search
+(:func:`~hscompile.planner.cost_model.choose`) on the device's hardware profile. Whether
+checkpoints can save link bytes at all is one rule, in bytes:
+:attr:`~hscompile.ir.cache.CacheSpec.checkpoints_save_bytes`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from ..config import HybridServeConfig
-from .budget import device_budget, staged_ratio
-from .cost_model import RATIOS, Decision, ModelDims, choose
-from .hardware import HardwareProfile
+from ..config import HybridServeConfig, act_ratio_value
+from ..ir.cache import CacheSpec
+from ..ir.call import CallPlan
+from .budget import HostBudget, admit_waves, decode_staging, device_budget, staged_ratio
+from .cost_model import RATIOS, Decision, ModelDims, choose, resolve_act_ratio
+from .hardware import HardwareProfile, tune
+from .minibatch import minibatch_count
 
-__all__ = ["CallChoice", "choose_call"]
-
-
-@dataclass(frozen=True, slots=True)
-class CallChoice:
-    """How one call runs."""
-
-    act_ratio: float
-    minibatch_rows: int | None
-    """Rows per mini-batch (None: every step runs whole)."""
-    decision: Decision | None = None
-    """The cost model's search, where an option was ``"auto"`` and some choice fit."""
+__all__ = ["plan_call"]
 
 
-def choose_call(config: HybridServeConfig, *, batch: int, prompt: int, new_tokens: int, act_ratio: float | None,
-                fallback_ratio: float, dims: Callable[[], ModelDims],
-                profile: Callable[[ModelDims], HardwareProfile]) -> CallChoice:
-    """The ACT ratio (``act_ratio`` overrides the options') and mini-batch rows of a call of
-    ``batch`` sequences. ``dims`` and ``profile`` are asked for only when something is ``"auto"``.
-    Where nothing fits the budget, the configured values (``fallback_ratio`` for an ``"auto"``
-    ratio) are returned: placement then refuses the budget with the minimum that would work."""
-    ratio = act_ratio if act_ratio is not None else config.cache.act_ratio
+def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[int], prompt: int, new_tokens: int,
+              act_ratio: object = None, overlap: bool, host: HostBudget | int | None, dims: ModelDims,
+              profile: HardwareProfile | None = None) -> CallPlan:
+    """The plan of a call of ``len(totals)`` sequences (each ``totals[i]`` tokens when done, the
+    longest prompt ``prompt`` tokens) on a model of cache dimensions ``spec``.
+
+    ``act_ratio`` overrides the options' ratio (None: the options'; checked here, the one check
+    of a call's ratio). ``overlap``: whether the runtime stages a second set of cache buffers to
+    load ahead. ``host``: the budget the waves must fit (:func:`~hscompile.planner.budget.host_budget`).
+    ``dims`` are the model's sizes as stored; ``profile`` the device's, measured here
+    (:func:`~hscompile.planner.hardware.tune`, cached per device) when something is ``"auto"`` and
+    none is given; the plan carries the one it searched on. Where nothing fits
+    the device budget, the search gives way to the configured values (an ``"auto"`` ratio: the
+    rule's default): the placement of the call's first graph then refuses the budget with the
+    minimum that would work."""
+    ratio = config.cache.act_ratio if act_ratio is None else act_ratio_value(act_ratio, "act_ratio")
     size = config.schedule.mini_batch_size
-    fixed_size = None if size == "auto" or size >= batch else size
-    if ratio != "auto" and size != "auto":
-        return CallChoice(float(ratio), fixed_size)
-    model = dims()
-    staged = staged_ratio(config, model.cache_spec(config.cache.block_size))
-    try:
-        decision = choose(
-            model, profile(model), batch=batch, prompt=prompt, new_tokens=new_tokens,
-            device_budget=device_budget(config), depths=(config.schedule.prefetch_depth,),
-            activations=model.prefill_activation_bytes(batch, prompt),
-            block_size=config.cache.block_size,
-            ratios=(float(ratio),) if ratio != "auto" else RATIOS,
-            minibatches=None if size == "auto" else (math.ceil(batch / size),),
-            device_type=config.device.type,
-            staged_ratio=max(staged, float(ratio)) if ratio != "auto" else staged,
-        )
-    except ValueError:
-        return CallChoice(fallback_ratio if ratio == "auto" else float(ratio), fixed_size)
-    best = decision.best.choice
-    chosen = float(ratio) if ratio != "auto" else best.act_ratio
+    batch = len(totals)
+    decision: Decision | None = None
+    measured: HardwareProfile | None = None
+    staged = staged_ratio(config, spec)
+    if ratio == "auto" or size == "auto":
+        measured = profile or tune(config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True)
+        try:
+            decision = choose(
+                dims, measured, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                device_budget=device_budget(config), depths=(config.schedule.prefetch_depth,),
+                activations=dims.prefill_activation_bytes(batch, prompt), block_size=config.cache.block_size,
+                ratios=(float(ratio),) if ratio != "auto" else RATIOS,
+                minibatches=None if size == "auto" else (minibatch_count(batch, size),),
+                device_type=config.device.type, staged_ratio=staged,
+            )
+        except ValueError:
+            decision = None
+    if ratio != "auto":
+        chosen = float(ratio)
+    elif decision is not None:
+        chosen = decision.best.choice.act_ratio
+    else:
+        chosen = resolve_act_ratio(config, spec)
     if size != "auto":
-        return CallChoice(chosen, fixed_size, decision)
-    return CallChoice(chosen, math.ceil(batch / best.minibatches) if best.minibatches > 1 else None, decision)
+        rows: int | None = size
+    elif decision is not None and decision.best.choice.minibatches > 1:
+        rows = -(-batch // decision.best.choice.minibatches)
+    else:
+        rows = None
+    waves = admit_waves(spec, chosen, totals, host)
+    largest = max(len(w) for w in waves)
+    count = minibatch_count(largest, rows) if rows is not None else 1
+    if count == 1:
+        rows = None
+    ratio_staged = max(chosen, staged)
+    staging = decode_staging(spec, ratio_staged, rows=-(-largest // count), longest=max(totals), overlap=overlap)
+    return CallPlan(
+        act_ratio=chosen, staged_ratio=ratio_staged, minibatch_rows=rows, minibatches=count,
+        waves=tuple(tuple(w) for w in sorted(waves, key=len, reverse=True)), staging_bytes=staging,
+        workload=(largest, prompt, new_tokens), profile=measured, decision=decision,
+    )

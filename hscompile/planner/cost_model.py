@@ -45,8 +45,10 @@ from ..ir.cache import CacheSpec, ConfigDims, checkpoint_tokens
 from ..ir.plan import ModelPlan
 from ..ir.policy import DeviceMemoryPlan
 from ..ir.quant import QuantScheme, scheme_of
+from ..ir.schedule import MIN_ROWS
 from .budget import decode_staging
 from .hardware import HardwareProfile
+from .minibatch import minibatch_count
 
 __all__ = [
     "RATIOS", "Choice", "Decision", "ModelDims", "Prediction", "StepEstimate", "choose", "device_memory",
@@ -117,7 +119,8 @@ class ModelDims:
 
     @property
     def checkpoints_save_bytes(self) -> bool:
-        return self.act_link_bytes < self.kv_link_bytes
+        """The ``"auto"`` rule (:attr:`~hscompile.ir.cache.CacheSpec.checkpoints_save_bytes`)."""
+        return self.cache_spec(1).checkpoints_save_bytes
 
     def prefill_activation_bytes(self, rows: int, tokens: int) -> int:
         """A floor on the device activations of a prefill of ``rows x tokens``: a layer's widest
@@ -418,12 +421,14 @@ def device_memory(dims: ModelDims, choice: Choice, *, batch: int, context: int, 
     )
 
 
-def minibatch_counts(batch: int, min_rows: int = 2) -> tuple[int, ...]:
-    """Mini-batch counts worth trying for ``batch`` sequences: 1, 2, 4, ... while each has ``min_rows``."""
+def minibatch_counts(batch: int, min_rows: int = MIN_ROWS) -> tuple[int, ...]:
+    """Mini-batch counts worth trying for ``batch`` sequences: 1, 2, 4, ... while each has
+    ``min_rows``, each one the runtime forms at rows ``ceil(batch / count)``
+    (:func:`~hscompile.planner.minibatch.minibatch_count`), so the count evaluated is the count run."""
     counts = [1]
     while batch // (counts[-1] * 2) >= min_rows:
         counts.append(counts[-1] * 2)
-    return tuple(counts)
+    return tuple(c for c in counts if minibatch_count(batch, -(-batch // c), min_rows=min_rows) == c)
 
 
 def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int, new_tokens: int,
@@ -436,8 +441,8 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
     It searches prefetch depths, resident layers (the most that fit), ACT ratios (GQA-aware, see
     the module docstring) and mini-batch counts (default: :func:`minibatch_counts`). A budget
     nothing fits is a :class:`~hscompile.errors.BudgetError` giving the smallest need. The cache
-    staging is sized for ``staged_ratio`` (what the generator reserves: see
-    :func:`~hscompile.planner.budget.staged_ratio`) or the evaluated ratio, whichever stages more."""
+    staging of each candidate is sized for its ratio or ``staged_ratio`` (what the generator
+    reserves: see :func:`~hscompile.planner.budget.staged_ratio`), whichever stages more."""
     for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -449,22 +454,23 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
     smallest: int | None = None
     for depth in depths:
         for count in counts:
-            for resident in range(dims.layers, -1, -1):
-                if resident == dims.layers and depth != depths[0]:
-                    continue  # nothing streams: the depth does not matter
-                choice0 = Choice(resident, depth, staged_ratio, count)
-                need = device_memory(dims, choice0, batch=batch, context=context, activations=activations,
-                                     overlap=profile.copies_overlap, device_type=device_type,
-                                     block_size=block_size).total
-                smallest = need if smallest is None else min(smallest, need)
-                if device_budget is not None and need > device_budget:
-                    continue
-                for ratio in candidates:
+            for ratio in candidates:
+                # The staging the generator reserves: this ratio's, or staged_ratio's where it is more.
+                staged = max(ratio, staged_ratio)
+                for resident in range(dims.layers, -1, -1):
+                    if resident == dims.layers and depth != depths[0]:
+                        continue  # nothing streams: the depth does not matter
+                    need = device_memory(dims, Choice(resident, depth, staged, count), batch=batch, context=context,
+                                         activations=activations, overlap=profile.copies_overlap,
+                                         device_type=device_type, block_size=block_size).total
+                    smallest = need if smallest is None else min(smallest, need)
+                    if device_budget is not None and need > device_budget:
+                        continue
                     choice = Choice(resident, depth, ratio, count)
                     total, prefill, decode = generation_seconds(dims, choice, profile, batch=batch, prompt=prompt,
                                                                 new_tokens=new_tokens, block_size=block_size)
                     considered.append(Prediction(choice, total, batch * new_tokens / total, prefill, decode, need))
-                break  # the most resident layers that fit is never slower
+                    break  # the most resident layers that fit is never slower
     if not considered:
         raise BudgetError(f"no choice fits the device budget of {format_bytes(device_budget or 0)}: the smallest "
                           f"(every layer streamed) needs {format_bytes(smallest or 0)}")
@@ -487,11 +493,12 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
     return Decision(best, tuple(considered), why)
 
 
-def resolve_act_ratio(config: HybridServeConfig, hidden: int, kv_values_per_token: int) -> float:
-    """The ACT ratio to use. ``"auto"``, until the cost model decides it: checkpoints where they
-    move fewer bytes than K/V (MHA: half the tokens), none where they move as many or more
+def resolve_act_ratio(config: HybridServeConfig, spec: CacheSpec) -> float:
+    """The ACT ratio to use where no search decides it (no profile, or nothing fits the budget).
+    ``"auto"``: half the tokens as checkpoints where they move fewer bytes than K/V
+    (:attr:`~hscompile.ir.cache.CacheSpec.checkpoints_save_bytes`: MHA), none where they do not
     (GQA with ``2 * kv_heads * head_dim <= hidden``)."""
     ratio = config.cache.act_ratio
     if ratio != "auto":
         return float(ratio)
-    return 0.5 if hidden < kv_values_per_token else 0.0
+    return 0.5 if spec.checkpoints_save_bytes else 0.0

@@ -24,7 +24,8 @@ through :meth:`CacheRuntime.held_tokens`, never its block tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 
 from ..errors import BudgetError, UnsupportedModelError
 from ..ir.cache import CacheSpec
+from ..ir.call import CallPlan
 from ..ops.context import KVRecompute
 from ..ops.quant import quantize_rows
 from .attention import attend, read_bytes
@@ -108,7 +110,6 @@ class CacheRuntime:
     """Serves the cache ops (see the module docstring)."""
 
     device: torch.device
-    act_ratio: float = 0.0
     host_budget: int | None = None
     """Bytes the pools may use (``host_memory``)."""
     program: KVRecompute | None = None
@@ -126,6 +127,8 @@ class CacheRuntime:
     index: int = 0
     """The mini-batch running now."""
     counters: CacheCounters = field(default_factory=CacheCounters)
+    plan: CallPlan = field(default_factory=lambda: CallPlan.fixed(0.0))
+    """The plan of the call being served (its ACT ratio); set by :meth:`use`."""
     backend: DeviceBackend = field(init=False)
     loads: LoadPipeline = field(init=False)
     positions: PositionTable | None = None
@@ -158,10 +161,24 @@ class CacheRuntime:
         if self.program is None or reach(program) > reach(self.program):
             self.program = program
 
+    def use(self, plan: CallPlan) -> None:
+        """Serve the calls of ``plan`` from now on: blocks admitted later are split at its ratio."""
+        self.plan = plan
+
+    @contextlib.contextmanager
+    def serving(self, request: StepRequest) -> Iterator[None]:
+        """``request`` is what the graph called inside the block runs; cleared after it, whether
+        the call returned or raised (a stale request would be taken by the next graph's step)."""
+        self.request = request
+        try:
+            yield
+        finally:
+            self.request = None
+
     @property
     def effective_act_ratio(self) -> float:
-        """The ACT ratio new blocks get: the configured one once a recompute program exists, else 0."""
-        return self.act_ratio if self.program is not None else 0.0
+        """The ACT ratio new blocks get: the plan's once a recompute program exists, else 0."""
+        return self.plan.act_ratio if self.program is not None else 0.0
 
     @property
     def overlap_loads(self) -> bool:

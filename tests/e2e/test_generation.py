@@ -104,6 +104,9 @@ def test_minibatches_keep_parity_and_each_layers_weights_serve_them_all(family):
     stats = generator.stats()
     assert stats["minibatch_size"] == 2 and stats["minibatch_split"] == "yes"
     assert stats["minibatches"] == 2 * stats["cache_steps"]  # 5 sequences: mini-batches of 3 and 2 rows
+    # The call's one plan says 2 (not ceil(5 / 2) = 3), and the placement's prediction simulates what ran.
+    assert generator.plan.minibatches == 2
+    assert {c.policy.minibatches for c in generator.compiled_graphs} == {2}
     # Streamed weights cross the link once per layer per step, whatever the number of mini-batches.
     assert stats["streamed_layers"] > 0
     assert stats["prefetches"] == stats["calls"] * stats["streamed_layers"]
@@ -212,7 +215,7 @@ def test_each_sequence_stops_at_its_eos_and_is_padded_after(references):
 def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(references):
     model, ids, mask, expected = references("mistral")
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5})
-    per_sequence = generator.spec.sequence_bytes(generator.cache.act_ratio, int(mask.sum(1).max()) + NEW_TOKENS)
+    per_sequence = generator.spec.sequence_bytes(0.5, int(mask.sum(1).max()) + NEW_TOKENS)
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5,
                                             "host_memory": per_sequence})
     assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
@@ -235,7 +238,7 @@ def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(referenc
          r"input_ids\[1, 3\] = 128 is not a token id of this model: its vocabulary has 128 ids \(0 to 127\)"),
         ({"max_new_tokens": 2, "ids": "negative"}, ValueError, r"input_ids\[0, 0\] = -1 is not a token id"),
         ({"max_new_tokens": 2, "ids": "float"}, ValueError, r"2-D integer tensor .*got a 2-D torch.float32 tensor"),
-        ({"max_new_tokens": 2, "act_ratio": 1.5}, ValueError, "act_ratio must be a number in \\[0, 1\\] or 'auto'"),
+        ({"max_new_tokens": 2, "act_ratio": 1.5}, ValueError, "act_ratio: got 1.5; expected a float in \\[0, 1\\] or 'auto'"),
         ({"max_new_tokens": 2, "do_sample": True, "seed": "abc"}, ValueError, "seed must be an int or a list"),
         ({"max_new_tokens": 2, "do_sample": True, "seed": [1, 2]}, ValueError,
          r"seed must be an int or a list of 3 ints \(one per sequence\), got \[1, 2\]"),
@@ -304,7 +307,7 @@ def test_auto_ratio_is_the_cost_models_choice_and_keeps_parity(references, famil
     model, ids, mask, expected = references(family)
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4})
     assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
-    decision = generator.decision
+    decision = generator.plan.decision
     assert decision is not None and generator.stats()["act_ratio"] == decision.best.choice.act_ratio
     assert decision.best.seconds == min(p.seconds for p in decision.considered)
     if family in GQA_FAMILIES:  # 64 hidden vs 2 * 2 * 16 K/V values: checkpoints are never cheaper
@@ -336,8 +339,8 @@ def test_auto_under_a_tight_budget_counts_activations_and_splits_the_batch():
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager",
                                             "device_memory": int(weight_bytes(model) * 0.75)})
     got = generator.generate(ids, max_new_tokens=3)
-    assert generator.minibatch_size is not None and generator.minibatch_size < 8
-    assert generator.decision.best.choice.minibatches > 1
+    assert generator.plan.minibatch_rows is not None and generator.plan.minibatch_rows < 8
+    assert generator.plan.decision.best.choice.minibatches > 1
     assert torch.equal(got, _reference(model, ids, torch.ones_like(ids), new=3))
 
 
@@ -359,7 +362,7 @@ def test_any_integer_dtype_of_ids_and_a_per_call_auto_ratio_are_accepted(referen
     assert torch.equal(generator.generate(ids.to(torch.int16), mask, max_new_tokens=NEW_TOKENS, act_ratio="auto"),
                        expected)
     assert torch.equal(generator.generate(ids.to(torch.int8), mask, max_new_tokens=NEW_TOKENS), expected)  # ids < 128
-    assert generator.decision is not None  # the cost model chose this call's ratio
+    assert generator.plan.decision is not None  # the cost model chose this call's ratio
 
 
 def test_generating_leaves_the_model_in_the_mode_it_was_in():
