@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make demo   - create .venv, install the locked versions, run the demo
-#   make test   - create .venv, install the locked versions, run the whole test suite
+#   make test   - create .venv, install the locked versions, lint (make lint), run the whole test suite
 # Both install exactly requirements/test.lock (see README, "Tested versions").
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # $(call pytest,VENV) runs the suite with VENV's Python.
 pytest = OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(1)/bin/python -m pytest -n $(JOBS) $(PYTEST_ARGS)
 
-.PHONY: demo test test-fast test-latest test-versions lock bench-compile fuzz gpu-deps clean
+.PHONY: demo lint test test-fast test-latest test-versions lock bench-compile fuzz gpu-deps clean
 
 # The lock installs with --no-deps: what it lists is what the venv gets, nothing resolved anew.
 # pip and setuptools are pinned too (the editable install builds without isolation).
@@ -32,7 +32,11 @@ $(STAMP): pyproject.toml $(LOCK) requirements/data.txt
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+# ruff's rules are in pyproject.toml ([tool.ruff]); `make test` runs them first.
+lint: $(STAMP)
+	$(BIN)/ruff check hscompile tests benchmarks examples tools
+
+test: $(STAMP) lint
 	$(call pytest,$(VENV))
 
 # Everything but the tests that compile with Inductor.

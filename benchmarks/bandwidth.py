@@ -50,7 +50,8 @@ def main() -> None:
     device = torch.device(args.device)
     nbytes = args.mib * 2**20
     results = {
-        f"{'h2d' if to_device else 'd2h'}_{'pinned' if pinned else 'pageable'}_GBps": measure(device, nbytes, args.repeat, pinned, to_device)
+        f"{'h2d' if to_device else 'd2h'}_{'pinned' if pinned else 'pageable'}_GBps":
+            measure(device, nbytes, args.repeat, pinned, to_device)
         for to_device in (True, False)
         for pinned in (True, False)
     }

@@ -55,7 +55,8 @@ def main() -> None:
 
     table = Table(title=f"Cache bytes of one decode step: batch {args.batch}, {args.prompt}-token past, "
                         f"{args.layers} layers, hidden {args.hidden}, fp32")
-    for column in ("model", "KV values/token/layer", "ACT values/token/layer", "act_ratio=0 bytes", "act_ratio=1 bytes", "ratio 1:0"):
+    for column in ("model", "KV values/token/layer", "ACT values/token/layer", "act_ratio=0 bytes", "act_ratio=1 bytes",
+                   "ratio 1:0"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["model"], str(row["kv_values_per_token"]), str(row["act_values_per_token"]),

@@ -24,9 +24,12 @@ from hscompile.planner.cost_model import Choice, ModelDims, simulate_step
 from hscompile.planner.hardware import tune
 
 MODELS = {
-    "llama-h256-l8": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
-    "llama-h512-l8": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
-    "llama-h1024-l6": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4),
+    "llama-h256-l8": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=4),
+    "llama-h512-l8": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=8),
+    "llama-h1024-l6": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=6, num_attention_heads=16,
+                           num_key_value_heads=4),
 }
 
 
@@ -78,7 +81,8 @@ def main() -> None:
             print(json.dumps(rows[-1]))
     from rich.table import Table
 
-    table = Table(title=f"decode step, batch {args.batch}, context ~{args.prompt + args.new // 2}, {args.device}, {args.lowering}")
+    context = args.prompt + args.new // 2
+    table = Table(title=f"decode step, batch {args.batch}, context ~{context}, {args.device}, {args.lowering}")
     for column in ("model", "budget", "act_ratio", "streamed", "measured ms", "predicted ms", "error", "bound"):
         table.add_column(column)
     for r in rows:

@@ -52,10 +52,10 @@ def main() -> None:
         ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch * 1000 + prompt))
         mask = torch.ones_like(ids)
 
-        def ours(new: int) -> torch.Tensor:
+        def ours(new: int, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> torch.Tensor:
             return generator.generate(ids, mask, max_new_tokens=new)
 
-        def theirs(new: int) -> torch.Tensor:
+        def theirs(new: int, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> torch.Tensor:
             with torch.no_grad():
                 return reference.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                           do_sample=False, pad_token_id=0)

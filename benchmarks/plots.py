@@ -32,10 +32,11 @@ def _model(device: str) -> torch.nn.Module:
     sizes = (dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16)
              if device == "cuda" else dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
                                            num_attention_heads=8))
-    config = transformers.LlamaConfig(vocab_size=4096, max_position_embeddings=4096, num_key_value_heads=sizes["num_attention_heads"],
-                                      **sizes)
+    config = transformers.LlamaConfig(vocab_size=4096, max_position_embeddings=4096,
+                                      num_key_value_heads=sizes["num_attention_heads"], **sizes)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16 if device == "cuda" else torch.float32).eval()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def _point(generator: Generator, model, profile, batch: int, prompt: int, new: int, ratio: float) -> dict:

@@ -4,12 +4,13 @@
 
 A tiny Llama (4 layers, hidden 64, random weights) behind one ``hscompile.Generator`` (CPU, eager
 lowering, a device budget of 1.1x the weights, which streams layers once activations are counted,
-blocks of 4; the first call is the largest, all-ACT, which the placement is planned for) runs ``--calls`` generations, each
-with a random batch (1-6 sequences), random left-padded prompt lengths (1-24 tokens), 1-4 new
-tokens and a per-call ``act_ratio`` drawn from 0, 0.25, 0.5, 1 and "auto" (seeded: the same run
-every time). A call the budget refuses (before any work) is counted apart. Reported: resident memory (VmRSS) after the warm-up calls and at the end, the
-number of compiled graphs after the warm-up and at the end, and whether every cache block is free
-at the end. Every 50th call is checked against transformers' greedy tokens.
+blocks of 4; the first call is the largest, all-ACT, which the placement is planned for) runs
+``--calls`` generations, each with a random batch (1-6 sequences), random left-padded prompt
+lengths (1-24 tokens), 1-4 new tokens and a per-call ``act_ratio`` drawn from 0, 0.25, 0.5, 1 and
+"auto" (seeded: the same run every time). A call the budget refuses (before any work) is counted
+apart. Reported: resident memory (VmRSS) after the warm-up calls and at the end, the number of
+compiled graphs after the warm-up and at the end, and whether every cache block is free at the
+end. Every 50th call is checked against transformers' greedy tokens.
 """
 
 from __future__ import annotations

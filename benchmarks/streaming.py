@@ -71,7 +71,8 @@ def main() -> None:
 
     table = Table(title=f"{args.layers}-layer Llama-style, hidden {args.hidden}, weights {weights / 2**20:.0f} MiB, "
                         f"batch {args.batch} x {args.seq}, device {args.device}, lowering {args.lowering}")
-    for column in ("budget / weights", "streamed layers", "ms per call", "x all-resident", "MiB moved per call", "GB/s effective"):
+    for column in ("budget / weights", "streamed layers", "ms per call", "x all-resident", "MiB moved per call",
+                   "GB/s effective"):
         table.add_column(column)
     for row in rows:
         extra = row["seconds"] - base

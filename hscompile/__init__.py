@@ -12,12 +12,15 @@ without importing anything.
 
 from __future__ import annotations
 
-from . import ops  # noqa: F401  (registers torch.ops.hybridserve.*)
-from . import quantize  # noqa: F401  (hscompile.quantize.reference: the eager reference of quantized weights)
+from . import (
+    ops,  # noqa: F401  (registers torch.ops.hybridserve.*)
+    quantize,  # noqa: F401  (hscompile.quantize.reference: the eager reference of quantized weights)
+)
 from .backend import BACKEND_NAME, CompiledModel, hybridserve_backend, register
 from .config import OPTIONS, HybridServeConfig
 from .errors import BudgetError, CheckpointError, ConfigError, HybridServeError, UnsupportedModelError
 from .generation import Generator, generate, tune
+from .generation.params import SamplingParams
 from .inspection import Inspection, inspect
 from .ir.plan import ModelPlan
 from .ir.policy import DeviceMemoryPlan, Policy
@@ -43,6 +46,7 @@ __all__ = [
     "Inspection",
     "ModelPlan",
     "Policy",
+    "SamplingParams",
     "Span",
     "Timeline",
     "UnsupportedModelError",

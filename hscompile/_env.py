@@ -5,6 +5,11 @@
     (one ``.py`` file per pass and artifact), like ``TORCH_LOGS`` graph dumps.
 ``HSCOMPILE_CACHE_DIR``, ``XDG_CACHE_HOME``
     Where hardware profiles, converted checkpoints and saved graph captures are kept (see :func:`cache_dir`).
+``HSCOMPILE_ASYNC_SIM``
+    A test tool: ``late``, ``early`` or ``random:SEED`` makes ``device="cpu"`` a simulated asynchronous
+    device (:mod:`hscompile.runtime.simulated`) whose copies complete as late as CUDA's stream and
+    event semantics allow (``late``), at once (``early``) or at a seeded random legal point, their
+    destinations poisoned until then (see :func:`async_sim`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "dump_dir"]
+__all__ = ["async_sim", "cache_dir", "dump_dir"]
 
 
 def dump_dir() -> Path | None:
@@ -30,3 +35,20 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME")
     return (Path(base) if base else Path.home() / ".cache") / "hscompile"
+
+
+def async_sim() -> str | None:
+    """The simulated asynchronous device's schedule (``late``, ``early``, ``random:SEED``), or None
+    when ``HSCOMPILE_ASYNC_SIM`` is unset or empty (the CPU device is then synchronous)."""
+    value = os.environ.get("HSCOMPILE_ASYNC_SIM", "").strip()
+    if not value:
+        return None
+    mode, _, seed = value.partition(":")
+    if mode in ("late", "early") and not seed:
+        return mode
+    if mode == "random":
+        try:
+            return f"random:{int(seed)}"
+        except ValueError:
+            pass
+    raise ValueError(f"HSCOMPILE_ASYNC_SIM must be late, early or random:SEED (SEED an integer), got {value!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,37 +27,38 @@ from .errors import (
 )
 from .ir.activation import ActivationEstimate
 from .ir.cache import CacheSpec
+from .ir.call import CallPlan
 from .ir.fx import fake_value
 from .ir.layout import GLOBAL_GROUP, group_layouts
 from .ir.plan import ModelPlan
-from .ir.call import CallPlan
 from .ir.policy import Policy
 from .passes.analyze import analyze
-from .passes.inline import inline_regions
-from .passes.kvcache import rewrite_for_cache
+from .passes.estimate_activations import estimate_activations
+from .passes.inline_regions import inline_regions
 from .passes.lower import LoweringReport, lower, lower_module
 from .passes.manager import PassManager, PassSpec
-from .passes.memory import estimate_activations
 from .passes.offload import offload, retarget_graph
 from .passes.partition import partition, stub_cache_updates
-from .passes.placement import place
-from .passes.quantize import quantize_weights
-from .passes.recompute import (
+from .passes.place import place
+from .passes.quantize_weights import quantize_weights
+from .passes.recompute_program import (
     RecomputeProgram,
     build_recompute_program,
     check_token_locality,
 )
-from .passes.schedule import ScheduleReport, verify_schedule
+from .passes.rewrite_for_cache import rewrite_for_cache
+from .passes.verify_schedule import ScheduleReport, verify_schedule
 from .planner.cost_model import resolve_act_ratio
 from .runtime.cache import CacheRuntime
 from .runtime.device import device_backend
 from .runtime.executor import Executor, Runtime
 from .runtime.weights import WeightRuntime
 
-__all__ = ["BACKEND_NAME", "CompiledModel", "compile_graph", "compiled_models", "hybridserve_backend", "kept_generator",
+__all__ = ["BACKEND_NAME", "CompiledModel", "compile_graph", "compiled_models", "hybridserve_backend",
            "record", "register"]
 
 BACKEND_NAME = "hybridserve"
+
 
 def _verify(schedule: fx.GraphModule, policy: Policy) -> ScheduleReport:
     return verify_schedule(schedule, policy.ring_slots)
@@ -96,8 +97,9 @@ def _build_program(
 
 
 def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
-    """The pipeline: inline_regions -> analyze -> estimate_activations -> place -> partition [-> kvcache]
-    -> quantize_weights -> offload -> verify_schedule [-> lower]. Generation graphs get the cache pass; planning skips lowering."""
+    """The pipeline: inline_regions -> analyze -> estimate_activations -> place -> partition
+    [-> recompute_program -> rewrite_for_cache] -> quantize_weights -> offload -> verify_schedule
+    [-> lower]. Generation graphs get the cache passes; planning skips lowering."""
     passes = [
         PassSpec("inline_regions", inline_regions, requires=("captured",), provides=("graph",)),
         PassSpec("analyze", analyze, requires=("graph",), provides=("plan",)),
@@ -109,7 +111,8 @@ def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
             PassSpec("partition", _partition_for_generation, requires=("graph", "plan"), provides=("partitioned",)),
             PassSpec("recompute_program", _recompute_program,
                      requires=("graph", "plan", "example_inputs", "config", "policy"), provides=("program",)),
-            PassSpec("kvcache", rewrite_for_cache, requires=("partitioned", "plan", "policy"), provides=("cached",)),
+            PassSpec("rewrite_for_cache", rewrite_for_cache, requires=("partitioned", "plan", "policy"),
+                     provides=("cached",)),
         ]
     else:
         passes.append(PassSpec("partition", partition, requires=("graph", "plan"), provides=("partitioned",)))
@@ -120,7 +123,8 @@ def _passes(*, generation: bool, lowering: bool) -> tuple[PassSpec, ...]:
         PassSpec("verify_schedule", _verify, requires=("schedule", "policy"), provides=("schedule_report",)),
     ]
     if lowering:
-        passes.append(PassSpec("lower", lower, requires=("schedule", "fake_inputs", "lowering"), provides=("lowered", "lowering_report")))
+        passes.append(PassSpec("lower", lower, requires=("schedule", "fake_inputs", "lowering"),
+                               provides=("lowered", "lowering_report")))
     return tuple(passes)
 
 
@@ -209,9 +213,8 @@ class _CompiledRegistry:
     walk from the model to its compiled graphs. The backend does receive the model's
     parameters (dynamo lifts them as graph inputs), so it records each compilation under
     them here, and the hybrid cache of a model driven by transformers' own generation loop
-    (:meth:`session`). Everything is held weakly by the model or its parameters: the registry
-    keeps no model alive (:meth:`generator` keeps :func:`hscompile.generate`'s generators on
-    the model itself).
+    (:meth:`session`). Everything is held weakly by the model's parameters: the registry
+    keeps no model alive.
     """
 
     def __init__(self) -> None:
@@ -239,20 +242,6 @@ class _CompiledRegistry:
             sessions[key].use(CallPlan.fixed(resolve_act_ratio(config, spec)))
         return sessions[key]
 
-    def generator(self, model: torch.nn.Module, options: Any, make: Any) -> Any:
-        """The :class:`hscompile.Generator` ``hscompile.generate`` keeps for a model and options.
-
-        Kept on the model itself: a generator holds its model, so a registry keyed weakly by the
-        model would keep every model alive (a value that refers to its key). On the model, the two
-        are one cycle the garbage collector frees together once the user drops the model."""
-        per_model = model.__dict__.get(_KEPT)
-        if per_model is None:
-            per_model = model.__dict__[_KEPT] = _Kept()
-        key = repr(sorted((str(k), repr(v)) for k, v in (options or {}).items()))
-        if key not in per_model:
-            per_model[key] = make()
-        return per_model[key]
-
     def lookup(self, tensors: Sequence[torch.Tensor]) -> list[CompiledModel]:
         found: dict[int, CompiledModel] = {}
         for tensor in tensors:
@@ -261,17 +250,6 @@ class _CompiledRegistry:
                 if compiled is not None:
                     found[id(compiled)] = compiled
         return sorted(found.values(), key=lambda c: c.sequence)
-
-
-_KEPT = "_hscompile_generators"
-
-
-class _Kept(dict):
-    """The generators kept on a model. Copying or pickling the model drops them (a copy is a new
-    model: it compiles anew), so they never travel with it."""
-
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (_Kept, ())
 
 
 # The one piece of process state: see _CompiledRegistry for why it must exist.
@@ -286,12 +264,6 @@ def compiled_models(model: torch.nn.Module) -> list[CompiledModel]:
 def record(compiled: CompiledModel, example_inputs: Sequence[Any]) -> None:
     """Remember ``compiled`` under the parameters among ``example_inputs`` (for :func:`compiled_models`)."""
     _REGISTRY.record(compiled, example_inputs)
-
-
-def kept_generator(model: torch.nn.Module, options: Any, make: Callable[[], Any]) -> Any:
-    """The generator ``hscompile.generate`` keeps for ``model`` and ``options`` (``make()`` builds
-    it the first time); held weakly by the model."""
-    return _REGISTRY.generator(model, options, make)
 
 
 def _config_from(kwargs: dict[str, Any]) -> HybridServeConfig:

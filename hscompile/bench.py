@@ -37,7 +37,8 @@ from .planner.cost_model import Choice, ModelDims, generation_seconds
 from .planner.hardware import HardwareProfile
 from .runtime.timeline import LANES, Span
 
-__all__ = ["ALL_POLICIES", "POLICIES", "QUANTIZED_POLICIES", "BenchResult", "Workload", "plot_timeline", "results_table", "run", "trace", "weight_bytes"]
+__all__ = ["ALL_POLICIES", "POLICIES", "QUANTIZED_POLICIES", "BenchResult", "Workload", "plot_timeline", "results_table",
+           "run", "trace", "weight_bytes"]
 
 POLICIES = ("auto", "all-kv", "all-act", "resident", "transformers", "offloaded-cache", "token-recompute", "accelerate")
 """Every policy :func:`run` knows, in report order."""
@@ -136,7 +137,7 @@ def _hscompile(model: torch.nn.Module, policy: str, workload: Workload, options:
         whole, step = _timed(fn, workload)
     except BudgetError as error:
         return BenchResult(policy, note=f"does not fit: {error}")
-    except Exception as error:  # reported in the table, not hidden, and the other policies still run
+    except Exception as error:  # noqa: BLE001 - reported in the table, not hidden, and the other policies still run
         return BenchResult(policy, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
     full_bytes, full_steps = counted[1]
     per_step = full_bytes  # with 2 new tokens or fewer there is no shorter run to subtract (_timed)
@@ -204,7 +205,7 @@ def _transformers(model: torch.nn.Module, policy: str, workload: Workload, optio
         torch.cuda.reset_peak_memory_stats()
     try:
         whole, step = _timed(fn, workload)
-    except Exception as error:  # a baseline that fails here is reported, not hidden
+    except Exception as error:  # noqa: BLE001 - a baseline that fails here is reported, not hidden
         return BenchResult(policy, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
     finally:
         if policy != "accelerate" and device.type == "cuda":
@@ -260,8 +261,10 @@ def results_table(results: Sequence[BenchResult], title: str) -> Any:
         table.add_row(
             r.policy, fmt(r.tokens_per_s, ".1f"), fmt(versus.get(r.policy), ".2f"), fmt(r.decode_step_ms, ".2f"),
             fmt(None if r.link_bytes_per_step is None else r.link_bytes_per_step / 1e6, ".2f"),
-            fmt(None if r.link_utilization is None else 100 * r.link_utilization, ".0f") + ("%" if r.link_utilization else ""),
-            fmt(None if r.peak_device_bytes is None else r.peak_device_bytes / 2**20, ".0f") + (" MiB" if r.peak_device_bytes else ""),
+            fmt(None if r.link_utilization is None else 100 * r.link_utilization, ".0f")
+            + ("%" if r.link_utilization else ""),
+            fmt(None if r.peak_device_bytes is None else r.peak_device_bytes / 2**20, ".0f")
+            + (" MiB" if r.peak_device_bytes else ""),
             fmt(r.predicted_tokens_per_s, ".1f"), r.note,
         )
     return table

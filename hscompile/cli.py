@@ -10,7 +10,9 @@
                     [--timeline t.png] [--profile p.json]
     hscompile generate MODEL_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens 64] [--chat] [--json]
                        [--device-memory 8GiB] [--host-memory 16GiB] [--dtype D] [--act-ratio R]
-                       [--do-sample --temperature T --top-k K --top-p P --seed S] [--stop STR]
+                       [--temperature T | --greedy] [--top-k K --top-p P --min-p P --seed S] [--n N]
+                       [--repetition-penalty R --presence-penalty P --frequency-penalty F] [--logprobs K]
+                       [--min-new-tokens N] [--ignore-eos] [--stop STR]
     hscompile generate MODEL_DIR --input requests.jsonl --output results.jsonl [--batch-size 16] [...]
     hscompile convert-gguf [FILE OUT_DIR]
 
@@ -291,21 +293,56 @@ def _float(text: str, flag: str) -> float:
         raise ValueError(f"{flag} must be a number or 'auto', got {text!r}") from None
 
 
-def _settings(args: argparse.Namespace, request: Any = None) -> tuple[Any, ...]:
-    """``(max_new_tokens, do_sample, temperature, top_k, top_p, stop)`` of a request: its own
-    settings where it has them, the command line's elsewhere. A temperature of 0 is greedy, one
-    above 0 samples."""
+_SAMPLING_FLAGS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "n", "logprobs")
+"""The ``generate`` flags that are SamplingParams' fields of the same name."""
 
-    def own(name: str, default: Any) -> Any:
-        value = getattr(request, name, None)
-        return default if value is None or value == () else value
 
-    temperature = own("temperature", args.temperature)
-    do_sample = args.do_sample or (getattr(request, "temperature", None) or 0) > 0
-    if temperature == 0:
-        do_sample, temperature = False, 1.0
-    return (own("max_new_tokens", args.max_new_tokens), do_sample, temperature, own("top_k", args.top_k),
-            own("top_p", args.top_p), tuple(own("stop", tuple(args.stop or ()))))
+def _sampling(args: argparse.Namespace) -> Any:
+    """The command line's sampling flags as a :class:`~hscompile.SamplingParams`; what they leave
+    unset comes from the checkpoint's generation config. A bad value is one line naming its flag."""
+    from .generation.params import SamplingParams
+
+    if args.greedy and args.temperature is not None and args.temperature != 0:
+        raise ValueError(f"--greedy decodes greedily (temperature 0) and cannot go with --temperature {args.temperature}; "
+                         "give one of the two")
+    if args.greedy and args.do_sample:
+        raise ValueError("--greedy and --do-sample contradict each other; give one of the two")
+    fields: dict[str, Any] = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
+    if args.greedy:
+        fields["temperature"] = 0.0
+    if args.do_sample:
+        fields["do_sample"] = True
+    try:
+        return SamplingParams(**fields, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
+    except ValueError as error:
+        name, _, rest = str(error).partition(" ")
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def _settings(args: argparse.Namespace, request: Any = None) -> Any:
+    """The :class:`~hscompile.SamplingParams` of a request: its own settings where it has them,
+    the command line's elsewhere (``args.sampling``), without its seed (:func:`_seeds` gives those:
+    requests that differ only in their seeds run together)."""
+    from .generation.params import sampling_params
+
+    own = dict(getattr(request, "sampling", None) or {})
+    own.pop("seed", None)
+    return sampling_params(args.sampling, **own, seed=None)
+
+
+def _seeds(args: argparse.Namespace, wave: Any) -> list[int] | None:
+    """One seed per request of a wave: its own, else one derived from ``--seed`` and its id
+    (stable across runs, so a resumed job samples as the first run would); None when nothing is
+    seeded."""
+    import zlib
+
+    from .generation.params import sequence_seed
+
+    if args.seed is None and not any("seed" in r.sampling for r in wave):
+        return None
+    base = args.seed if args.seed is not None else 0
+    return [r.sampling.get("seed", sequence_seed(base, zlib.crc32(str(r.id).encode()))) for r in wave]
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
@@ -320,6 +357,7 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
         raise ValueError("--output goes with --input; print --prompt results with --json instead")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    args.sampling = _sampling(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     read_checkpoint(args.model)  # a bad directory is reported before the input is read
@@ -367,16 +405,19 @@ def _run_jobs(args: argparse.Namespace, console: Console, err: Console, generato
 
     from . import jobs
     from .config import format_bytes
-    from .text import encode, sequence_seed
+    from .text import encode
 
     if generator.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or tokenizer_config.json); "
                          "hscompile generate needs one to turn text into tokens")
-    for request in todo:  # every prompt checked before the first token is generated
-        ids = encode(generator.tokenizer, request.prompt, chat=args.chat, where=f"input {request.where}"
-                     if args.input else f"prompt {request.id}")
-        generator.check_prompt_length(len(ids), _settings(args, request)[0],
-                                      where=f"input {request.where}" if args.input else f"prompt {request.id}")
+    for request in todo:  # every prompt and its settings checked before the first token is generated
+        where = f"input {request.where}" if args.input else f"prompt {request.id}"
+        ids = encode(generator.tokenizer, request.prompt, chat=args.chat, where=where)
+        try:  # the line's settings over the command line's, over the checkpoint's
+            settings = _settings(args, request).resolve(getattr(generator.model, "generation_config", None))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        generator.check_prompt_length(len(ids), settings.max_new_tokens, where=where)
     waves = jobs.group(todo, args.batch_size, lambda r: _settings(args, r))
     start = time.perf_counter()
     produced = done = 0
@@ -387,16 +428,12 @@ def _run_jobs(args: argparse.Namespace, console: Console, err: Console, generato
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("sequences", total=len(todo), rate="compiling...")
         for wave in waves:
-            max_new, do_sample, temperature, top_k, top_p, stop = _settings(args, wave[0])
-            seeds = None
-            if do_sample and (args.seed is not None or any(r.seed is not None for r in wave)):
-                base = args.seed if args.seed is not None else 0
-                seeds = [r.seed if r.seed is not None else sequence_seed(base, hash(str(r.id)) & 0xFFFFFFFF) for r in wave]
-            completions = generator.generate_text(
-                [r.prompt for r in wave], max_new_tokens=max_new, do_sample=do_sample, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seeds, stop=list(stop) or None, chat=args.chat,
-            )
-            records = [{"id": r.id, "prompt": r.prompt, **c.as_dict()} for r, c in zip(wave, completions, strict=True)]
+            params = _settings(args, wave[0])
+            completions = generator.generate_text([r.prompt for r in wave], params, seed=_seeds(args, wave),
+                                                  chat=args.chat)
+            # n completions per request, prompt-major: one result line each (with its index when n > 1).
+            records = [{"id": wave[i // params.n].id, "prompt": wave[i // params.n].prompt,
+                        **c.as_dict(generator.tokenizer)} for i, c in enumerate(completions)]
             if args.output:
                 jobs.append(args.output, records)
             else:
@@ -480,7 +517,8 @@ def _parser() -> argparse.ArgumentParser:
                                help="a config.json or checkpoint directory (only its config is read; default: a small "
                                     "Llama-style model)")
     bench_command.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
-    bench_command.add_argument("--device-memory", dest="device_memory", help="device budget, e.g. 8GiB (default: half the weights)")
+    bench_command.add_argument("--device-memory", dest="device_memory",
+                               help="device budget, e.g. 8GiB (default: half the weights)")
     bench_command.add_argument("--batch", type=int, default=8)
     bench_command.add_argument("--prompt", type=int, default=128)
     bench_command.add_argument("--new-tokens", dest="new_tokens", type=int, default=16)
@@ -517,10 +555,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     gen.add_argument("--lowering", choices=("inductor", "eager"))
     _add_quant_flags(gen)
-    gen.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", dest="top_k", type=int)
-    gen.add_argument("--top-p", dest="top_p", type=float)
+    # Sampling: what is not given comes from the checkpoint's generation_config.json, as transformers takes it.
+    gen.add_argument("--temperature", type=float,
+                     help="0: greedy; above 0: sample at it (default: the checkpoint's generation config)")
+    gen.add_argument("--greedy", action="store_true", help="decode greedily whatever the checkpoint's config says")
+    gen.add_argument("--do-sample", dest="do_sample", action="store_true",
+                     help="sample at the checkpoint's temperature (transformers' switch; --temperature T > 0 also samples)")
+    gen.add_argument("--top-k", dest="top_k", type=int, help="sample among the K most likely tokens (0: no limit)")
+    gen.add_argument("--top-p", dest="top_p", type=float, help="nucleus sampling, in (0, 1]")
+    gen.add_argument("--min-p", dest="min_p", type=float, help="drop tokens below MIN_P x the top probability, in [0, 1]")
+    gen.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, help="> 0; 1 is none (transformers')")
+    gen.add_argument("--presence-penalty", dest="presence_penalty", type=float, help="in [-2, 2] (OpenAI's)")
+    gen.add_argument("--frequency-penalty", dest="frequency_penalty", type=float, help="in [-2, 2] (OpenAI's)")
+    gen.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, help="no end-of-sequence token before this many")
+    gen.add_argument("--n", type=int, help="completions per prompt (the prompt is prefilled once)")
+    gen.add_argument("--logprobs", type=int, help="return each token's logprob and this many alternatives (--json)")
+    gen.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", help="generate past end-of-sequence tokens")
     gen.add_argument("--seed", type=int, help="makes sampling reproducible, per sequence")
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.set_defaults(run=_generate)

@@ -172,7 +172,8 @@ class Inspection:
         table.add_row("resident layers", _ranges(policy.resident_layers) or "none")
         table.add_row("streamed layers", _ranges(policy.streamed_layers) or "none")
         if policy.streamed_layers:
-            table.add_row("ring", f"{policy.ring_slots} slots x {format_bytes(policy.slot_bytes)}, prefetch depth {policy.prefetch_depth}")
+            ring = f"{policy.ring_slots} slots x {format_bytes(policy.slot_bytes)}, prefetch depth {policy.prefetch_depth}"
+            table.add_row("ring", ring)
         table.add_row("act ratio", "no cache" if policy.act_ratio is None else f"{policy.act_ratio:.2f}")
         if policy.act_ratio is not None:
             table.add_row("mini-batches", f"{policy.minibatches} per step (each layer's weights serve them all)")

@@ -7,11 +7,17 @@ An input line is one request::
     {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "m", "messages": [...], "max_tokens": 16}}          # OpenAI Batch API lines
 
-Optional per-line settings: ``max_new_tokens`` (``max_tokens`` in a body), ``temperature`` (0:
-greedy; above 0: sampled at it), ``top_k``, ``top_p``, ``seed``, ``stop``. Every line is checked
-before any work; an error names its line number (and id).
+Optional per-line settings: the fields of :class:`~hscompile.SamplingParams` (``max_new_tokens``,
+``min_new_tokens``, ``temperature`` (0: greedy; above 0: sampled at it), ``top_k``, ``top_p``,
+``min_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``n``, ``seed``,
+``stop``, ``logprobs``, ``ignore_eos``) and their OpenAI names: ``max_tokens`` /
+``max_completion_tokens``, ``min_tokens``, and ``logprobs: true`` with ``top_logprobs: K`` (chat
+completions) or ``logprobs: K`` (completions). ``model`` and ``user`` are accepted and change
+nothing. Any other field is refused. Every line is checked before any work; an error names its
+line number and id.
 
-An output line carries the request's ``id`` and the fields of ``hscompile generate --json``.
+An output line carries the request's ``id`` and the fields of ``hscompile generate --json``
+(with ``n > 1``, one line per sample, each with its ``index``).
 Results are appended wave by wave, each wave's lines written with one ``write`` and flushed to
 disk (``fsync``) before the next wave starts. A job started again with the same input skips the
 ids already in the output; a torn last line (a job killed while writing) is cut off first and
@@ -20,6 +26,7 @@ its request done again. :func:`pending` and :func:`append` are that contract.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,8 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .generation.params import SamplingParams
 
 __all__ = ["Request", "append", "group", "pending", "read_requests"]
+
+_SAMPLING = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
+"""OpenAI's (and vLLM's) names of SamplingParams' fields."""
+_IGNORED = frozenset({"model", "user"})
+"""OpenAI request fields that change nothing here (one model serves the job)."""
+_SETTINGS = _SAMPLING | set(_ALIASES) | _IGNORED | {"prompt", "messages", "top_logprobs"}
+"""What a request's settings (the line itself, or an OpenAI line's ``body``) may hold."""
+_ENVELOPE = frozenset({"id", "custom_id", "method", "url", "body"})
+"""The fields of an OpenAI Batch API line around its ``body``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,31 +59,51 @@ class Request:
     id: str | int
     prompt: str | list[dict[str, str]]
     """Text, or chat messages."""
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default=())
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """The line's own settings (SamplingParams' fields, checked), over the command line's."""
 
     @property
     def where(self) -> str:
         return f"line {self.line} (id {self.id!r})"
 
 
-def _fail(line: int, message: str) -> CheckpointError:
-    return CheckpointError(f"input line {line}: {message}")
+def _fail(line: int, message: str, ident: object = None) -> CheckpointError:
+    where = f"input line {line}" + (f" (id {ident!r})" if ident is not None else "")
+    return CheckpointError(f"{where}: {message}")
 
 
-def _number(line: int, data: Mapping[str, Any], key: str, kind: type, low: float, *, above: bool = False) -> Any:
-    value = data.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or (value <= low if above else value < low):
-        bound = f"> {low}" if above else f">= {low}"
-        raise _fail(line, f"{key!r} must be {'a number' if kind is float else 'an integer'} {bound}, got {value!r}")
-    return kind(value)
+def _sampling(line: int, ident: object, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The SamplingParams fields of a request's ``settings``, OpenAI's names translated; an
+    unknown field or a bad value is an error naming the line and id."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise _fail(line, f"unknown field(s) {', '.join(map(repr, unknown))}; a request may hold "
+                          f"{', '.join(sorted(_SETTINGS))}", ident)
+    sampling = {k: v for k, v in settings.items() if k in _SAMPLING}
+    for alias, name in _ALIASES.items():
+        if alias in settings:
+            if name in sampling:
+                raise _fail(line, f"{alias!r} and {name!r} name one setting; give one of them", ident)
+            sampling[name] = settings[alias]
+    top = settings.get("top_logprobs")
+    logprobs = sampling.get("logprobs")
+    if isinstance(logprobs, bool):  # chat completions: logprobs on/off, top_logprobs alternatives
+        sampling["logprobs"] = (0 if top is None else top) if logprobs else None
+        if top is not None and not logprobs:
+            raise _fail(line, "'top_logprobs' needs 'logprobs': true", ident)
+    elif top is not None:
+        if logprobs is not None:
+            raise _fail(line, "give 'logprobs': true with 'top_logprobs', or 'logprobs' alone", ident)
+        sampling["logprobs"] = top
+    if isinstance(sampling.get("stop"), list):
+        sampling["stop"] = tuple(sampling["stop"])
+    if "seed" in sampling and isinstance(sampling["seed"], list):
+        raise _fail(line, f"'seed' must be an int (one request, one seed), got {sampling['seed']!r}", ident)
+    try:
+        SamplingParams(**sampling)
+    except ValueError as error:
+        raise _fail(line, str(error), ident) from None
+    return sampling
 
 
 def _parse(line: int, text: str) -> Request:
@@ -75,18 +113,20 @@ def _parse(line: int, text: str) -> Request:
         raise _fail(line, f"not valid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(data, dict):
         raise _fail(line, f"a request is a JSON object, got a JSON {type(data).__name__}")
-    body = data.get("body")
-    if body is not None:  # the OpenAI Batch API's shape: settings inside "body"
-        if not isinstance(body, dict):
-            raise _fail(line, "'body' must be a JSON object")
-        settings = dict(body)
-        if "max_tokens" in settings and "max_new_tokens" not in settings:
-            settings["max_new_tokens"] = settings.pop("max_tokens")
-    else:
-        settings = data
     ident = data.get("id", data.get("custom_id"))
     if ident is None or isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
         raise _fail(line, "needs an 'id' (or 'custom_id'): a non-empty string or an integer")
+    body = data.get("body")
+    if body is not None:  # the OpenAI Batch API's shape: settings inside "body"
+        if not isinstance(body, dict):
+            raise _fail(line, "'body' must be a JSON object", ident)
+        unknown = sorted(set(data) - _ENVELOPE)
+        if unknown:
+            raise _fail(line, f"unknown field(s) {', '.join(map(repr, unknown))} beside 'body'; an OpenAI batch "
+                              f"line holds {', '.join(sorted(_ENVELOPE))}", ident)
+        settings = dict(body)
+    else:
+        settings = {k: v for k, v in data.items() if k not in ("id", "custom_id")}
     if ("prompt" in settings) == ("messages" in settings):
         raise _fail(line, "needs exactly one of 'prompt' (text) and 'messages' (a chat)")
     prompt = settings.get("prompt", settings.get("messages"))
@@ -97,19 +137,7 @@ def _parse(line: int, text: str) -> Request:
         and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
     ):
         raise _fail(line, "'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
-    stop = settings.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else () if stop is None else None
-    if stops is None or not all(isinstance(s, str) and s for s in stops):
-        raise _fail(line, f"'stop' must be a string or a list of non-empty strings, got {stop!r}")
-    return Request(
-        line=line, id=ident, prompt=prompt,
-        max_new_tokens=_number(line, settings, "max_new_tokens", int, 1),
-        temperature=_number(line, settings, "temperature", float, 0),
-        top_k=_number(line, settings, "top_k", int, 1),
-        top_p=_number(line, settings, "top_p", float, 0, above=True),
-        seed=_number(line, settings, "seed", int, 0),
-        stop=stops,
-    )
+    return Request(line=line, id=ident, prompt=prompt, sampling=_sampling(line, ident, settings))
 
 
 def read_requests(path: str | Path) -> list[Request]:
@@ -156,7 +184,7 @@ def _done_ids(output: Path) -> set[str | int]:
             done.add(record["id"])
             offset += len(raw) + 1
             continue
-        if last or number == len(lines) - 1 and not lines[-1]:
+        if last or (number == len(lines) - 1 and not lines[-1]):
             with output.open("r+b") as handle:  # the torn final line goes; its request runs again
                 handle.truncate(offset)
             break

@@ -9,7 +9,6 @@ text they decode to (a stop string and what follows it cut off), and why it ende
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +16,8 @@ from typing import Any, Literal
 import torch
 
 from .errors import CheckpointError
+from .generation.params import SamplingParams, sampling_params, sequence_seed
+from .generation.sampling import TokenLogprob
 
 __all__ = ["Completion", "complete", "encode", "sequence_seed"]
 
@@ -36,17 +37,27 @@ class Completion:
     """``"stop"``: an end-of-sequence token or a stop string; ``"length"``: ``max_new_tokens`` reached."""
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    """One per token of ``token_ids`` when the call asked for ``logprobs``: the token's
+    log-probability under the processed scores and the most likely alternatives."""
+    index: int | None = None
+    """Which of the prompt's ``n`` samples this is (None when the call asked for one)."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": list(self.token_ids), "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+    def as_dict(self, tokenizer: Any | None = None) -> dict[str, Any]:
+        """JSON-ready fields; with a ``tokenizer``, logprobs name each token's text too."""
+        record: dict[str, Any] = {"text": self.text, "token_ids": list(self.token_ids),
+                                  "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                                  "completion_tokens": self.completion_tokens}
+        if self.index is not None:
+            record["index"] = self.index
+        if self.logprobs is not None:
+            def entry(token: int, logprob: float) -> dict[str, Any]:
+                named = {"token": tokenizer.decode([token])} if tokenizer is not None else {}
+                return {"token_id": token, **named, "logprob": logprob}
 
-
-def sequence_seed(seed: int, index: int) -> int:
-    """The seed of sequence ``index`` of a call seeded with ``seed``: a hash of both, so each
-    sequence samples from a stream of its own, whatever batch, wave or mini-batch it runs in."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+            record["logprobs"] = [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                                  for t in self.logprobs]
+        return record
 
 
 def encode(tokenizer: Any, prompt: Prompt, *, chat: bool, where: str) -> list[int]:
@@ -98,18 +109,13 @@ def _stop_index(tokenizer: Any, ids: list[int], stops: Sequence[str]) -> tuple[i
 def complete(
     generator: Any,
     prompts: Sequence[Prompt] | Prompt,
+    params: SamplingParams | None = None,
     *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | Sequence[int] | None = None,
-    stop: str | Sequence[str] | None = None,
     chat: bool = False,
     act_ratio: float | None = None,
     names: Sequence[str] | None = None,
     progress: bool = False,
+    **sampling: Any,
 ) -> list[Completion]:
     """See :meth:`hscompile.Generator.generate_text`. ``names`` label the prompts in errors
     (e.g. a batch job's input lines); by default ``prompt 0``, ``prompt 1``, ..."""
@@ -117,20 +123,20 @@ def complete(
     if tokenizer is None:
         raise CheckpointError("this model has no tokenizer (the checkpoint holds none): generate token ids with "
                               "Generator.generate, or add the tokenizer's files to the checkpoint directory")
+    request = sampling_params(params, **sampling)
+    settings = request.resolve(getattr(generator.model, "generation_config", None))
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], Mapping)):
         prompts = [prompts]  # type: ignore[list-item]
     prompts = list(prompts)  # type: ignore[arg-type]
     if not prompts:
         raise CheckpointError("no prompts given")
     labels = list(names) if names is not None else [f"prompt {i}" for i in range(len(prompts))]
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise CheckpointError(f"stop must be non-empty strings, got {stop!r}")
+    stops = settings.stop
     encoded = [encode(tokenizer, p, chat=chat, where=labels[i]) for i, p in enumerate(prompts)]
     for label, ids in zip(labels, encoded, strict=True):
         if not ids:
             raise CheckpointError(f"{label} encodes to no tokens")
-        generator.check_prompt_length(len(ids), max_new_tokens, where=label)
+        generator.check_prompt_length(len(ids), settings.max_new_tokens, where=label)
     width = max(len(ids) for ids in encoded)
     pad = generator.pad_token_id()
     batch = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -141,13 +147,12 @@ def complete(
     stopping: Callable[[int, list[int]], bool] | None = None
     if stops:
         stopping = lambda row, ids: _stop_index(tokenizer, ids, stops) is not None  # noqa: E731
-    out = generator.generate(batch, mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed, act_ratio=act_ratio, progress=progress,
-                             stopping=stopping)
-    eos = set(generator.eos_token_ids())
+    out = generator.run(batch, mask, request, act_ratio=act_ratio, progress=progress, stopping=stopping)
+    eos = set() if settings.ignore_eos else set(generator.eos_token_ids())
     completions = []
-    for row, ids in enumerate(encoded):
-        new = out[row, width:].tolist()
+    for row in range(out.sequences.shape[0]):
+        ids = encoded[row // settings.n]
+        new = out.sequences[row, width:].tolist()
         finish: Literal["stop", "length"] = "length"
         for position, token in enumerate(new):
             if token in eos:
@@ -157,8 +162,10 @@ def complete(
         if cut is not None:
             new, text, finish = new[: cut[0]], cut[1], "stop"
         else:
-            new = new[:max_new_tokens]
+            new = new[:settings.max_new_tokens]
             text = tokenizer.decode(new, skip_special_tokens=True)
+        logprobs = out.logprobs[row][: len(new)] if out.logprobs is not None else None
         completions.append(Completion(text=text, token_ids=new, finish_reason=finish, prompt_tokens=len(ids),
-                                      completion_tokens=len(new)))
+                                      completion_tokens=len(new), logprobs=logprobs,
+                                      index=row % settings.n if settings.n > 1 else None))
     return completions

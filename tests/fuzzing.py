@@ -385,7 +385,7 @@ def _simpler(case: Case) -> list[Case]:
     for row, length in enumerate(case.lengths):
         if length > 1:
             for shorter in dict.fromkeys((1, length // 2, length - 1)):
-                out.append(replace(case, lengths=case.lengths[:row] + (shorter,) + case.lengths[row + 1:]))
+                out.append(replace(case, lengths=(*case.lengths[:row], shorter, *case.lengths[row + 1:])))
     if case.max_new_tokens > 1:
         out.extend(replace(case, max_new_tokens=n) for n in dict.fromkeys((1, case.max_new_tokens - 1)))
     simple = {"device_budget": None, "host_budget": None, "head_dim": None, "mini_batch_size": "auto",

@@ -22,7 +22,9 @@ VOCAB = 128
 def tiny_config(family: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, **overrides):
     common = dict(vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family in ("llama", "mistral", "qwen2"):
-        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+        classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                   "qwen2": transformers.Qwen2Config}
+        cls = classes[family]
         config = cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, **common)
     elif family == "opt":

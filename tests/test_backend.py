@@ -42,7 +42,7 @@ def test_backend_name_works_without_importing_hscompile():
 
 def test_unknown_option_surfaces_as_value_error_through_torch_compile():
     compiled = torch.compile(tiny_model("opt"), backend="hybridserve", options={"prefetch": 2})
-    with pytest.raises(ValueError, match="unknown option key.*'prefetch'.*valid keys: device") as info:
+    with pytest.raises(ValueError, match=r"unknown option key.*'prefetch'.*valid keys: device") as info:
         compiled(prompts())
     assert isinstance(info.value, ConfigError)
 

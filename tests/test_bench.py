@@ -67,7 +67,7 @@ def test_a_workload_of_one_or_two_new_tokens_is_measured(profile, new_tokens):
 
 def test_unknown_policies_and_empty_workloads_are_refused(profile):
     model = tiny_model("opt", layers=2)
-    with pytest.raises(ValueError, match="unknown benchmark policies.*valid"):
+    with pytest.raises(ValueError, match=r"unknown benchmark policies.*valid"):
         bench.run(model, bench.Workload(1, 4, 2), options={"device": "cpu"}, profile=profile, policies=["flexgen"])
     with pytest.raises(ValueError, match="new_tokens must be >= 1"):
         bench.run(model, bench.Workload(1, 4, 0), options={"device": "cpu"}, profile=profile, policies=["auto"])
@@ -78,7 +78,8 @@ def test_bench_command_writes_a_table_json_a_timeline_and_a_profile(tmp_path, ca
     config.write_text(tiny_config("llama", layers=3).to_json_string())
     out, trace, profile = tmp_path / "bench.json", tmp_path / "trace.json", tmp_path / "profile.json"
     code = main(["bench", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "6",
-                 "--new-tokens", "4", "--device-memory", "480KiB", "--policy", "auto", "--policy", "all-kv", "--policy", "transformers",
+                 "--new-tokens", "4", "--device-memory", "480KiB",
+                 "--policy", "auto", "--policy", "all-kv", "--policy", "transformers",
                  "--json", str(out), "--trace", str(trace), "--profile", str(profile)])
     assert code == 0
     text = capsys.readouterr().out
@@ -105,5 +106,3 @@ def test_bench_command_draws_the_timeline(tmp_path, capsys):
     assert main(["bench", str(config), "--device", "cpu", "--lowering", "eager", "--batch", "2", "--prompt", "4",
                  "--new-tokens", "3", "--device-memory", "600KiB", "--policy", "auto", "--timeline", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in capsys.readouterr().out.replace("\n", "")
-
-

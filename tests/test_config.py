@@ -119,7 +119,7 @@ def test_cuda_without_cuda_says_so():
 
 
 def test_a_mini_batch_of_one_is_refused_saying_why():
-    with pytest.raises(ConfigError, match="expected an int >= 2 or 'auto' .*never has fewer than 2"):
+    with pytest.raises(ConfigError, match=r"expected an int >= 2 or 'auto' .*never has fewer than 2"):
         HybridServeConfig.from_options({"mini_batch_size": 1})
 
 

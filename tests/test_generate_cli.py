@@ -86,7 +86,18 @@ def test_the_batch_job_writes_every_id_once_and_a_rerun_resumes_after_a_torn_lin
         (['{"prompt": "x"}'], "input line 1: needs an 'id'"),
         (['{"id": 1, "prompt": ""}'], "input line 1: 'prompt' must be a non-empty string"),
         (['{"id": 1, "prompt": "x", "messages": []}'], "exactly one of 'prompt'"),
-        (['{"id": 1, "prompt": "x", "max_new_tokens": 0}'], "'max_new_tokens' must be an integer >= 1"),
+        (['{"id": 1, "prompt": "x", "max_new_tokens": 0}'], r"input line 1 \(id 1\): max_new_tokens must be an int >= 1"),
+        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "x", "best_of": 2}'],
+         r"input line 2 \(id 'b'\): unknown field\(s\) 'best_of'; a request may hold "),
+        (['{"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+          '"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}}'],
+         r"input line 1 \(id 'c'\): unknown field\(s\) 'logit_bias'"),
+        (['{"id": 1, "prompt": "x", "n": 0}'], r"input line 1 \(id 1\): n must be an int >= 1, got 0"),
+        (['{"id": 1, "prompt": "x", "logprobs": -1}'], r"input line 1 \(id 1\): logprobs must be an int >= 0"),
+        (['{"id": 1, "prompt": "x", "min_p": 2}'], r"input line 1 \(id 1\): min_p must be in \[0, 1\]"),
+        (['{"id": 1, "prompt": "x", "stop": 5}'], r"input line 1 \(id 1\): stop must be a string or a list of non-empty"),
+        (['{"id": 1, "prompt": "x", "repetition_penalty": -1}'], r"repetition_penalty must be a number > 0"),
+        (['{"id": 1, "prompt": "x", "top_logprobs": 2, "logprobs": false}'], "'top_logprobs' needs 'logprobs': true"),
         (['[1, 2]'], "a request is a JSON object"),
         (['{"id": 1, "prompt": "' + "hello " * 200 + '"}'], "line 1 \\(id 1\\) has .* more than the model's maximum"),
     ],
@@ -117,6 +128,12 @@ def test_command_line_mistakes_exit_2_with_one_line(checkpoint, tmp_path, capsys
         (["generate", str(checkpoint)], "--prompt"),
         (["generate", str(checkpoint), "--input", str(source)], "--output"),
         (["generate", str(checkpoint), "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", str(checkpoint), "--prompt", "x", "--greedy", "--temperature", "0.8"],
+         "--greedy decodes greedily (temperature 0) and cannot go with --temperature 0.8"),
+        (["generate", str(checkpoint), "--prompt", "x", "--n", "0"], "--n must be an int >= 1"),
+        (["generate", str(checkpoint), "--prompt", "x", "--min-p", "2"], "--min-p must be in [0, 1]"),
+        (["generate", str(checkpoint), "--prompt", "x", "--logprobs", "-1"], "--logprobs must be an int >= 0"),
+        (["generate", str(checkpoint), "--prompt", "x", "--presence-penalty", "-3"], "--presence-penalty must be in [-2, 2]"),
     ]
     for args, match in cases:
         assert main([*args, *EAGER]) == 2, args

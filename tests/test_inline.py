@@ -14,13 +14,13 @@ from torch import nn
 
 import hscompile
 from hscompile.generation import regions
-
-# These tests are about what dynamo traces: no graph saved by an earlier test may stand in for it.
-pytestmark = pytest.mark.usefixtures("fresh_graph_cache")
 from hscompile.generation.regions import LayerRegions, repeated_layers
 from hscompile.ir.fx import module_paths
 from hscompile.passes.analyze import analyze
-from hscompile.passes.inline import has_regions, inline_regions, region_calls
+from hscompile.passes.inline_regions import has_regions, inline_regions, region_calls
+
+# These tests are about what dynamo traces: no graph saved by an earlier test may stand in for it.
+pytestmark = pytest.mark.usefixtures("fresh_graph_cache")
 
 
 def _entry(model, input_ids, attention_mask, position_ids):

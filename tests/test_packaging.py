@@ -48,7 +48,8 @@ def test_core_dependencies_have_an_upper_bound_at_the_newest_tested_release():
 def test_the_wheel_builds_without_warnings_and_holds_only_hscompile(tmp_path):
     pytest.importorskip("setuptools")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
+         "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, check=True,
     )
     # pip's own notes about the machine's index settings are not the build's.

@@ -17,7 +17,9 @@ equal, else it is ignored and dynamo captures (and saves) anew (:func:`structure
   (config fields, scales, flags: dynamo bakes them into the graph), every parameter and buffer's
   name, shape, stride, dtype and device. Weight values are not part of it (the graph does not
   depend on them). A model with forward hooks, or an attribute that cannot be described, is not
-  keyed: its graphs are neither saved nor reused.
+  keyed: its graphs are neither saved nor reused. hscompile's own attribute, the generators
+  ``hscompile.generate`` keeps on the model (:data:`~hscompile.generation.kept.KEPT_ATTRIBUTE`), is
+  left out: the forward never reads it, and a kept generator would otherwise unkey the model.
 
 A saved graph serves a call only if the call passes what dynamo guarded: each input's dtype,
 rank and static sizes (checked before loading), then the shape environment's guards on its
@@ -48,6 +50,7 @@ import torch
 from torch import fx, nn
 
 from .. import _env
+from .kept import KEPT_ATTRIBUTE
 
 if TYPE_CHECKING:
     from ..backend import CompiledModel
@@ -456,7 +459,7 @@ def structure_key(model: nn.Module, sources: str | None = None) -> str | None:
             if file is not None and file not in files:
                 files[file] = _file_hash(file) + _namespace_code(klass.__module__)
         for name, value in sorted(vars(module).items()):
-            if name in ("_parameters", "_buffers", "_modules", "training") or "hook" in name:
+            if name in ("_parameters", "_buffers", "_modules", "training", KEPT_ATTRIBUTE) or "hook" in name:
                 continue
             text = _describe(value, described, depth=0)
             if text is None:

@@ -13,14 +13,17 @@
    model through ``torch.compile`` with a backend that compiles its graph with the cache pass:
    every layer loads its past tokens' K/V and checkpoints, recomputes K/V from the
    checkpoints, attends, and stores the new tokens as K/V or checkpoints;
-4. picks tokens greedily or by sampling (temperature, top-k, top-p; seeded), stops each
-   sequence at its end-of-sequence token and pads it after, as ``transformers`` does.
+4. picks tokens greedily or by sampling with the call's :class:`~hscompile.SamplingParams` over
+   the checkpoint's generation config (penalties, temperature, top-k, top-p, min-p; seeded),
+   stops each sequence at its end-of-sequence token and pads it after, as ``transformers``
+   does; ``n > 1`` samples of a prompt share its prefill.
 
 The parts: :mod:`~hscompile.generation.validation` checks the input,
 :func:`~hscompile.planner.choice.plan_call` makes the call's one plan (ratio, mini-batches, waves,
 staging), which the cache, the graphs and this driver read and never decide again,
-:class:`~hscompile.generation.graphs.GeneratorGraphs` compiles and budget-checks the graphs, :class:`~hscompile.runtime.cache.CacheRuntime` serves the cache, and
-:mod:`~hscompile.generation.sampling` picks tokens. This module drives them.
+:class:`~hscompile.generation.graphs.GeneratorGraphs` compiles and budget-checks the graphs,
+:class:`~hscompile.runtime.cache.CacheRuntime` serves the cache, and :mod:`~hscompile.generation.sampling`
+picks tokens. This module drives them.
 
 Positions follow transformers' convention for left-padded batches (``cumsum(mask) - 1``), so
 the cache stores real tokens only and a token's position is its index among them.
@@ -32,12 +35,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._dynamo import exc as dynamo_errors
 
-from ..backend import CompiledModel, kept_generator
+from ..backend import CompiledModel
 from ..config import HybridServeConfig
 from ..errors import UnsupportedModelError
 from ..ir.cache import CacheSpec
@@ -50,8 +54,10 @@ from ..planner.minibatch import SequenceCost, step_groups
 from ..runtime.cache import CacheRuntime, StepRequest
 from .captures import INPUTS, CaptureStore, SavedGraph, sources_hash
 from .graphs import GeneratorGraphs, entry_point, tracing_settings
+from .kept import kept_generator
+from .params import Sampling, SamplingParams, sample_seeds, sampling_params
 from .regions import LayerRegions
-from .sampling import Sampling, check_sampling, eos_token_ids, pad_token_id, samplers, select
+from .sampling import TokenLogprob, TokenPicker, eos_token_ids, pad_token_id, samplers
 from .validation import check_batch, check_not_prequantized, check_prompt_length
 
 _LOG = logging.getLogger("hscompile.generation")
@@ -61,7 +67,21 @@ _REGION_FAILURES: tuple[type[Exception], ...] = (dynamo_errors.UncapturedHigherO
 if TYPE_CHECKING:
     from ..text import Completion, Prompt
 
-__all__ = ["Generator", "generate"]
+__all__ = ["Generation", "Generator", "generate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What :meth:`Generator.run` returns: the tokens and, when asked, their logprobs."""
+
+    sequences: torch.Tensor
+    """Prompt + new tokens, ``(batch * n, prompt + new)``, prompt-major; padded after a row's end."""
+    logprobs: list[list[TokenLogprob]] | None
+    """Per row, per generated token up to the row's end (its end-of-sequence or stop token
+    included, not the padding after): the token's logprob and its alternatives; None unless
+    ``logprobs`` was given."""
+    sampling: Sampling
+    """The settings the call ran with, every default applied."""
 
 
 class Generator:
@@ -106,6 +126,8 @@ class Generator:
         self.graphs = GeneratorGraphs(self.config, self.cache)
         self._regions = LayerRegions(model)
         self._state: dict[str, torch.Tensor] | None = None
+        self._prefills_shared = 0
+        """Prompt prefills saved by ``n > 1`` (copies that took their prompt's cache instead)."""
         # hscompile's code as this process runs it (a part of every key; read once).
         self._sources = sources_hash() if self.config.graph_cache else ""
         self._compiled = torch.compile(entry_point(f"hscompile_generator_{id(self):x}"), backend=self.graphs.backend(),
@@ -118,42 +140,66 @@ class Generator:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
         *,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | Sequence[int] | None = None,
         act_ratio: float | None = None,
         progress: bool = False,
         stopping: Callable[[int, list[int]], bool] | None = None,
+        **sampling: Any,
     ) -> torch.Tensor:
-        """Prompt + new tokens, ``(batch, prompt + n)``, like ``transformers``' ``generate``.
+        """Prompt + new tokens, ``(batch * n, prompt + new)``, like ``transformers``' ``generate``.
 
         ``input_ids`` is a left-padded batch; ``attention_mask`` marks real tokens with 1.
+        ``params`` (a :class:`~hscompile.SamplingParams`) and ``sampling`` (its fields as
+        keywords, applied over it: ``max_new_tokens=32, temperature=0.8, ...``) say how tokens
+        are picked; what neither gives comes from the model's generation config, as transformers
+        takes it (:meth:`SamplingParams.resolve`). With ``n > 1`` the rows are prompt-major (row
+        ``i * n + j`` is sample ``j`` of prompt ``i``), as transformers' ``num_return_sequences``.
         ``act_ratio`` overrides the options' ratio for this call (the compiled graphs do not
         depend on it, so sweeping it costs no compilation). ``progress`` shows a progress bar
         over the steps on the terminal (off by default: a library stays quiet).
 
-        ``seed`` makes sampling reproducible per sequence: one int seeds sequence ``i`` with
-        :func:`~hscompile.text.sequence_seed` ``(seed, i)``, a list gives each sequence its own
-        seed. A sequence's tokens then depend on its prompt, settings and seed only, not on the
-        waves or mini-batches it runs in. ``stopping(row, new_token_ids) -> bool`` ends a sequence
-        early (as its end-of-sequence token would): stop strings use it.
+        ``seed`` makes sampling reproducible per sequence: one int seeds prompt ``i`` with
+        :func:`~hscompile.generation.params.sequence_seed` ``(seed, i)``, a list gives each prompt
+        its own seed (:func:`~hscompile.generation.params.sample_seeds` derives the ``n`` samples').
+        A sequence's tokens then depend on its prompt, settings and seed only, not on the waves or
+        mini-batches it runs in. ``stopping(row, new_token_ids) -> bool`` ends a sequence early (as
+        its end-of-sequence token would): stop strings use it.
         """
+        return self.run(input_ids, attention_mask, params, act_ratio=act_ratio, progress=progress, stopping=stopping,
+                        **sampling).sequences
+
+    @torch.no_grad()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        *,
+        act_ratio: float | None = None,
+        progress: bool = False,
+        stopping: Callable[[int, list[int]], bool] | None = None,
+        **sampling: Any,
+    ) -> Generation:
+        """:meth:`generate`, returning the tokens with their logprobs (when ``logprobs`` asks)."""
+        settings = sampling_params(params, **sampling).resolve(getattr(self.model, "generation_config", None))
+        max_new_tokens = settings.max_new_tokens
         ids, mask = check_batch(input_ids, attention_mask, max_new_tokens, _vocab_size(self.model))
         self._key_graphs()
+        samples = settings.n
+        seeds = sample_seeds(settings.seed, ids.shape[0], samples)  # checked even when greedy
+        if samples > 1:  # prompt-major copies; each prompt is prefilled once (see _generate_wave)
+            ids, mask = ids.repeat_interleave(samples, dim=0), mask.repeat_interleave(samples, dim=0)
         lengths = mask.sum(dim=1)
         self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
-        check_sampling(do_sample, temperature, top_k, top_p)
-        streams = samplers(seed, ids.shape[0]) if do_sample else None
+        streams = None if settings.greedy else samplers(seeds, ids.shape[0])
         totals = [int(n) + max_new_tokens for n in lengths]
         pools = self.cache.cache  # the last call's pools: this call's replace them
         held = pools.kv.nbytes + pools.act.nbytes if pools is not None else 0
         plan = plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()), new_tokens=max_new_tokens,
                          act_ratio=act_ratio, overlap=self.cache.overlap_loads,
-                         host=host_budget(self.config, held=held), dims=self._model_dims(), profile=self._profile)
+                         host=host_budget(self.config, held=held), dims=self._model_dims(), profile=self._profile,
+                         sampling=settings)
         self.plan, self._profile = plan, plan.profile or self._profile
         self.cache.use(plan)
         self.graphs.use(plan)
@@ -161,50 +207,49 @@ class Generator:
         self.graphs.check_budget([(len(w), ids.shape[1], False) for w in waves] + [(len(w), 1, True) for w in waves],
                                  plan.staging_bytes)
         pieces: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
+        logprobs: list[list[TokenLogprob] | None] = [None] * ids.shape[0]
+        eos = eos_token_ids(self.model)
         with _progress(progress, len(waves) * max_new_tokens) as tick, _eval_mode(self.model):
             # The largest wave first (the plan's order): its graphs need the most device memory, so a budget
             # too small for the call is refused by the first graph, before any work, with the minimum it needs.
             for wave in waves:
-                sampling = Sampling(do_sample, temperature, top_k, top_p,
-                                    [streams[i] for i in wave] if streams is not None else None)
-                out = self._generate_wave(ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
-                                          sampling, tick, _stopping_for(stopping, wave))
+                picker = TokenPicker(settings, ids[wave], mask[wave], eos,
+                                     [streams[i] for i in wave] if streams is not None else None)
+                out, ends = self._generate_wave(ids[wave], mask[wave], [totals[i] for i in wave], max_new_tokens,
+                                                picker, [] if settings.ignore_eos else eos, [i // samples for i in wave],
+                                                tick, _stopping_for(stopping, wave))
                 for row, index in enumerate(wave):
                     pieces[index] = out[row]
+                    logprobs[index] = picker.logprobs(row, out[row, ids.shape[1]:ids.shape[1] + ends[row]].tolist())
         width = max(p.shape[0] for p in pieces)
         pad = pad_token_id(self.model)
-        return torch.stack([torch.cat((p, p.new_full((width - p.shape[0],), pad))) for p in pieces])
+        sequences = torch.stack([torch.cat((p, p.new_full((width - p.shape[0],), pad))) for p in pieces])
+        return Generation(sequences, logprobs if settings.logprobs is not None else None, settings)
 
     @torch.no_grad()
     def generate_text(
         self,
         prompts: Sequence[Prompt] | Prompt,
+        params: SamplingParams | None = None,
         *,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
         chat: bool = False,
         act_ratio: float | None = None,
         progress: bool = False,
+        **sampling: Any,
     ) -> list[Completion]:
-        """One :class:`~hscompile.text.Completion` per prompt, in order.
+        """One :class:`~hscompile.text.Completion` per prompt and sample (``n`` per prompt,
+        prompt-major), in order.
 
         A prompt is a string, or chat messages (``[{"role": "user", "content": "..."}]``) rendered
         with the tokenizer's chat template; ``chat=True`` renders plain strings as one user turn.
         Prompts are encoded one by one and left-padded together, so greedy ``token_ids`` equal
-        transformers' ``generate(do_sample=False)`` whether prompts run together or alone. A stop
-        string ends its sequence (``finish_reason="stop"``; the text is cut before it). ``seed`` and
-        ``act_ratio``: see :meth:`generate`.
+        transformers' ``generate()`` whether prompts run together or alone. A stop string
+        (``stop=``) ends its sequence (``finish_reason="stop"``; the text is cut before it).
+        ``params``, ``sampling``, ``seed`` and ``act_ratio``: see :meth:`generate`.
         """
         from ..text import complete
 
-        return complete(self, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop=stop, chat=chat, act_ratio=act_ratio,
-                        progress=progress)
+        return complete(self, prompts, params, chat=chat, act_ratio=act_ratio, progress=progress, **sampling)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the cache and of the newest compiled graph. ``host_syncs`` counts every wait
@@ -230,6 +275,13 @@ class Generator:
             "inductor_cache_hits": sum(r.cache_hits for r in records),
             # Graphs built from captures saved earlier (this process or another), without dynamo.
             "saved_graphs_used": sum(r.saved is not None for r in records),
+            # Prompt prefills n > 1 saved: each copy of a prompt took its cache instead of a prefill.
+            "prefills_shared": self._prefills_shared,
+            # The simulated asynchronous device's schedule (None on a real device) and how many copies it
+            # completed later than they were issued, over the cache's backend and every graph's weights'.
+            "async_sim": self.cache.backend.async_sim,
+            "deferred_copies": self.cache.backend.deferred_copies + sum(
+                c.executor.runtime.backend.deferred_copies for c in self.graphs.compiled if c.executor is not None),
             "act_ratio": self.cache.plan.act_ratio,
             "minibatch_size": plan.minibatch_rows if plan is not None else None,
             "graphs": len(self.graphs.compiled),
@@ -378,19 +430,36 @@ class Generator:
         return self._state[name]
 
     def _generate_wave(self, ids: torch.Tensor, mask: torch.Tensor, totals: list[int], max_new_tokens: int,
-                       sampling: Sampling, tick: Callable[[], None] = lambda: None,
-                       stopping: Callable[[int, list[int]], bool] | None = None) -> torch.Tensor:
+                       picker: TokenPicker, eos: list[int], sources: list[int],
+                       tick: Callable[[], None] = lambda: None,
+                       stopping: Callable[[int, list[int]], bool] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """One wave's tokens, and how many each row generated before it ended (its end-of-sequence
+        or stop token included; the rest is padding). ``sources[row]`` names the prompt a row
+        samples from: rows that share one (``n > 1``) are prefilled once and the cache copies its
+        blocks for the others (:meth:`~hscompile.runtime.cache.CacheRuntime.fork`). ``eos`` ends a
+        row (empty: never)."""
         batch = ids.shape[0]
-        eos = eos_token_ids(self.model)
         pad = pad_token_id(self.model)
+        firsts: dict[int, int] = {}
+        for row, source in enumerate(sources):
+            firsts.setdefault(source, row)
+        unique = list(firsts.values())
         try:
             positions = mask.cumsum(dim=1) - 1
             positions.masked_fill_(mask == 0, 1)
-            logits = self._call(ids, mask, positions, StepRequest(real=mask.bool(), admit=list(totals)), prefill=mask)
+            prefill = mask[unique]
+            logits = self._call(ids[unique], prefill, positions[unique],
+                                StepRequest(real=prefill.bool(), admit=[totals[r] for r in unique]), prefill=prefill)
+            if len(unique) < batch:
+                index = [unique.index(firsts[source]) for source in sources]
+                self.cache.fork(index, totals)
+                logits = logits[index]
+                self._prefills_shared += batch - len(unique)
             unfinished = torch.ones(batch, dtype=torch.bool)
             generated: list[torch.Tensor] = []
+            ends = torch.full((batch,), max_new_tokens)
             for step in range(max_new_tokens):
-                tokens = select(logits, sampling)
+                tokens = picker(logits)
                 tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
                 generated.append(tokens)
                 tick()
@@ -401,6 +470,7 @@ class Generator:
                     for row in unfinished.nonzero().flatten().tolist():
                         if stopping(row, so_far[row].tolist()):
                             unfinished[row] = False
+                ends = torch.where(unfinished | (ends < max_new_tokens), ends, step + 1)
                 if step == max_new_tokens - 1 or not bool(unfinished.any()):
                     break
                 lengths = torch.tensor([kv + act for kv, act in self.cache.held_tokens()])
@@ -408,7 +478,7 @@ class Generator:
                                     lengths.view(batch, 1), StepRequest(real=torch.ones(batch, 1, dtype=torch.bool)))
         finally:
             self.cache.end_batch()
-        return torch.cat((ids, torch.stack(generated, dim=1)), dim=1)
+        return torch.cat((ids, torch.stack(generated, dim=1)), dim=1), ends.tolist()
 
 
 @contextlib.contextmanager
@@ -437,25 +507,19 @@ def generate(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | Sequence[int] | None = None,
+    params: SamplingParams | None = None,
     options: Mapping[str, object] | None = None,
     progress: bool = False,
+    **sampling: Any,
 ) -> torch.Tensor:
     """Generate with weight streaming and the hybrid KV/ACT cache; returns prompt + new tokens.
 
     The first call for a model and options compiles it (the :class:`Generator` is kept for
-    later calls). See :class:`Generator` and the README for the options.
+    later calls). ``params`` and ``sampling`` (SamplingParams' fields as keywords): see
+    :meth:`Generator.generate`; the README for the options.
     """
     generator = kept_generator(model, options, lambda: Generator(model, options))
-    return generator.generate(
-        input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, progress=progress,
-    )
+    return generator.generate(input_ids, attention_mask, params, progress=progress, **sampling)
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:

@@ -18,10 +18,10 @@ from torch import fx
 from ..backend import CompiledModel, compile_graph, record
 from ..config import HybridServeConfig
 from ..errors import HybridServeError, surface_through_dynamo
-from ..ir.fx import fake_value
 from ..ir.call import CallPlan
+from ..ir.fx import fake_value
 from ..ir.policy import check_device_budget
-from ..passes.inline import inline_regions, region_calls
+from ..passes.inline_regions import inline_regions, region_calls
 from ..runtime.cache import CacheRuntime
 from .captures import CaptureStore, SavedGraph
 

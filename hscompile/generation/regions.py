@@ -4,7 +4,7 @@ Dynamo inlines every layer's ``forward`` as it meets it: capture time grows with
 the 10.7 s of SmolLM2's first call went there). Marking the layers as one
 ``torch.compiler.nested_compile_region`` makes dynamo trace the first layer and stamp that body
 out for every layer whose inputs pass the same guards; the backend inlines the calls again
-(:func:`hscompile.passes.inline.inline_regions`), so the passes see the graph they always saw.
+(:func:`hscompile.passes.inline_regions.inline_regions`), so the passes see the graph they always saw.
 
 The layers are found structurally, as the analysis finds them: a module list of two or more
 modules of one class with the same parameter names, shapes and dtypes. The regions are bound

@@ -1,6 +1,6 @@
 """The activation estimate: device bytes of live values one call holds at its peak.
 
-Plain data that :mod:`hscompile.passes.memory` builds from a graph and that placement (at
+Plain data that :mod:`hscompile.passes.estimate_activations` builds from a graph and that placement (at
 compile time) and the runtime (before every call) evaluate for the call's sizes.
 """
 

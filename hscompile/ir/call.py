@@ -1,7 +1,7 @@
 """The per-call plan: every decision one generation call runs with, made once before any work.
 
 :func:`hscompile.planner.choice.plan_call` builds it; the generator, the placement of graphs
-compiled during the call (:func:`hscompile.passes.placement.place`), the budget checks and the
+compiled during the call (:func:`hscompile.passes.place.place`), the budget checks and the
 cache runtime (:meth:`hscompile.runtime.cache.CacheRuntime.use`) read it and never decide again.
 It lives here, as plain data, because both ``passes/`` and ``runtime/`` read it.
 """
@@ -43,6 +43,9 @@ class CallPlan:
     decision: Any = None
     """The cost model's :class:`~hscompile.planner.cost_model.Decision` (alternatives and why),
     where something was ``"auto"`` and some choice fit the budget."""
+    sampling: Any = None
+    """How the call picks tokens, every default applied
+    (:class:`~hscompile.generation.params.Sampling`; None outside a generator's call)."""
 
     @classmethod
     def fixed(cls, act_ratio: float) -> CallPlan:

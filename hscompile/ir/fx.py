@@ -283,7 +283,8 @@ def _target_repr(node: fx.Node) -> str:
 
 def _meta_repr(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"T({tuple(str(s) for s in value.shape)},{tuple(str(s) for s in value.stride())},{value.dtype},{value.device.type})"
+        shape, stride = tuple(str(s) for s in value.shape), tuple(str(s) for s in value.stride())
+        return f"T({shape},{stride},{value.dtype},{value.device.type})"
     if isinstance(value, torch.SymInt | int):
         return f"I({value})" if not isinstance(value, int) else "I"
     return type(value).__name__
@@ -319,9 +320,12 @@ def structural_key(gm: fx.GraphModule) -> str:
             tokens.append(f"P:{_meta_repr(fake_value(node))}")
         elif node.op == "get_attr":
             value = _get_attr(gm, str(node.target))
-            digest = hashlib.sha256(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() if isinstance(value, torch.Tensor) else repr(value)
+            if isinstance(value, torch.Tensor):
+                data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                digest = hashlib.sha256(data).hexdigest()
+            else:
+                digest = repr(value)
             tokens.append(f"A:{_meta_repr(value)}:{digest}")
         else:
             tokens.append(f"{node.op}:{_target_repr(node)}:{arg_repr(node.args)}:{arg_repr(dict(node.kwargs))}")
     return hashlib.sha256("\n".join(tokens).encode()).hexdigest()[:16]
-

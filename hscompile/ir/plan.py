@@ -194,11 +194,6 @@ class ModelPlan:
         """The placeholder names of :attr:`weights`."""
         return frozenset(w.node for w in self.weights)
 
-    @property
-    def act_values_per_token(self) -> int:
-        """Values an ACT block holds per token per layer: the hidden size."""
-        return self.hidden_size
-
     @staticmethod
     def node(gm: fx.GraphModule, name: str) -> fx.Node:
         """Resolve a node name of this plan in the graph it was made from."""

@@ -48,7 +48,7 @@ class CacheOps(Protocol):
 
 
 class KVRecompute(Protocol):
-    """A K/V recompute program (:class:`hscompile.passes.recompute.RecomputeProgram` is one):
+    """A K/V recompute program (:class:`hscompile.passes.recompute_program.RecomputeProgram` is one):
     K/V of checkpointed tokens of one layer, from their checkpoints, at their positions."""
 
     @property

@@ -136,7 +136,8 @@ class _Analysis:
         assert hidden_shape is not None
         hidden_size = static_int(hidden_shape[-1])
         if hidden_size is None:
-            raise UnsupportedModelError(f"the hidden size of {first_input.name!r} is symbolic ({hidden_shape[-1]}); it must be static")
+            raise UnsupportedModelError(
+                f"the hidden size of {first_input.name!r} is symbolic ({hidden_shape[-1]}); it must be static")
         sizes = {p for p, src in self.sources.items() if src.kind == "size"}
         return ModelPlan(
             positions=self._position_slice(layers, set(pre), sizes),
@@ -554,6 +555,7 @@ class _Analysis:
                 f"the K/V recompute slices read {outside[0].name!r}, which is not computed before the layers; K/V can "
                 "only be recomputed from a checkpoint when their other inputs depend on positions alone"
             )
+
         def integer_view(node: fx.Node) -> bool:
             # position_ids[:, None, :] and kin: walk through to the base (batch, seq) positions.
             return integer(node) and self._is_replication_op(node) and all(integer(a) for a in node.all_input_nodes)

@@ -72,9 +72,7 @@ def stub_cache_updates(gm: fx.GraphModule, plan: ModelPlan) -> fx.GraphModule:
             node = by_name[full]
             node.target = torch.ops.hybridserve.cache_stub.default
             node.args, node.kwargs = (by_name[past], by_name[new]), {}
-    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    result.graph.lint()
-    return result
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 class Partition(torch.nn.Module):
@@ -140,7 +138,7 @@ def _pieces(gm: fx.GraphModule, plan: ModelPlan, generation: bool) -> list[_Piec
         seeds = [by_name[site.query], by_name[key], by_name[value]]
         if site.attn_mask is not None and by_name[site.attn_mask] in members:
             seeds.append(by_name[site.attn_mask])
-        attn_in = backward_slice(seeds, inside=lambda n: n in members and n not in dropped)
+        attn_in = backward_slice(seeds, inside=(members - dropped).__contains__)
         in_set = set(attn_in)
         attn_out = [n for n in gm.graph.nodes if n in members and n not in in_set and n not in dropped]
         pieces += [
@@ -240,7 +238,7 @@ def partition(gm: fx.GraphModule, plan: ModelPlan, generation: bool = False) -> 
         needed.update(_reads(piece, plan, by_name, generation))
     output = next(n for n in gm.graph.nodes if n.op == "output")
     needed.update(output.all_input_nodes)
-    if plan.positions is not None:  # the cache stores each token's position (see passes/kvcache.py)
+    if plan.positions is not None:  # the cache stores each token's position (see passes/rewrite_for_cache.py)
         needed.add(by_name[plan.positions.positions])
 
     for piece in pieces:
@@ -282,6 +280,4 @@ def partition(gm: fx.GraphModule, plan: ModelPlan, generation: bool = False) -> 
     graph.output(fx.map_arg(output.args[0], lambda n: env[n]))
     for key, (name, kind, sub, layers) in by_key.items():
         root.add_module(name, Partition(kind, sub, key, tuple(layers)))
-    schedule = fx.GraphModule(root, graph, class_name="HybridServeSchedule")
-    schedule.graph.lint()
-    return schedule
+    return fx.GraphModule(root, graph, class_name="HybridServeSchedule")

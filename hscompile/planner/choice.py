@@ -11,6 +11,7 @@ checkpoints can save link bytes at all is one rule, in bytes:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ..config import HybridServeConfig, act_ratio_value
 from ..ir.cache import CacheSpec
@@ -25,7 +26,7 @@ __all__ = ["plan_call"]
 
 def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[int], prompt: int, new_tokens: int,
               act_ratio: object = None, overlap: bool, host: HostBudget | int | None, dims: ModelDims,
-              profile: HardwareProfile | None = None) -> CallPlan:
+              profile: HardwareProfile | None = None, sampling: Any = None) -> CallPlan:
     """The plan of a call of ``len(totals)`` sequences (each ``totals[i]`` tokens when done, the
     longest prompt ``prompt`` tokens) on a model of cache dimensions ``spec``.
 
@@ -34,7 +35,10 @@ def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[in
     load ahead. ``host``: the budget the waves must fit (:func:`~hscompile.planner.budget.host_budget`).
     ``dims`` are the model's sizes as stored; ``profile`` the device's, measured here
     (:func:`~hscompile.planner.hardware.tune`, cached per device) when something is ``"auto"`` and
-    none is given; the plan carries the one it searched on. Where nothing fits
+    none is given; the plan carries the one it searched on. ``sampling``: the call's resolved
+    sampling settings (:class:`~hscompile.generation.params.Sampling`, decided from the caller's
+    and the checkpoint's parameters before the plan), carried so that the plan holds every
+    per-call decision. Where nothing fits
     the device budget, the search gives way to the configured values (an ``"auto"`` ratio: the
     rule's default): the placement of the call's first graph then refuses the budget with the
     minimum that would work."""
@@ -79,5 +83,5 @@ def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[in
     return CallPlan(
         act_ratio=chosen, staged_ratio=ratio_staged, minibatch_rows=rows, minibatches=count,
         waves=tuple(tuple(w) for w in sorted(waves, key=len, reverse=True)), staging_bytes=staging,
-        workload=(largest, prompt, new_tokens), profile=measured, decision=decision,
+        workload=(largest, prompt, new_tokens), profile=measured, decision=decision, sampling=sampling,
     )

@@ -117,10 +117,6 @@ class HardwareProfile:
         """Streaming ``nbytes`` through device memory once (elementwise work)."""
         return nbytes / self.memory_bytes_per_s
 
-    def host_seconds(self, nbytes: float) -> float:
-        """Gathering ``nbytes`` on the host (read and written once)."""
-        return 2 * nbytes / self.host_bytes_per_s
-
     def h2d_seconds(self, nbytes: float) -> float:
         return nbytes / self.h2d_bytes_per_s if nbytes else 0.0
 
@@ -381,4 +377,3 @@ def tune(
     temporary.write_text(profile.to_json())
     temporary.replace(path)  # atomic: a concurrent reader sees the old file or the new one
     return profile
-

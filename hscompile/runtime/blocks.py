@@ -38,7 +38,6 @@ from ..ir.cache import CacheSpec, Kind, act_blocks, split_blocks
 __all__ = ["Block", "BlockPool", "HybridCache", "SequenceBlocks"]
 
 
-
 @dataclass(slots=True)
 class Block:
     """One block of a pool."""
@@ -92,8 +91,6 @@ class BlockPool:
             raise RuntimeError(f"{self.kind} block {block.id} does not belong to this pool")
 
 
-
-
 @dataclass(slots=True)
 class SequenceBlocks:
     """A sequence's block table: which block of which kind holds its ``i``-th group of tokens."""
@@ -103,8 +100,6 @@ class SequenceBlocks:
     length: int = 0
     """Tokens stored so far."""
     capacity_tokens: int = 0
-
-
 
 
 @dataclass(slots=True)

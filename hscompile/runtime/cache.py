@@ -259,13 +259,48 @@ class CacheRuntime:
         blocks = [self.spec.blocks_for(ratio, t) for t in capacities]
         cache = HybridCache.allocate(
             self.spec, ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
-            pin=self.backend.asynchronous,
+            pin=self.backend.pins_host,
         )
         for seq, tokens in enumerate(capacities):
             if not cache.admit(seq, tokens):  # pragma: no cover - the pools are sized for the batch
                 raise RuntimeError(f"sequence {seq} did not fit pools sized for it")
         self.start(cache, range(len(capacities)))
         self._columns = None if growable else max(capacities)
+
+    def fork(self, sources: Sequence[int], capacities: Sequence[int]) -> None:
+        """Replace the batch just prefilled by ``len(sources)`` sequences: sequence ``i`` starts as a
+        copy of what row ``sources[i]`` holds, with room for ``capacities[i]`` tokens.
+
+        ``n > 1`` completions of one prompt prefill it once and copy its stored tokens here (every
+        layer's KV and ACT rows, host to host, and the checkpoints' positions) instead of
+        computing them ``n`` times. A copy's blocks are split like its source's (same ratio, same
+        final length), so each token keeps its kind. Runs between steps, after the prefill's
+        tokens were fetched (its stores are then done); the old pools are freed after the copy.
+        """
+        old, spec, positions = self.cache, self.spec, self.positions
+        assert old is not None and spec is not None and positions is not None and not self.plans
+        sequences = self.sequences
+        blocks = [spec.blocks_for(old.act_ratio, tokens) for tokens in capacities]
+        new = HybridCache.allocate(spec, old.act_ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
+                                   pin=self.backend.pins_host)
+        self.start(new, range(len(capacities)))
+        assert self.positions is not None
+        for seq, (row, tokens) in enumerate(zip(sources, capacities, strict=True)):
+            if not new.admit(seq, tokens):  # pragma: no cover - the pools are sized for the batch
+                raise RuntimeError(f"sequence {seq} did not fit pools sized for it")
+            source = sequences[row]
+            length = old.sequences[source].length
+            for kind, slot, first, count in old.pieces(source, 0, length):
+                for to_kind, to_slot, to_first, to_count in new.pieces(seq, first, first + count):
+                    if to_kind != kind:
+                        raise RuntimeError(f"a copy of sequence {source} splits its blocks differently from it")
+                    start = slot + to_first - first
+                    src, dst = (old.kv, new.kv) if kind == "kv" else (old.act, new.act)
+                    dst[:, to_slot:to_slot + to_count].copy_(src[:, start:start + to_count])
+                    if kind == "act":
+                        self.positions.positions[to_slot:to_slot + to_count] = positions.positions[start:start + to_count]
+            new.sequences[seq].length = length
+        self._columns = max(capacities)
 
     def end_batch(self) -> None:
         """Give every sequence's blocks back (the driver's batch is done)."""
@@ -425,5 +460,3 @@ class CacheRuntime:
                                                      label=f"L{layer} store {kind}")
             after = None
         self._in_flight.append(packed)  # alive until the copies are done (the step's tokens were fetched)
-
-

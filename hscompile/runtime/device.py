@@ -4,6 +4,9 @@ Both expose the same operations with the same byte accounting. On CUDA, copies a
 on a dedicated copy stream and ordered by events, so a copy overlaps compute on the current
 stream; on CPU every copy is synchronous and events are no-ops. Everything above this module
 is device-agnostic, which is what lets the whole runtime be tested on a machine without a GPU.
+With ``HSCOMPILE_ASYNC_SIM`` set (a test tool), the CPU device is a
+:class:`~hscompile.runtime.simulated.SimulatedAsyncDevice` instead: the CUDA paths, with CUDA's
+copy-stream semantics, on the CPU.
 
 Every wait of the host on the device goes through :meth:`DeviceBackend.fetch` or
 :meth:`DeviceBackend.synchronize` and is counted in :attr:`DeviceBackend.host_syncs`, on the
@@ -17,58 +20,12 @@ from typing import Any
 
 import torch
 
+from .._env import async_sim
+from .device_base import DeviceBackend
+from .simulated import SimulatedAsyncDevice
 from .timeline import active_timeline
 
 __all__ = ["CpuDevice", "CudaDevice", "DeviceBackend", "device_backend"]
-
-
-class DeviceBackend:
-    """The operations the runtime needs from a device. See :class:`CpuDevice` and :class:`CudaDevice`."""
-
-    device: torch.device
-    asynchronous: bool = False
-    """Whether copies run beside the compute (then their buffers must live until their event)."""
-    host_syncs: int = 0
-    """Waits of the host on the device so far (:meth:`fetch`, :meth:`synchronize`)."""
-
-    def fetch(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the host, once the device has computed it: the one counted host wait a step needs."""
-        self.host_syncs += 1
-        return x.cpu()
-
-    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
-                     lane: str = "copy: cache") -> Any:
-        """Copy ``src`` (device) into ``dst`` (host, pinned where copies are asynchronous) once
-        ``after`` (an event or None) has happened; returns an event marking it done (None where
-        copies are synchronous). The host must not read ``dst`` before that event."""
-        raise NotImplementedError
-
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """A host ``uint8`` buffer copies can start from (pinned where that makes copies asynchronous)."""
-        raise NotImplementedError
-
-    def device_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
-                       lane: str = "copy: weights") -> Any:
-        """Copy ``src`` (host) into ``dst`` (device) once ``after`` (an event or None) has happened.
-
-        Returns an event that marks the copy done (None where copies are synchronous). ``label``
-        and ``lane`` name the copy on a timeline being recorded.
-        """
-        raise NotImplementedError
-
-    def wait(self, event: Any) -> None:
-        """Make subsequent compute wait for ``event``."""
-
-    def record(self) -> Any:
-        """An event marking everything issued to the compute stream so far."""
-        return None
-
-    def synchronize(self) -> None:
-        """Wait for all outstanding work."""
-        self.host_syncs += 1
 
 
 class CpuDevice(DeviceBackend):
@@ -99,6 +56,7 @@ class CudaDevice(DeviceBackend):
     """A copy stream beside the compute stream; pinned host buffers; event ordering."""
 
     asynchronous = True
+    pins_host = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -141,4 +99,11 @@ class CudaDevice(DeviceBackend):
 
 
 def device_backend(device: torch.device) -> DeviceBackend:
-    return CudaDevice(device) if device.type == "cuda" else CpuDevice()
+    """A new backend for ``device`` (each with its own copy stream): CUDA's, else the CPU's, which is
+    the simulated asynchronous device when ``HSCOMPILE_ASYNC_SIM`` names a schedule."""
+    if device.type == "cuda":
+        return CudaDevice(device)
+    schedule = async_sim()
+    if schedule is not None and device.type == "cpu":
+        return SimulatedAsyncDevice(schedule)
+    return CpuDevice()

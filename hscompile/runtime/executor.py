@@ -138,6 +138,11 @@ class Executor:
             # A call that raised midway (an error, an interrupt) never releases the slots it took:
             # free them now rather than at the next call, so nothing stays held after a failure.
             self.runtime.weights.reset()
+            if self.runtime.cache is not None:
+                # Its step stored some layers' new tokens and not others: the batch cannot go on. End
+                # it, or the next call (transformers' loop has no end_batch) takes this step's stale
+                # plans for its own (CacheRuntime.step_begin) and fails or attends over stale loads.
+                self.runtime.cache.end_batch()
             raise
         finally:
             self.last_seconds = time.perf_counter() - start

@@ -109,12 +109,16 @@ class LoadPipeline:
             self.arena.free = [self.backend.record()] * self.arena.buffers
 
     def clear(self) -> None:
-        """Forget loads in flight (the step ended or was abandoned)."""
+        """Forget loads in flight (the step ended or was abandoned), once compute has waited for them:
+        their buffers may be rewritten or given back next, never while a copy still writes them (a
+        step that ends normally has none left; one that raised may have issued the next one)."""
+        for _, done in self._pending.values():
+            self.backend.wait(done)
         self._pending.clear()
 
     def release(self) -> None:
         """Drop the arena (the batch is done)."""
-        self._pending.clear()
+        self.clear()
         self.arena = None
 
     def buffer(self, layer: int, index: int, count: int) -> int:

@@ -14,11 +14,12 @@ A step of a large batch does not run as one piece. Its sequences are split into 
 How it splits (:func:`batch_split`, computed once per schedule): a node is *batched* if it
 depends on a batched input, else *shared*. The batched inputs are the placeholders whose first
 dimension is a batch symbol of the graph (the size placeholders equal to one are given the
-mini-batch's size), and the cache loads, which read the running mini-batch's plan. The nodes are cut into *segments* at the run-once barriers and where the batched
-work moves on to the next layer; a segment runs mini-batch by mini-batch, its shared nodes on the first pass only, so every shared effect keeps
-its order relative to the other shared effects and the barriers. A graph whose batch is not
-symbolic (compiled for one batch size), whose batch symbol also sizes another dimension, or
-whose batched outputs do not lead with the batch, is not split: it runs whole, and
+mini-batch's size), and the cache loads, which read the running mini-batch's plan. The nodes
+are cut into *segments* at the run-once barriers and where the batched work moves on to the next
+layer; a segment runs mini-batch by mini-batch, its shared nodes on the first pass only, so every
+shared effect keeps its order relative to the other shared effects and the barriers. A graph
+whose batch is not symbolic (compiled for one batch size), whose batch symbol also sizes another
+dimension, or whose batched outputs do not lead with the batch, is not split: it runs whole, and
 :attr:`BatchSplit.reason` says why.
 
 Which sequences form the mini-batches, and in what order, is the planner's
@@ -267,11 +268,3 @@ class MiniBatchRunner:
             return out
 
         return fx.node.map_arg(self._output.args[0], gather)
-
-
-
-
-
-
-
-

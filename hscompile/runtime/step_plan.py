@@ -75,11 +75,6 @@ class StepPlan:
     _mask_key: Any = None
     _mask: tuple[torch.Tensor | None, bool] | None = field(default=None)
 
-    @property
-    def loaded_tokens(self) -> tuple[int, int]:
-        """``(kv_tokens, act_tokens)`` this plan loads per layer."""
-        return sum(r[2] for r in self.kv_runs), self.act_tokens
-
     def mask(self, attn_mask: torch.Tensor | None, is_causal: bool, device: torch.device,
              check: Any) -> tuple[torch.Tensor | None, bool]:
         """The mask over ``[past, new]`` (and the causal flag) for SDPA, or None where

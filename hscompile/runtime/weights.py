@@ -94,7 +94,8 @@ class WeightRuntime:
         for position, group in enumerate(policy.streamed_layers):
             self._host[group] = self._host_buffer(layouts[group], weights, repoint=True)
             self._slot_of[group] = position % policy.ring_slots
-        self._slots = [_Slot(backend.device_buffer(policy.slot_bytes)) for _ in range(policy.ring_slots if policy.streamed_layers else 0)]
+        slots = policy.ring_slots if policy.streamed_layers else 0
+        self._slots = [_Slot(backend.device_buffer(policy.slot_bytes)) for _ in range(slots)]
 
     # -- building ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from models import ragged_prompts, tiny_model
 from streaming import weight_bytes
 
 import hscompile
-from hscompile.generation import generator as generator_module
+from hscompile.generation.sampling import TokenPicker
 from hscompile.runtime.cache import CacheRuntime
 from hscompile.runtime.weights import WeightRuntime
 
@@ -26,7 +26,7 @@ FAULTS = [
     ("recompute", CacheRuntime, "recompute", 1),
     ("store", CacheRuntime, "store", LAYERS + 1),
     ("weight prefetch", WeightRuntime, "prefetch", 2),
-    ("token selection", generator_module, "select", 2),
+    ("token selection", TokenPicker, "__call__", 2),
 ]
 
 

@@ -13,11 +13,12 @@ import time
 
 import pytest
 import torch
-from models import prompts, tiny_model
+from models import prompts, save_checkpoint, tiny_model
 
 import hscompile
 from hscompile.errors import ConfigError
 from hscompile.generation.captures import CaptureStore, structure_key
+from hscompile.generation.kept import KEPT_ATTRIBUTE
 
 OPTIONS = {"device": "cpu", "lowering": "eager", "act_ratio": 0.5}
 
@@ -197,3 +198,65 @@ def test_a_patched_function_method_or_attention_registration_is_a_new_key(monkey
         patch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *args, **kwargs: sdpa(*args, **kwargs))
         assert structure_key(model) != key
     assert structure_key(model) == key
+
+
+def _kept(model):
+    """The one generator ``hscompile.generate`` kept on ``model``."""
+    (generator,) = vars(model)[KEPT_ATTRIBUTE].values()
+    return generator
+
+
+def test_hscompile_generate_saves_its_captures_and_a_later_call_reuses_them_and_matches_transformers(cache_dir):
+    # The generator hscompile.generate keeps on the model is hscompile's own attribute, which the
+    # key leaves out: the model keeps its key after the call (fixed sources: the model's part alone).
+    ids = prompts(3, 7)
+    first = tiny_model("llama", layers=3, seed=0)
+    key = structure_key(first, sources="fixed")
+    assert torch.equal(hscompile.generate(first, ids, max_new_tokens=3, options=OPTIONS), _reference(first, ids))
+    assert KEPT_ATTRIBUTE in vars(first) and structure_key(first, sources="fixed") == key
+    assert len(_saved(cache_dir)) == 2
+
+    _fresh_process()
+    other = tiny_model("llama", layers=3, seed=5)
+    wider = prompts(2, 9, seed=3)
+    assert torch.equal(hscompile.generate(other, wider, max_new_tokens=3, options=OPTIONS), _reference(other, wider))
+    records = _kept(other).graphs.records
+    assert [r.kind for r in records] == ["prefill", "decode"]
+    assert all(r.traced_layers == 0 and r.saved for r in records), records
+    assert _kept(other).stats()["saved_graphs_used"] == 2
+
+    # The same key as a Generator's: what one entry point saved, the other reuses.
+    _fresh_process()
+    generator = hscompile.Generator(tiny_model("llama", layers=3, seed=7), OPTIONS)
+    assert torch.equal(generator.generate(ids, max_new_tokens=3), _reference(generator.model, ids))
+    assert generator.stats()["saved_graphs_used"] == 2
+    assert len(_saved(cache_dir)) == 2
+
+
+def test_from_pretrained_the_cli_and_hscompile_generate_reuse_one_another_s_captures(cache_dir, tmp_path, capsys):
+    from hscompile.cli import main
+
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, "llama", num_hidden_layers=2)
+    texts = ["The capital of France is", "hello"]
+    options = {"device": "cpu", "lowering": "eager"}
+    cold = hscompile.from_pretrained(checkpoint, options=options)
+    expected = [c.token_ids for c in cold.generate_text(texts, max_new_tokens=3)]
+    assert cold.stats()["saved_graphs_used"] == 0 and len(_saved(cache_dir)) == 2
+
+    _fresh_process()
+    capsys.readouterr()
+    prompt_args = [arg for text in texts for arg in ("--prompt", text)]
+    assert main(["generate", str(checkpoint), *prompt_args, "--max-new-tokens", "3", "--json",
+                 "--device", "cpu", "--lowering", "eager"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["token_ids"] for line in captured.out.strip().splitlines()] == expected
+    shown = " ".join(captured.err.split())
+    assert shown.count("layers (0 traced)") == 2 and shown.count("(captured earlier: ") == 2, shown
+
+    _fresh_process()
+    model = hscompile.from_pretrained(checkpoint, options=options).model
+    ids = prompts(2, 6)
+    assert torch.equal(hscompile.generate(model, ids, max_new_tokens=3, options=options), _reference(model, ids))
+    assert _kept(model).stats()["saved_graphs_used"] == 2
+    assert len(_saved(cache_dir)) == 2

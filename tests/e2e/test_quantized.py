@@ -103,8 +103,11 @@ def _packed(shape, item, *, bits, zeros, group=64):
     rows, columns = shape
     values = rows * columns * bits // 8
     scales = rows * (columns // group) * item
-    align = lambda n: -(-n // ALIGNMENT) * ALIGNMENT
-    return align(values) + align(scales) * (2 if zeros else 1)
+    return _aligned(values) + _aligned(scales) * (2 if zeros else 1)
+
+
+def _aligned(n):
+    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 def test_quantized_layers_move_at_most_055x_int8_and_030x_int4_of_the_bf16_bytes_exactly_as_packed():

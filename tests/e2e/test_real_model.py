@@ -32,7 +32,7 @@ def test_greedy_tokens_equal_transformers_streamed_at_ratios_0_and_half(generato
             expected.append(out[0, ids["input_ids"].shape[1]:].tolist())
     assert "Paris" in tokenizer.decode(expected[0])  # real weights, real text
     for ratio in (0.0, 0.5):
-        completions = generator.generate_text(PROMPTS, max_new_tokens=NEW, act_ratio=ratio)
+        completions = generator.generate_text(PROMPTS, max_new_tokens=NEW, temperature=0, act_ratio=ratio)  # as do_sample=False
         for completion, tokens in zip(completions, expected, strict=True):
             eos = tokens.index(2) + 1 if 2 in tokens else len(tokens)
             assert completion.token_ids == tokens[:eos]

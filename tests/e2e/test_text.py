@@ -215,7 +215,7 @@ def test_text_needs_a_tokenizer_and_real_prompts(checkpoint, tmp_path):
     generator = hscompile.from_pretrained(checkpoint[0], options=EAGER)
     with pytest.raises(CheckpointError, match="prompt 1 is empty"):
         generator.generate_text(["fine", ""], max_new_tokens=2)
-    with pytest.raises(ValueError, match="prompt 0 has .* more than the model's maximum positions"):
+    with pytest.raises(ValueError, match=r"prompt 0 has .* more than the model's maximum positions"):
         generator.generate_text("hello " * 300, max_new_tokens=2)
     with pytest.raises(CheckpointError, match="dtype must be one of"):
         hscompile.from_pretrained(checkpoint[0], dtype="int8", options=EAGER)

@@ -58,6 +58,19 @@ def test_minibatched_generation_on_cuda_with_loads_ahead_equals_transformers(rat
     assert stats["minibatches"] > stats["cache_steps"] and stats["host_syncs_per_step"] == 1.0
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_n_greedy_copies_of_a_prompt_on_cuda_equal_the_prompt_alone(ratio):
+    # n > 1 copies the prefill's blocks out of the pinned pools after its stores (asynchronous on
+    # CUDA): a copy that read a block before its store landed would decode differently.
+    model = tiny_model("llama", layers=4, hidden=128, heads=4, kv_heads=2)
+    ids, mask = _batch()
+    generator = hscompile.Generator(model, {"device": "cuda", "act_ratio": ratio, "block_size": 4})
+    alone = generator.generate(ids, mask, max_new_tokens=8)
+    copies = generator.generate(ids, mask, max_new_tokens=8, n=3)
+    assert torch.equal(copies, alone.repeat_interleave(3, dim=0))
+    assert generator.stats()["prefills_shared"] == 6
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp16_generation_matches_an_fp32_reference_up_to_ties(family):
     reference_model = tiny_model(family, layers=4, hidden=128, heads=4, kv_heads=2).cuda()

@@ -76,7 +76,7 @@ def test_layers_chain_through_their_hidden_state(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recompute_slice_reads_only_the_checkpoint_norm_kv_weights_and_rotary(family):
-    gm, _, plan = _plan(tiny_model(family), prompts())
+    _, _, plan = _plan(tiny_model(family), prompts())
     for layer in plan.layers:
         piece = layer.recompute
         qualnames = {w.node: w.local_name for w in layer.weights}
@@ -112,14 +112,15 @@ def test_analysis_is_pure_and_the_plan_frozen():
 def test_a_decoder_nobody_named_is_understood():
     torch.manual_seed(0)
     model = TinyDecoder().eval()
-    gm, _, plan = _plan(model, prompts(2, 9))
+    _, _, plan = _plan(model, prompts(2, 9))
     assert plan.layer_container == "blocks" and plan.num_layers == 3
     assert plan.layers[0].module_type == "Block"
     site = plan.layers[1].attention
     assert (site.num_heads, site.num_kv_heads, site.head_dim, site.is_causal) == (3, 3, 16, True)
     read = {w.local_name for w in plan.layers[1].weights if w.node in plan.layers[1].recompute.weights}
     assert read == {"norm1.weight", "norm1.bias", "wk.weight", "wk.bias", "wv.weight", "wv.bias"}
-    assert {w.qualname for w in plan.global_weights} == {"embed.weight", "pos", "head_norm.weight", "head_norm.bias", "head.weight"}
+    assert {w.qualname for w in plan.global_weights} == {
+        "embed.weight", "pos", "head_norm.weight", "head_norm.bias", "head.weight"}
 
 
 @pytest.mark.parametrize("cls", [TinyDecoder, WrappedDecoder])
@@ -136,7 +137,8 @@ def test_names_are_the_models_own_whatever_frame_dynamo_starts_from(cls):
         assert layer.module_path in modules
         for weight in layer.weights:
             assert tuple(params[weight.qualname].shape) == weight.shape
-    assert {w.qualname for w in plan.global_weights} == {"embed.weight", "pos", "head_norm.weight", "head_norm.bias", "head.weight"}
+    assert {w.qualname for w in plan.global_weights} == {
+        "embed.weight", "pos", "head_norm.weight", "head_norm.bias", "head.weight"}
 
 
 @pytest.mark.parametrize(

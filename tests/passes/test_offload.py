@@ -13,7 +13,7 @@ from hscompile.backend import compile_graph
 from hscompile.config import HybridServeConfig
 from hscompile.ir.schedule import step_info
 from hscompile.passes.offload import retarget_graph
-from hscompile.passes.schedule import ScheduleError, verify_schedule
+from hscompile.passes.verify_schedule import ScheduleError, verify_schedule
 
 PREFETCH = torch.ops.hybridserve.prefetch_weights.default
 WAIT = torch.ops.hybridserve.wait_weights.default

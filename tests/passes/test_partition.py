@@ -24,7 +24,7 @@ def _steps(schedule):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_layer_is_attn_in_then_attention_then_attn_out(family):
-    _, _, plan, schedule = _schedule(tiny_model(family, layers=3), prompts())
+    _, _, _, schedule = _schedule(tiny_model(family, layers=3), prompts())
     expected = [("pre", None)]
     for i in range(3):
         expected += [("attn_in", i), ("attention", i), ("attn_out", i)]
@@ -44,7 +44,7 @@ def test_identical_layers_share_one_partition_whatever_the_depth(layers):
 
 @pytest.mark.parametrize("family", GQA_FAMILIES)
 def test_attention_receives_kv_before_gqa_replication(family):
-    gm, example_inputs, plan, schedule = _schedule(tiny_model(family), prompts())
+    _, example_inputs, plan, schedule = _schedule(tiny_model(family), prompts())
     site = plan.layers[0].attention
     seen = []
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hscompile.planner.cost_model import (
     Choice,
     ModelDims,
-    device_memory,
     choose,
+    device_memory,
     generation_seconds,
     minibatch_counts,
     simulate_step,

@@ -38,7 +38,8 @@ def test_pool_misuse_is_a_runtime_error():
         pool.free(foreign)
 
 
-@pytest.mark.parametrize(("blocks", "ratio", "act"), [(4, 0.0, 0), (4, 0.25, 1), (4, 0.5, 2), (4, 1.0, 4), (3, 0.5, 2), (1, 0.25, 0)])
+@pytest.mark.parametrize(("blocks", "ratio", "act"),
+                         [(4, 0.0, 0), (4, 0.25, 1), (4, 0.5, 2), (4, 1.0, 4), (3, 0.5, 2), (1, 0.25, 0)])
 def test_step_one_splits_blocks_by_the_ratio_oldest_as_act(blocks, ratio, act):
     kinds = split_blocks(blocks, ratio)
     assert kinds.count("act") == act and kinds == ["act"] * act + ["kv"] * (blocks - act)

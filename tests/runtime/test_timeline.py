@@ -46,7 +46,7 @@ def test_recording_changes_nothing_the_model_computes(recorded):
 
 
 def test_every_layer_of_every_minibatch_computes_on_the_compute_lane(recorded):
-    generator, _, _, timeline, _ = recorded
+    _, _, _, timeline, _ = recorded
     spans = timeline.spans()
     calls = [s for s in spans if s.lane == "calls"]
     assert [c.label for c in calls] == ["prefill (2 mini-batches)"] + ["decode (2 mini-batches)"] * 3
@@ -65,7 +65,7 @@ def test_every_layer_of_every_minibatch_computes_on_the_compute_lane(recorded):
 
 
 def test_weight_copies_on_the_timeline_are_the_runtime_copies(recorded):
-    generator, _, _, timeline, (prefetches, streamed) = recorded
+    _, _, _, timeline, (prefetches, streamed) = recorded
     copies = [s for s in timeline.spans() if s.lane == "copy: weights"]
     assert prefetches > 0 and len(copies) == prefetches
     assert sum(s.args["bytes"] for s in copies) == streamed

@@ -22,6 +22,8 @@ unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -29,7 +31,7 @@ from .. import ops
 from ..ir.fx import fake_value
 from ..ir.plan import ModelPlan
 from ..ir.policy import Policy
-from ..ir.schedule import set_step, step_info
+from ..ir.schedule import StepKind, set_step, step_info
 from .partition import GRAPH_NAME, INPUT_NAMES
 
 __all__ = ["rewrite_for_cache"]
@@ -63,21 +65,17 @@ def rewrite_for_cache(schedule: fx.GraphModule, plan: ModelPlan, policy: Policy)
         weights = [by_graph_name[w] for w in layer.recompute.weights]
         query, key, value, mask, scale, is_causal = node.args  # key/value: the new tokens' (generation partition)
 
-        def step(target, args, kind):
-            new = graph.call_function(target, args)
-            set_step(new, kind, layer.index)
-            return new
-
         with graph.inserting_before(node):
-            past_kv = step(ops.load_kv._opoverload, (layer.index, device), "load_kv")
-            past_act = step(ops.load_act._opoverload, (layer.index, device), "load_act")
-            recomputed = step(ops.recompute_kv._opoverload, (layer.index, past_act, weights, rotary), "recompute")
-            attended = step(
-                ops.cache_attention._opoverload,
+            past_kv = _step(graph, ops.load_kv, (layer.index, device), "load_kv")
+            past_act = _step(graph, ops.load_act, (layer.index, device), "load_act")
+            recomputed = _step(graph, ops.recompute_kv, (layer.index, past_act, weights, rotary), "recompute")
+            attended = _step(
+                graph,
+                ops.cache_attention,
                 (layer.index, query, key, value, past_kv, recomputed, mask, scale, is_causal),
                 "attention",
             )
-            step(ops.store_cache._opoverload, (layer.index, key, value, hidden, positions), "store")
+            _step(graph, ops.store_cache, (layer.index, key, value, hidden, positions), "store")
         node.replace_all_uses_with(attended)
         graph.erase_node(node)
 
@@ -99,6 +97,11 @@ def rewrite_for_cache(schedule: fx.GraphModule, plan: ModelPlan, policy: Policy)
         results = [n for n in out.all_input_nodes if isinstance(fake_value(n), torch.Tensor)]
         commit = graph.call_function(ops.cache_commit._opoverload, (results,))
         set_step(commit, "cache_commit", None)
-    result = fx.GraphModule(schedule, graph, class_name=type(schedule).__name__)
-    result.graph.lint()
-    return result
+    return fx.GraphModule(schedule, graph, class_name=type(schedule).__name__)
+
+
+def _step(graph: fx.Graph, op: Any, args: tuple[Any, ...], kind: StepKind) -> fx.Node:
+    """A call of the cache op ``op`` serving layer ``args[0]``, recorded as a ``kind`` step."""
+    new = graph.call_function(op._opoverload, args)
+    set_step(new, kind, args[0])
+    return new

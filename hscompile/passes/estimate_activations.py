@@ -1,4 +1,4 @@
-"""Memory pass: estimate the activation memory one call needs on the device.
+"""Activation-estimate pass: the activation memory one call needs on the device.
 
 Precondition: ``graph`` is the dynamo graph ``plan`` was made from; its nodes carry fake values.
 
@@ -31,8 +31,6 @@ _VIEW_FUNCTIONS: frozenset[object] = frozenset(
     {torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.narrow, torch.select, torch.split,
      torch.chunk, torch.unbind, torch.t, torch.as_strided, torch.Tensor.view, torch.Tensor.expand}
 )
-
-
 
 
 def _is_view(node: fx.Node) -> bool:

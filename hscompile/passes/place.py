@@ -28,19 +28,15 @@ import torch
 from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError, ConfigError
 from ..ir.activation import ActivationEstimate
+from ..ir.call import CallPlan
 from ..ir.layout import GLOBAL_GROUP, group_layouts
 from ..ir.plan import ModelPlan
-from ..ir.call import CallPlan
 from ..ir.policy import DeviceMemoryPlan, Policy, check_device_budget
 from ..ir.quant import scheme_of
 from ..planner.budget import device_budget
 from ..planner.cost_model import Choice, ModelDims, simulate_step
 
 __all__ = ["place"]
-
-
-
-
 
 
 def _weights_device(plan: ModelPlan, example_inputs: Sequence[Any]) -> torch.device:
@@ -51,8 +47,6 @@ def _weights_device(plan: ModelPlan, example_inputs: Sequence[Any]) -> torch.dev
             "put them on one (the CPU, to let hscompile stream them)"
         )
     return devices.pop()
-
-
 
 
 def place(
@@ -145,8 +139,8 @@ def place(
         dims = replace(ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
                                            global_bytes=global_bytes, quantized=weight_format is not None),
                        cache_quant=config.quant.cache_quant)
-        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio, cache.minibatches), cache.profile, batch=batch, new=1,
-                                  past=prompt + new_tokens - 1, block_size=config.cache.block_size)
+        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio, cache.minibatches), cache.profile,
+                                  batch=batch, new=1, past=prompt + new_tokens - 1, block_size=config.cache.block_size)
         reason += (f"; predicted longest decode step {predicted.seconds * 1e3:.2f} ms on {cache.profile.device_name}, "
                    f"bound by {predicted.bound}")
     if streamed and config.memory.host_memory is not None:

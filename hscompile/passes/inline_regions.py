@@ -35,7 +35,6 @@ _PURE_OPERATORS: frozenset[object] = frozenset({
 })
 
 
-
 def _is_invoke(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "_name", None) == "invoke_subgraph"
 

@@ -37,7 +37,7 @@ from ..ir.fx import backward_slice, extract_subgraph, fake_value, slice_inputs, 
 from ..ir.plan import LayerPlan, ModelPlan
 from ..ir.quant import QuantScheme
 from ..ops.quant import quantize
-from .quantize import dequantize_inputs, quantized_weights
+from .quantize_weights import dequantize_inputs, quantized_weights
 
 __all__ = ["RecomputeProgram", "build_recompute_module", "build_recompute_program", "check_token_locality"]
 
@@ -172,13 +172,9 @@ class RecomputeProgram:
                 tables = dict(zip(self.rotary_outputs, self.rotary([pos, *rotary_weights])))
             key, value = self.layers[layer]([act[i], *weights, *(tables[name] for name in self.externals[layer])])
             # (batch, kv_heads, seq, dim) -> (batch * seq, 2, kv_heads, dim)
-            outs.append(torch.stack((key, value), dim=1).permute(0, 3, 1, 2, 4).reshape(batch * seq, 2, key.shape[1], key.shape[3]))
+            stacked = torch.stack((key, value), dim=1).permute(0, 3, 1, 2, 4)
+            outs.append(stacked.reshape(batch * seq, 2, key.shape[1], key.shape[3]))
         return torch.cat(outs)[:n] if len(outs) > 1 or padded != n else outs[0]
-
-    def distinct(self) -> dict[str, fx.GraphModule]:
-        """The distinct pieces, by structural key (what was lowered)."""
-        pieces = ([self.rotary] if self.rotary else []) + list(self.layers.values())
-        return {p.key: p.graph_module for p in pieces}
 
 
 def _with_parts(module: fx.GraphModule, bindings: tuple[tuple[int, _SizeBinding], ...],
@@ -206,7 +202,7 @@ def build_recompute_program(
 
     ``gm`` must be captured with dynamic batch and sequence sizes, so that the slices are
     shape-generic. With ``weight_format`` a layer's slice takes each quantized weight as its
-    parts and dequantizes them (:func:`~hscompile.passes.quantize.dequantize_inputs`), as the
+    parts and dequantizes them (:func:`~hscompile.passes.quantize_weights.dequantize_inputs`), as the
     schedule's ``recompute_kv`` passes them.
     """
     formats = quantized_weights(plan, weight_format)

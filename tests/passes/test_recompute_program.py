@@ -12,7 +12,7 @@ from conftest import capture
 from models import FAMILIES, TinyDecoder, prompts, tiny_model
 
 from hscompile.passes.analyze import analyze
-from hscompile.passes.recompute import build_recompute_module
+from hscompile.passes.recompute_program import build_recompute_module
 
 
 class _Recorder(fx.Interpreter):

@@ -1,7 +1,7 @@
 """Quantize pass: the compute that reads a quantized weight receives its parts and dequantizes them.
 
 Precondition: ``schedule`` comes from :func:`~hscompile.passes.partition.partition` (and
-:func:`~hscompile.passes.kvcache.rewrite_for_cache` for generation); ``policy.weight_format``
+:func:`~hscompile.passes.rewrite_for_cache.rewrite_for_cache` for generation); ``policy.weight_format``
 says how the layers' projections are stored (:func:`~hscompile.ir.layout.group_layouts` names
 them: the entries of a layer's layout that carry a ``part``).
 
@@ -185,9 +185,7 @@ def quantize_weights(schedule: fx.GraphModule, plan: ModelPlan, policy: Policy) 
                 continue
             raise _stray(next(a for a in node.all_input_nodes if a in parts_of), f"{node.op} {node.target}")
         env[node] = graph.node_copy(node, lambda n: env[n])
-    result = fx.GraphModule(root, graph, class_name=type(schedule).__name__)
-    result.graph.lint()
-    return result
+    return fx.GraphModule(root, graph, class_name=type(schedule).__name__)
 
 
 def _copy_with(graph: fx.Graph, node: fx.Node, args: list[Any], env: dict[fx.Node, fx.Node]) -> fx.Node:

@@ -1,0 +1,67 @@
+"""What the runtime needs from a device: :class:`DeviceBackend`, the base of the CUDA, CPU and
+simulated asynchronous devices (:mod:`~hscompile.runtime.device`, :mod:`~hscompile.runtime.simulated`).
+Its own module so that the simulator and the factory that picks it import it without a circle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["DeviceBackend"]
+
+
+class DeviceBackend:
+    """The operations the runtime needs from a device. See :class:`~hscompile.runtime.device.CpuDevice`,
+    :class:`~hscompile.runtime.device.CudaDevice` and :class:`~hscompile.runtime.simulated.SimulatedAsyncDevice`."""
+
+    device: torch.device
+    asynchronous: bool = False
+    """Whether copies run beside the compute (then their buffers must live until their event)."""
+    pins_host: bool = False
+    """Whether host memory copies start from is allocated pinned (``pin_memory=True``: CUDA only)."""
+    async_sim: str | None = None
+    """The schedule of a simulated asynchronous device (``HSCOMPILE_ASYNC_SIM``); None on a real one."""
+    deferred_copies: int = 0
+    """Copies a simulated device completed after the call that issued them (0 on a real device)."""
+    host_syncs: int = 0
+    """Waits of the host on the device so far (:meth:`fetch`, :meth:`synchronize`)."""
+
+    def fetch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the host, once the device has computed it: the one counted host wait a step needs."""
+        self.host_syncs += 1
+        return x.cpu()
+
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                     lane: str = "copy: cache") -> Any:
+        """Copy ``src`` (device) into ``dst`` (host, pinned where copies are asynchronous) once
+        ``after`` (an event or None) has happened; returns an event marking it done (None where
+        copies are synchronous). The host must not read ``dst`` before that event."""
+        raise NotImplementedError
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host ``uint8`` buffer copies can start from (pinned where that makes copies asynchronous)."""
+        raise NotImplementedError
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
+                       lane: str = "copy: weights") -> Any:
+        """Copy ``src`` (host) into ``dst`` (device) once ``after`` (an event or None) has happened.
+
+        Returns an event that marks the copy done (None where copies are synchronous). ``label``
+        and ``lane`` name the copy on a timeline being recorded.
+        """
+        raise NotImplementedError
+
+    def wait(self, event: Any) -> None:
+        """Make subsequent compute wait for ``event``."""
+
+    def record(self) -> Any:
+        """An event marking everything issued to the compute stream so far."""
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for all outstanding work."""
+        self.host_syncs += 1
