@@ -9,7 +9,9 @@ runs one case and says what happened (:class:`Outcome`): its greedy tokens equal
 ``generate`` ("passed"), the library refused a budget with its documented
 :class:`~hscompile.errors.BudgetError` ("refused"), the tokens differ ("mismatch"), a promise of the
 run broke (device bytes above the budget, cache blocks held after the call: "violation"), or
-anything else was raised ("crash").
+anything else was raised ("crash"). A case may name a schedule of the simulated asynchronous device
+(:attr:`Case.async_sim`, which ``benchmarks/fuzz.py --async-sim`` sets): it then runs with
+``HSCOMPILE_ASYNC_SIM`` set to it, and its reproducer carries it.
 
 ``tests/e2e/test_fuzz.py`` runs a bounded, derandomized number of cases in the suite;
 ``benchmarks/fuzz.py`` (``make fuzz N=500``) runs many and writes a report whose every failure has a
@@ -22,11 +24,13 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import re
 import shlex
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +41,8 @@ from models import FAMILIES, GQA_FAMILIES, VOCAB, tiny_model
 import hscompile
 from hscompile.errors import BudgetError
 
-__all__ = ["KNOWN", "REPLAY", "Case", "Outcome", "cases", "known", "quant_options", "run_case", "shrink"]
+__all__ = ["ASYNC_SIM", "KNOWN", "REPLAY", "Case", "Outcome", "async_sim_env", "cases", "known", "quant_options",
+           "run_case", "shrink"]
 
 REPLAY = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fuzz.py --replay"
 """The command (from the repository root) that replays a case given as its JSON (:meth:`Case.command`)."""
@@ -74,9 +79,16 @@ class Case:
     batch's (so every value forces waves where the batch has two sequences or more); None: no host budget."""
     quant: dict[str, Any] = field(default_factory=dict)
     """Quantization options (see :func:`quant_options`); empty: none."""
+    async_sim: str | None = None
+    """The simulated asynchronous device's schedule the case runs under (``late``, ``early`` or
+    ``random:SEED``: ``HSCOMPILE_ASYNC_SIM`` is set to it for the run); None: the environment is left
+    as it is. Not drawn: ``benchmarks/fuzz.py --async-sim`` sets it."""
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        data = dataclasses.asdict(self)
+        if data["async_sim"] is None:  # absent, as before the field existed: the same reproducers
+            del data["async_sim"]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any]) -> Case:
@@ -244,7 +256,9 @@ def base_options(case: Case) -> dict[str, Any]:
 
 def host_budget(model: torch.nn.Module, case: Case) -> int:
     """Bytes between the largest sequence's blocks and one byte below the whole batch's, at every ACT
-    ratio the call may use (the search's, for ``"auto"``)."""
+    ratio the call may use (the search's, for ``"auto"``), as the pools are allocated: pinned ones
+    (the simulated asynchronous device's, as CUDA's) round up to a power of two each."""
+    from hscompile._env import async_sim
     from hscompile.ir.cache import CacheSpec
     from hscompile.planner.cost_model import RATIOS
 
@@ -252,8 +266,14 @@ def host_budget(model: torch.nn.Module, case: Case) -> int:
                                  case.quant.get("cache_quant", "none"))
     ratios = RATIOS if case.act_ratio == "auto" else (float(case.act_ratio),)
     totals = [n + case.max_new_tokens for n in case.lengths]
-    low = max(spec.sequence_bytes(r, t) for r in ratios for t in totals)
-    high = max(low, min(sum(spec.sequence_bytes(r, t) for t in totals) for r in ratios) - 1)
+    pinned = async_sim() is not None
+
+    def pools(ratio: float, rows: list[int]) -> int:
+        blocks = [spec.blocks_for(ratio, t) for t in rows]
+        return spec.pool_bytes(sum(b[0] for b in blocks), sum(b[1] for b in blocks), pinned=pinned)
+
+    low = max(pools(r, [t]) for r in ratios for t in totals)
+    high = max(low, min(pools(r, totals) for r in ratios) - 1)
     return round(low + (case.host_budget or 0.0) * (high - low))
 
 
@@ -295,8 +315,35 @@ def _first_difference(got: torch.Tensor, expected: torch.Tensor, prompt: int, sc
     return where
 
 
+ASYNC_SIM = "HSCOMPILE_ASYNC_SIM"
+
+
+@contextmanager
+def async_sim_env(schedule: str | None) -> Iterator[None]:
+    """``HSCOMPILE_ASYNC_SIM`` set to ``schedule`` inside the block (read when a device backend is
+    built), restored after it; None leaves the environment alone."""
+    if schedule is None:
+        yield
+        return
+    previous = os.environ.get(ASYNC_SIM)
+    os.environ[ASYNC_SIM] = schedule
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ASYNC_SIM, None)
+        else:
+            os.environ[ASYNC_SIM] = previous
+
+
 def run_case(case: Case) -> Outcome:
-    """Run ``case``: hscompile's greedy tokens against transformers' ``generate`` on the reference."""
+    """Run ``case``: hscompile's greedy tokens against transformers' ``generate`` on the reference,
+    under the case's simulated asynchronous device schedule if it names one."""
+    with async_sim_env(case.async_sim):
+        return _run_case(case)
+
+
+def _run_case(case: Case) -> Outcome:
     torch._dynamo.reset()
     gc.collect()
     start = time.perf_counter()
@@ -343,11 +390,20 @@ def run_case(case: Case) -> Outcome:
 
 
 def _facts(generator: hscompile.Generator, case: Case, options: dict[str, Any]) -> dict[str, Any]:
-    """Diagnostics only: a figure the library no longer offers as it did is None, not a failure."""
+    """Diagnostics only: a figure the library no longer offers as it did is None, not a failure. Under
+    a simulated asynchronous device, also its schedule and the copies it completed late."""
     plan = generator.plan
-    return {"streamed_layers": max((c.stats().get("streamed_layers", 0) for c in generator.compiled_graphs), default=0),
-            "minibatch_size": plan.minibatch_rows if plan else None, "waves": len(plan.waves) if plan else None,
-            "act_ratio": plan.act_ratio if plan else None}
+    facts = {"streamed_layers": max((c.stats().get("streamed_layers", 0) for c in generator.compiled_graphs),
+                                    default=0),
+             "minibatch_size": plan.minibatch_rows if plan else None, "waves": len(plan.waves) if plan else None,
+             "act_ratio": plan.act_ratio if plan else None}
+    if case.async_sim is not None:
+        try:
+            stats = generator.stats()
+        except Exception:  # noqa: BLE001 - diagnostics only
+            stats = {}
+        facts.update(async_sim=stats.get("async_sim"), deferred_copies=stats.get("deferred_copies"))
+    return facts
 
 
 def _broken_promises(generator: hscompile.Generator) -> list[str]:

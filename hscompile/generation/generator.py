@@ -195,11 +195,12 @@ class Generator:
         streams = None if settings.greedy else samplers(seeds, ids.shape[0])
         totals = [int(n) + max_new_tokens for n in lengths]
         pools = self.cache.cache  # the last call's pools: this call's replace them
-        held = pools.kv.nbytes + pools.act.nbytes if pools is not None else 0
+        backend = self.cache.backend
+        held = backend.host_bytes(pools.kv.nbytes) + backend.host_bytes(pools.act.nbytes) if pools is not None else 0
+        host = host_budget(self.config, held=held, pinned=backend.pins_host)
         plan = plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()), new_tokens=max_new_tokens,
-                         act_ratio=act_ratio, overlap=self.cache.overlap_loads,
-                         host=host_budget(self.config, held=held), dims=self._model_dims(), profile=self._profile,
-                         sampling=settings)
+                         act_ratio=act_ratio, overlap=self.cache.overlap_loads, host=host, dims=self._model_dims(),
+                         profile=self._profile, sampling=settings)
         self.plan, self._profile = plan, plan.profile or self._profile
         self.cache.use(plan)
         self.graphs.use(plan)
@@ -339,8 +340,20 @@ class Generator:
     def _call(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest,
               prefill: torch.Tensor | None = None) -> torch.Tensor:
         """One step: the model on ``ids`` through the compiled graph; the last position's logits."""
-        device = next(self.model.parameters()).device
-        ids, mask, positions = (t.to(device) for t in (ids, mask, positions))
+        backend = self.cache.backend
+        with backend.tracking(ids, mask, positions, request.real):
+            logits = self._step(ids, mask, positions, request, prefill)
+            # The step's one wait: the graph's outputs come back without one (Runtime.copy_out).
+            return backend.fetch(logits)[:, -1, :].float()
+
+    def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest,
+              prefill: torch.Tensor | None) -> torch.Tensor:
+        """The step's logits, as the graph returned them (not yet fetched)."""
+        backend = self.cache.backend
+        if next(self.model.parameters()).device == backend.device:
+            # The model lives where its graphs run, so they take their inputs there (otherwise each
+            # graph copies its inputs in itself: Runtime.copy_in).
+            ids, mask, positions = (backend.upload(t) for t in (ids, mask, positions))
         for tensor in (ids, mask, positions):
             for dim in (0, 1):
                 if tensor.shape[dim] > 1:  # one prefill graph for every prompt shape
@@ -349,13 +362,14 @@ class Generator:
         tensors = dict(zip(INPUTS, (ids, mask, positions), strict=True))
         saved = self._run_saved(tensors, request)
         if saved is not None:
-            return self.cache.fetch(saved[:, -1, :].float())
+            return saved
         compiled_before, start = len(self.graphs.records), time.perf_counter()
         while True:
             try:
                 # Floats such as attention's scale must stay constants: dynamo would otherwise lift one
                 # that differs between two models of the same class as a run-time input.
-                with self.cache.serving(request), tracing_settings(), self._regions.applied():
+                with self.cache.serving(request), tracing_settings(), self._regions.applied(), \
+                        self.cache.backend.untracked():  # dynamo traces here
                     out = self._compiled(self.model, input_ids=ids, attention_mask=mask, position_ids=positions,
                                          use_cache=False, logits_to_keep=1)
                 break
@@ -368,11 +382,10 @@ class Generator:
                 _LOG.warning("tracing the layers as one nested compile region failed, tracing each layer "
                              "instead: %s", str(error).splitlines()[0])
                 self._regions.disable()
-        logits = self.cache.fetch(out.logits[:, -1, :].float())
         if len(self.graphs.records) > compiled_before:  # this call compiled: what was not ours was dynamo's
             ran = sum(c.executor.last_seconds for c in self.graphs.compiled[compiled_before:] if c.executor is not None)
             self.graphs.traced(compiled_before, time.perf_counter() - start - ran)
-        return logits
+        return out.logits
 
     def _key_graphs(self) -> None:
         """Key this call's saved graphs by the model as it is now (an attribute changed since the
@@ -396,8 +409,10 @@ class Generator:
                 continue
             args = entry.arguments(tensors, self._state_tensor)
             with self.cache.serving(request):
-                if entry.compiled is None and not self._compile_saved(store, entry, args):
-                    continue
+                if entry.compiled is None:
+                    with self.cache.backend.untracked():  # compiling: not a step's work
+                        if not self._compile_saved(store, entry, args):
+                            continue
                 if not entry.guards_pass(args):
                     continue
                 assert entry.compiled is not None

@@ -105,6 +105,12 @@ class CacheSpec:
         kv, act = self.blocks_for(act_ratio, tokens)
         return kv * self.kv_block_bytes + act * self.act_block_bytes
 
+    def pool_bytes(self, kv_blocks: int, act_blocks: int, *, pinned: bool) -> int:
+        """Host memory the two pools of ``kv_blocks`` and ``act_blocks`` blocks take; ``pinned``:
+        each allocated pinned, which torch's allocator rounds up (:func:`pinned_bytes`)."""
+        kv, act = kv_blocks * self.kv_block_bytes, act_blocks * self.act_block_bytes
+        return pinned_bytes(kv) + pinned_bytes(act) if pinned else kv + act
+
     @property
     def kv_values_per_token(self) -> int:
         return 2 * self.kv_heads * self.head_dim
@@ -117,6 +123,12 @@ class CacheSpec:
     @property
     def act_block_bytes(self) -> int:
         return self.num_layers * self.block_size * self.act_row_bytes
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """What torch's pinned (caching host) allocator takes for ``nbytes``: the next power of two
+    (it keeps freed blocks for reuse, by size class)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
 def act_blocks(num_blocks: int, act_ratio: float) -> int:

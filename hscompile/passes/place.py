@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._env import async_sim
 from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError, ConfigError
 from ..ir.activation import ActivationEstimate
@@ -65,7 +66,9 @@ def place(
     can_stream = weights_device.type in ("cpu", "meta")
     weight_format = scheme_of(config.quant)
     # A quantized layer exists only in the store's packed buffers: it cannot be used where the model holds it.
-    in_place = weights_device == device and weight_format is None
+    # Under the simulated asynchronous device (a test tool) the CPU stands for a GPU whose host is
+    # the CPU too: weights are never in place there, as a CUDA device's are not in host memory.
+    in_place = weights_device == device and weight_format is None and async_sim() is None
     layouts = group_layouts(plan, weight_format)
     budget = device_budget(config)
     depth = config.schedule.prefetch_depth

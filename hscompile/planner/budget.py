@@ -14,6 +14,7 @@ is never dropped or cut short.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class HostBudget:
     nbytes: int
     option: bool
     """True: the ``host_memory`` option; False: what this machine has available (see :func:`host_budget`)."""
+    pinned: bool = False
+    """The pools are allocated pinned (CUDA): each rounded up to a power of two (:func:`~hscompile.ir.cache.pinned_bytes`)."""
 
     def __str__(self) -> str:
         if self.option:
@@ -68,11 +71,13 @@ def machine_budget(*, held: int = 0) -> HostBudget | None:
     return HostBudget(available + held, option=False) if available is not None else None
 
 
-def host_budget(config: HybridServeConfig, *, held: int = 0) -> HostBudget | None:
-    """The budget of the cache pools: ``host_memory``, else :func:`machine_budget`."""
+def host_budget(config: HybridServeConfig, *, held: int = 0, pinned: bool = False) -> HostBudget | None:
+    """The budget of the cache pools: ``host_memory``, else :func:`machine_budget`; ``pinned``: the
+    pools are allocated pinned (their sizes round up)."""
     if config.memory.host_memory is not None:
-        return HostBudget(config.memory.host_memory, option=True)
-    return machine_budget(held=held)
+        return HostBudget(config.memory.host_memory, option=True, pinned=pinned)
+    budget = machine_budget(held=held)
+    return None if budget is None else dataclasses.replace(budget, pinned=pinned)
 
 
 def check_host_weights(layer_bytes: Sequence[int], global_bytes: int, budget: HostBudget | None, *,
@@ -115,7 +120,8 @@ def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int],
         return [list(range(len(totals)))]
     if isinstance(budget, int):
         budget = HostBudget(budget, option=True)
-    needs = [spec.sequence_bytes(act_ratio, tokens) for tokens in totals]
+    blocks = [spec.blocks_for(act_ratio, tokens) for tokens in totals]
+    needs = [spec.pool_bytes(kv, act, pinned=budget.pinned) for kv, act in blocks]
     for index, (tokens, need) in enumerate(zip(totals, needs)):
         if need > budget.nbytes:
             advice = f"use host_memory >= {need}" if budget.option else "use fewer tokens or a machine with more memory"
@@ -126,14 +132,15 @@ def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int],
             )
     if not budget.option:
         return [list(range(len(totals)))]
+    # A wave's pools are two allocations: what they take (rounded, when pinned) must fit.
     waves: list[list[int]] = [[]]
-    used = 0
-    for index, need in enumerate(needs):
-        if used + need > budget.nbytes:
+    kv_used = act_used = 0
+    for index, (kv, act) in enumerate(blocks):
+        if waves[-1] and spec.pool_bytes(kv_used + kv, act_used + act, pinned=budget.pinned) > budget.nbytes:
             waves.append([])
-            used = 0
+            kv_used = act_used = 0
         waves[-1].append(index)
-        used += need
+        kv_used, act_used = kv_used + kv, act_used + act
     return waves
 
 

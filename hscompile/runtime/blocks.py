@@ -29,7 +29,9 @@ finished sequences give their blocks back; nothing is dropped or truncated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -102,6 +104,25 @@ class SequenceBlocks:
     capacity_tokens: int = 0
 
 
+class HostMemory(Protocol):
+    """How the pools are allocated: a device backend (pinned where copies are asynchronous)."""
+
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def host_bytes(self, nbytes: int) -> int: ...
+
+
+class _Pageable:
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    def host_bytes(self, nbytes: int) -> int:
+        return nbytes
+
+
+PAGEABLE: HostMemory = _Pageable()
+
+
 @dataclass(slots=True)
 class HybridCache:
     """Host pools and the block tables of the sequences being generated."""
@@ -116,20 +137,23 @@ class HybridCache:
     act: torch.Tensor
     """``[layers, act_blocks * block_size, hidden]`` host tensor (int8 blocks: ``act_row_bytes`` a token)."""
     sequences: dict[int, SequenceBlocks] = field(default_factory=dict)
+    host: HostMemory = PAGEABLE
+    """What the pools are allocated (and grown) with."""
 
     @classmethod
-    def allocate(cls, spec: CacheSpec, act_ratio: float, kv_blocks: int, act_blocks: int, *, pin: bool) -> HybridCache:
+    def allocate(cls, spec: CacheSpec, act_ratio: float, kv_blocks: int, act_blocks: int, *,
+                 host: HostMemory = PAGEABLE) -> HybridCache:
+        """Pools of ``kv_blocks`` and ``act_blocks`` blocks, allocated by ``host`` (the device
+        backend's :meth:`~hscompile.runtime.device_base.DeviceBackend.host_tensor`: pinned where copies
+        are asynchronous)."""
+        alloc = host.host_tensor
         if spec.quantized:  # a row of bytes per token (ops.quant.quantize_rows)
-            kv = torch.empty((spec.num_layers, kv_blocks * spec.block_size, spec.kv_row_bytes), dtype=torch.uint8,
-                             pin_memory=pin)
-            act = torch.empty((spec.num_layers, act_blocks * spec.block_size, spec.act_row_bytes), dtype=torch.uint8,
-                              pin_memory=pin)
-            return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act)
-        kv = torch.empty(
-            (spec.num_layers, kv_blocks * spec.block_size, 2, spec.kv_heads, spec.head_dim), dtype=spec.dtype, pin_memory=pin
-        )
-        act = torch.empty((spec.num_layers, act_blocks * spec.block_size, spec.hidden), dtype=spec.dtype, pin_memory=pin)
-        return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act)
+            kv = alloc((spec.num_layers, kv_blocks * spec.block_size, spec.kv_row_bytes), torch.uint8)
+            act = alloc((spec.num_layers, act_blocks * spec.block_size, spec.act_row_bytes), torch.uint8)
+        else:
+            kv = alloc((spec.num_layers, kv_blocks * spec.block_size, 2, spec.kv_heads, spec.head_dim), spec.dtype)
+            act = alloc((spec.num_layers, act_blocks * spec.block_size, spec.hidden), spec.dtype)
+        return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act, host=host)
 
     def admit(self, seq: int, tokens: int) -> bool:
         """Reserve blocks for ``tokens`` tokens of sequence ``seq``; False if the pools cannot hold it now."""
@@ -142,10 +166,12 @@ class HybridCache:
         self.sequences[seq] = SequenceBlocks(kinds, blocks, 0, len(kinds) * self.spec.block_size)
         return True
 
-    def extend(self, seq: int, tokens: int, *, limit_bytes: int | None = None) -> None:
+    def extend(self, seq: int, tokens: int, *, limit_bytes: int | None = None,
+               settle: Callable[[], None] = lambda: None) -> None:
         """Grow ``seq``'s capacity to ``tokens`` tokens (used when the final length is not known
         up front), keeping its ACT share at the ratio; the pools grow when needed, up to
-        ``limit_bytes`` of pool memory (``ValueError`` beyond)."""
+        ``limit_bytes`` of pool memory (``ValueError`` beyond). ``settle()`` runs before a pool
+        is copied into a larger one: the host reads it, so stores still in flight must be done."""
         table = self.sequences[seq]
         size = self.spec.block_size
         total = math.ceil(tokens / size)
@@ -158,6 +184,7 @@ class HybridCache:
         for kind in added:
             pool = self.kv_pool if kind == "kv" else self.act_pool
             if pool.num_free() == 0:
+                settle()
                 self._grow(kind, max(pool.num_blocks, 4), limit_bytes)
             table.kinds.append(kind)
             table.blocks.append(pool.allocate())
@@ -166,13 +193,13 @@ class HybridCache:
     def _grow(self, kind: Kind, blocks: int, limit_bytes: int | None) -> None:
         size = self.spec.block_size
         if limit_bytes is not None:
-            now = self.kv.numel() * self.kv.element_size() + self.act.numel() * self.act.element_size()
-            extra = blocks * (self.spec.kv_block_bytes if kind == "kv" else self.spec.act_block_bytes)
-            if now + extra > limit_bytes:
+            kv, act = self.kv_pool.num_blocks, self.act_pool.num_blocks
+            kv, act = (kv + blocks, act) if kind == "kv" else (kv, act + blocks)
+            spec, taken = self.spec, self.host.host_bytes  # what each pool's allocation really takes
+            if taken(kv * spec.kv_block_bytes) + taken(act * spec.act_block_bytes) > limit_bytes:
                 raise ValueError(f"the {kind.upper()} pool cannot grow by {blocks} blocks within {limit_bytes} bytes")
         old = self.kv if kind == "kv" else self.act
-        new = torch.empty((old.shape[0], old.shape[1] + blocks * size, *old.shape[2:]), dtype=old.dtype,
-                          pin_memory=old.is_pinned())
+        new = self.host.host_tensor((old.shape[0], old.shape[1] + blocks * size, *old.shape[2:]), old.dtype)
         new[:, : old.shape[1]].copy_(old)
         pool = self.kv_pool if kind == "kv" else self.act_pool
         start = pool.num_blocks

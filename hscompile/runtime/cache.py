@@ -248,7 +248,9 @@ class CacheRuntime:
         for seq in self.sequences:
             if length + new > cache.sequences[seq].capacity_tokens:
                 try:
-                    cache.extend(seq, length + new, limit_bytes=self.host_budget)
+                    # A pool that grows is copied by the host: the stores into it must be done
+                    # (a counted wait, once per doubling of a pool).
+                    cache.extend(seq, length + new, limit_bytes=self.host_budget, settle=self.backend.synchronize)
                 except ValueError as error:
                     raise BudgetError(f"host_memory cannot hold the growing cache: {error}") from None
         self.positions.grow(cache.act.shape[1])
@@ -257,15 +259,30 @@ class CacheRuntime:
         assert self.spec is not None, "a compiled graph configures the cache before it runs"
         ratio = self.effective_act_ratio
         blocks = [self.spec.blocks_for(ratio, t) for t in capacities]
+        before = self._pool_sizes()
         cache = HybridCache.allocate(
             self.spec, ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
-            pin=self.backend.pins_host,
+            host=self.backend,
         )
         for seq, tokens in enumerate(capacities):
             if not cache.admit(seq, tokens):  # pragma: no cover - the pools are sized for the batch
                 raise RuntimeError(f"sequence {seq} did not fit pools sized for it")
         self.start(cache, range(len(capacities)))
         self._columns = None if growable else max(capacities)
+        self._trim_host(before)
+
+    def _pool_sizes(self) -> tuple[int, int] | None:
+        """What the pools take now (rounded as allocated), None without pools."""
+        if self.cache is None:
+            return None
+        return self.backend.host_bytes(self.cache.kv.nbytes), self.backend.host_bytes(self.cache.act.nbytes)
+
+    def _trim_host(self, before: tuple[int, int] | None) -> None:
+        """Give the pinned allocator's cached blocks back once pools of another size replaced the old
+        ones: it keeps freed blocks by size class, so batches of changing sizes would pile them up
+        (pools of the same size reuse their block: no trim, no new pinning)."""
+        if before is not None and before != self._pool_sizes():
+            self.backend.release_host_cache()
 
     def fork(self, sources: Sequence[int], capacities: Sequence[int]) -> None:
         """Replace the batch just prefilled by ``len(sources)`` sequences: sequence ``i`` starts as a
@@ -279,10 +296,11 @@ class CacheRuntime:
         """
         old, spec, positions = self.cache, self.spec, self.positions
         assert old is not None and spec is not None and positions is not None and not self.plans
+        before = self._pool_sizes()
         sequences = self.sequences
         blocks = [spec.blocks_for(old.act_ratio, tokens) for tokens in capacities]
         new = HybridCache.allocate(spec, old.act_ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
-                                   pin=self.backend.pins_host)
+                                   host=self.backend)
         self.start(new, range(len(capacities)))
         assert self.positions is not None
         for seq, (row, tokens) in enumerate(zip(sources, capacities, strict=True)):
@@ -301,6 +319,8 @@ class CacheRuntime:
                         self.positions.positions[to_slot:to_slot + to_count] = positions.positions[start:start + to_count]
             new.sequences[seq].length = length
         self._columns = max(capacities)
+        del old  # the old pools are free now
+        self._trim_host(before)
 
     def end_batch(self) -> None:
         """Give every sequence's blocks back (the driver's batch is done)."""
@@ -335,7 +355,7 @@ class CacheRuntime:
         assert cache is not None
         rows = groups if groups is not None else [range(real.shape[0])]
         columns = self._columns or max(cache.sequences[s].capacity_tokens for s in self.sequences)
-        self.plans = [plan_step(cache, real[list(r)], [self.sequences[b] for b in r], columns, self.device)
+        self.plans = [plan_step(cache, real[list(r)], [self.sequences[b] for b in r], columns, self.backend.upload)
                       for r in rows]
         if any(p.width for p in self.plans):
             self.loads.prepare(cache.spec, self.plans, columns)
@@ -431,12 +451,15 @@ class CacheRuntime:
                 packed = torch.stack((key.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)[step.store_kv_src],
                                       value.transpose(1, 2).reshape(batch * new, kv_heads, head_dim)[step.store_kv_src]),
                                      dim=1)
-            packed = packed.to(dtype)
+            # Its own memory, never a view of the attention buffer: a store copy still reading that
+            # buffer would otherwise be ordered before compute rewrites it only by a later load
+            # happening to share its stream.
+            packed = packed.to(dtype, copy=packed.dtype == dtype and self.backend.asynchronous and not cache.spec.quantized)
             if cache.spec.quantized:  # a row of bytes a token: int8 K/V, a scale per head
                 packed = quantize_rows(packed, head_dim)
             self._store(cache.kv[layer], packed, step.store_kv_slots, step.store_kv_runs, layer, "kv")
         if step.store_act_src.numel():
-            packed = hidden.reshape(batch * new, -1)[step.store_act_src].to(dtype)
+            packed = hidden.reshape(batch * new, -1)[step.store_act_src].to(dtype)  # a gather: its own memory
             if cache.spec.quantized:
                 packed = quantize_rows(packed, packed.shape[1])
             self._store(cache.act[layer], packed, step.store_act_slots, step.store_act_runs, layer, "act")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._env import async_sim
-from .device_base import DeviceBackend
+from .device_base import DeviceBackend, pinned_bytes
 from .simulated import SimulatedAsyncDevice
 from .timeline import active_timeline
 
@@ -34,8 +34,8 @@ class CpuDevice(DeviceBackend):
     def __init__(self) -> None:
         self.device = torch.device("cpu")
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        return True  # copies are synchronous: any host memory will do
 
     def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
                        lane: str = "copy: weights") -> Any:
@@ -62,8 +62,20 @@ class CudaDevice(DeviceBackend):
         self.device = device
         self.copy_stream = torch.cuda.Stream(device=device)
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def host_bytes(self, nbytes: int) -> int:
+        return pinned_bytes(nbytes)
+
+    def release_host_cache(self) -> None:
+        torch._C._host_emptyCache()
+
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return x.to(self.device)
+        # A pageable copy would wait for the compute stream to drain first (cudaMemcpy's staging).
+        return (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
 
     def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
                        lane: str = "copy: weights") -> Any:

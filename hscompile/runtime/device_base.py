@@ -4,11 +4,14 @@ Its own module so that the simulator and the factory that picks it import it wit
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-__all__ = ["DeviceBackend"]
+from ..ir.cache import pinned_bytes
+
+__all__ = ["DeviceBackend", "pinned_bytes"]
 
 
 class DeviceBackend:
@@ -28,9 +31,38 @@ class DeviceBackend:
     """Waits of the host on the device so far (:meth:`fetch`, :meth:`synchronize`)."""
 
     def fetch(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the host, once the device has computed it: the one counted host wait a step needs."""
+        """``x`` on the host, once the device has computed it: the one counted host wait a step needs.
+        """
         self.host_syncs += 1
         return x.cpu()
+
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (host) on the device, in order with the compute stream, without the host waiting."""
+        return x.to(self.device)
+
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor copies can start from or land in (pinned where copies are asynchronous)."""
+        return torch.empty(shape, dtype=dtype)
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        """Whether copies may start from ``t`` as it is (on CUDA: pinned memory)."""
+        return t.is_pinned()
+
+    def host_bytes(self, nbytes: int) -> int:
+        """The host memory an allocation of ``nbytes`` by :meth:`host_tensor` really takes (the pinned
+        allocator rounds it up)."""
+        return nbytes
+
+    def release_host_cache(self) -> None:
+        """Free the host allocator's cached, unused blocks (pinned memory, on CUDA)."""
+
+    def tracking(self, *host: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """A step's torch calls (on the simulated device: checked; ``host`` names the caller's host tensors)."""
+        return contextlib.nullcontext()
+
+    def untracked(self) -> contextlib.AbstractContextManager[None]:
+        """A block inside :meth:`tracking` that must not be watched (dynamo traces there)."""
+        return contextlib.nullcontext()
 
     def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
                      lane: str = "copy: cache") -> Any:
@@ -41,7 +73,7 @@ class DeviceBackend:
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host ``uint8`` buffer copies can start from (pinned where that makes copies asynchronous)."""
-        raise NotImplementedError
+        return self.host_tensor((nbytes,), torch.uint8)
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)

@@ -54,6 +54,9 @@ class Runtime:
         self.d2h_bytes = 0
         self.peak_device_bytes = 0
         self.last_activation_bytes = 0
+        self.fetched_by_driver = False
+        """Whether the call running now was made by a driver that fetches its outputs (the generator,
+        through a step request): its outputs then come back without a wait of their own."""
         self._setup_syncs = backend.host_syncs
         """Host waits before the first call (resident weights copied once): not the steps'."""
 
@@ -61,11 +64,13 @@ class Runtime:
 
     def copy_in(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         self.input_h2d_bytes += x.numel() * x.element_size()
-        return x.to(device)
+        return self.backend.upload(x)
 
     def copy_out(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         self.d2h_bytes += x.numel() * x.element_size()
-        return x.to(device)
+        if self.fetched_by_driver:
+            return x  # the driver fetches it: that is the step's one wait (and mini-batches gather on the device)
+        return self.backend.fetch(x)  # the caller reads it at once: this is the call's wait
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -87,6 +92,7 @@ class Runtime:
             advice=f"the placement was planned for activations of {format_bytes(self.activations.hint)}. Use "
                    "smaller batches or a larger budget")
         self.last_activation_bytes = activation + staging
+        self.fetched_by_driver = self.cache is not None and self.cache.request is not None
         self.peak_device_bytes = max(self.peak_device_bytes, memory.total)
         self.weights.reset()
 
@@ -152,7 +158,8 @@ class Executor:
         groups = self._groups()
         timeline = active_timeline()
         stream = _compute_stream(self.runtime.backend.device) if timeline is not None else None
-        with bind(self.runtime), torch.no_grad(), self._call_span(timeline, groups, stream):
+        with self.runtime.backend.tracking(), bind(self.runtime), torch.no_grad(), \
+                self._call_span(timeline, groups, stream):
             if groups is None:
                 out = self._direct(*args) if timeline is None else _Recording(self.schedule, timeline, stream).run(*args)
             else:
@@ -161,7 +168,8 @@ class Executor:
                 if self._runner is None:
                     self._runner = MiniBatchRunner(self.schedule, self.split, self._kernels)
                 try:
-                    out = self._runner(args, groups, cache.select, timeline=timeline, stream=stream)
+                    out = self._runner(args, groups, cache.select, upload=self.runtime.backend.upload,
+                                       timeline=timeline, stream=stream)
                 finally:
                     cache.select(0)
         self.calls += 1

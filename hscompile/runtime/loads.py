@@ -54,12 +54,13 @@ class StagingArena:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.kv, *self.act, *self.kv_rows, *self.act_rows))
 
-    def fit(self, rows: int, columns: int, act_tokens: int) -> int:
+    def fit(self, rows: int, columns: int, act_tokens: int) -> tuple[bool, int]:
         """Make the buffers hold ``rows x columns`` tokens and ``act_tokens`` checkpoints; returns
-        the bytes newly zeroed (0 when they already fit: the usual case after the first step)."""
-        spec, zeroed = self.spec, 0
+        whether any buffer was allocated, and the bytes newly zeroed (False, 0 when they already
+        fit: the usual case after the first step)."""
+        spec, zeroed, grown = self.spec, 0, False
         if rows > self.rows or columns > self.columns:
-            self.rows, self.columns = max(rows, self.rows), max(columns, self.columns)
+            self.rows, self.columns, grown = max(rows, self.rows), max(columns, self.columns), True
             shape = (self.rows, self.columns, 2, spec.kv_heads, spec.head_dim)
             self.kv = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(self.buffers)]
             zeroed += sum(t.numel() * t.element_size() for t in self.kv)
@@ -68,13 +69,13 @@ class StagingArena:
                                             device=self.device) for _ in range(self.buffers)]
                 zeroed += sum(t.numel() for t in self.kv_rows)
         if act_tokens > self.act_tokens:
-            self.act_tokens = act_tokens
+            self.act_tokens, grown = act_tokens, True
             self.act = [torch.empty((act_tokens, spec.hidden), dtype=spec.dtype, device=self.device)
                         for _ in range(self.buffers)]
             if spec.quantized:
                 self.act_rows = [torch.empty((act_tokens, spec.act_row_bytes), dtype=torch.uint8, device=self.device)
                                  for _ in range(self.buffers)]
-        return zeroed
+        return grown, zeroed
 
 
 class LoadPipeline:
@@ -101,11 +102,12 @@ class LoadPipeline:
         buffers = 2 if self.overlapping else 1
         if self.arena is None or self.arena.buffers != buffers or self.arena.spec != spec:
             self.arena = StagingArena(spec, self.backend.device, buffers)
-        zeroed = self.arena.fit(max(p.batch for p in plans), columns, max(p.act_tokens for p in plans))
+        grown, zeroed = self.arena.fit(max(p.batch for p in plans), columns, max(p.act_tokens for p in plans))
         self.width = columns
-        if zeroed:
-            self.counters.attention_assembly_bytes += zeroed
-            # The zeroing runs on the compute stream: no load may write a buffer before it is done.
+        self.counters.attention_assembly_bytes += zeroed
+        if grown:
+            # New memory from the compute stream's allocator (zeroed there, or handed back by an
+            # earlier user): no load may write it before an event recorded since.
             self.arena.free = [self.backend.record()] * self.arena.buffers
 
     def clear(self) -> None:

@@ -29,6 +29,7 @@ Which sequences form the mini-batches, and in what order, is the planner's
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,23 +191,27 @@ class MiniBatchRunner:
         return free_at, free_after
 
     def __call__(self, args: Sequence[Any], rows: Sequence[Sequence[int]],
-                 select: Callable[[int], None], *, timeline: Timeline | None = None, stream: Any = None) -> Any:
+                 select: Callable[[int], None], *, upload: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                 timeline: Timeline | None = None, stream: Any = None) -> Any:
         """Run the schedule on ``args`` for the mini-batches ``rows`` (row indices of the batch).
 
         ``select(i)`` is called before mini-batch ``i`` runs (the cache runtime switches plans).
+        ``upload`` puts the row indices on the device (one copy, no host wait).
         With a ``timeline``, each step's span is recorded with its mini-batch (compute spans
         timed on ``stream`` where that is a CUDA stream)."""
         batch = sum(len(r) for r in rows)
         shared: dict[fx.Node, Any] = {}
         envs: list[dict[fx.Node, Any]] = [{} for _ in rows]
-        indices = [torch.tensor(r, dtype=torch.long) for r in rows]
+        order = upload(torch.tensor([i for r in rows for i in r], dtype=torch.long))
+        ends = list(itertools.accumulate(len(r) for r in rows))
+        indices = [order[end - len(r):end] for r, end in zip(rows, ends, strict=True)]
         batch_inputs, size_inputs = set(self.split.batch_inputs), set(self.split.size_inputs)
         for position, (node, value) in enumerate(zip(self._placeholders, args, strict=True)):
             if position in batch_inputs:
                 if value.shape[0] != batch:
                     raise RuntimeError(f"input {node.name} has {value.shape[0]} rows, the mini-batches {batch}")
                 for env, index in zip(envs, indices):
-                    env[node] = value.index_select(0, index.to(value.device))
+                    env[node] = value.index_select(0, index)
             elif position in size_inputs:
                 for env, r in zip(envs, rows):
                     env[node] = len(r)
@@ -234,7 +239,7 @@ class MiniBatchRunner:
                 for env in envs:
                     env.pop(value, None)
                 shared.pop(value, None)
-        return self._outputs(envs, shared, indices, batch)
+        return self._outputs(envs, shared, order, batch)
 
     def _run(self, node: fx.Node, lookup: Callable[[fx.Node], Any]) -> Any:
         args = fx.node.map_arg(node.args, lookup)
@@ -257,14 +262,13 @@ class MiniBatchRunner:
         else:  # cache_commit
             run(tensors)
 
-    def _outputs(self, envs, shared, indices, batch):
+    def _outputs(self, envs, shared, order, batch):
         def gather(node: fx.Node) -> Any:
             if node not in self._batched:
                 return shared[node]
             pieces = [env[node] for env in envs]
-            order = torch.cat(indices)
             out = pieces[0].new_empty((batch, *pieces[0].shape[1:]))
-            out.index_copy_(0, order.to(out.device), torch.cat(pieces))
+            out.index_copy_(0, order, torch.cat(pieces))
             return out
 
         return fx.node.map_arg(self._output.args[0], gather)

@@ -1,76 +1,97 @@
-"""A simulated asynchronous device: the CPU, with CUDA's copy-stream and event semantics.
+"""A simulated asynchronous device: the CPU, with CUDA's stream, event and allocator semantics.
 
 **A test tool.** ``HSCOMPILE_ASYNC_SIM=late|early|random:SEED`` with ``device="cpu"`` makes
 :func:`~hscompile.runtime.device.device_backend` return a :class:`SimulatedAsyncDevice` instead of
-the synchronous :class:`~hscompile.runtime.device.CpuDevice`. It reports ``asynchronous = True``, so
-the runtime takes its CUDA paths (loads issued ahead into a second buffer, stores on the copy
-stream, events between the streams), and it keeps those paths honest on any machine:
+the synchronous :class:`~hscompile.runtime.device.CpuDevice`. It reports ``asynchronous = True`` and
+``pins_host = True``, so the runtime takes its CUDA paths (loads issued ahead into a second buffer,
+stores on the copy stream, events between the streams), and it keeps those paths honest on any
+machine.
 
-* every copy is queued, in issue order, on the one copy stream of its backend instance (the cache
-  runtime and each compiled graph's weight runtime have their own backend, hence their own stream,
-  as on CUDA) and returns an event (:class:`SimEvent`);
-* a copy *completes* (its destination is written, from its source as the source is *then*) only
-  when the semantics force it: compute waits on its event (:meth:`~SimulatedAsyncDevice.wait`), or
-  on a later copy of the same stream (a stream runs in order), or the host synchronizes the device
-  (:meth:`~SimulatedAsyncDevice.synchronize`, every simulated stream). The schedule says when, within
-  that: ``late`` as late as allowed, ``early`` at once (what the synchronous ``CpuDevice`` does),
-  ``random:SEED`` at any legal point, chosen at each call of the backend by a generator seeded with
-  ``SEED`` (the same seed, the same schedule);
-* from its issue until it completes, a copy's destination is **poisoned**: NaN for floating
-  tensors, all bits set for integer ones (0xFF bytes). All-ones bytes are NaN read as any float
-  width (fp32, fp16, bf16, fp64), so the byte buffers the runtime copies (weight groups packed as
-  bytes, int8 cache rows) poison what is read through them: an int8 value alone reads as the finite
-  -1, but every int8 payload here travels in the same copy as its float scales (``quantize_rows``
-  puts a token's scales in its own row of bytes; a quantized weight group packs values, scales and
-  zeros in one buffer), so a dequantized read before completion is NaN;
-* the source is read when the copy completes (a reference to it is kept), so a source that compute
-  overwrites before then is a race that shows as wrong data.
+**Copies.** Every copy is queued, in issue order, on the one copy stream of its backend instance
+(the cache runtime and each compiled graph's weight runtime have their own backend, hence their own
+stream, as on CUDA) and returns an event (:class:`SimEvent`). A copy *completes* (its destination is
+written, from its source as the source is *then*) only when the semantics force it: compute waits
+on its event (:meth:`~SimulatedAsyncDevice.wait`) or on a later copy of the same stream (a stream
+runs in order), or the host synchronizes the device (:meth:`~SimulatedAsyncDevice.synchronize`). The
+schedule says when, within that: ``late`` as late as allowed, ``early`` at once (what the
+synchronous ``CpuDevice`` does), ``random:SEED`` at any legal point, chosen at each call of the
+backend by a generator seeded with ``SEED``. From its start until it completes, a copy's
+destination is **poisoned**: NaN for floating tensors, all bits set for integer ones (0xFF bytes,
+which read as NaN through any float view, so an int8 cache row or a packed weight group is NaN once
+dequantized: each travels in one copy with its float scales).
 
-:meth:`~SimulatedAsyncDevice.fetch` is the host waiting for the *compute* stream, as ``x.cpu()`` is on
-CUDA: it completes no copy the compute did not wait for. Compute itself is synchronous here, so an
-event :meth:`~SimulatedAsyncDevice.record` returns has always happened: a copy issued ``after`` it may
-start at once (its destination is poisoned at issue); a copy issued after another stream's copy
-event starts, and is poisoned, when that copy completes, and so does one whose destination an
-earlier copy of its own stream still reads (the stream runs in order: that is no race).
+**The allocator.** A queued copy holds its buffers by weak reference only, as CUDA's caching
+allocator does (it knows nothing of the copy stream unless ``record_stream`` is called): when the
+runtime drops the last reference to a buffer a copy still reads or writes, the memory would go
+back to the compute stream's free list and be handed out again while the copy runs. The simulator
+raises :class:`AsyncHazard` naming the copy, at the next backend call or when the copy completes.
+
+**Happens-before.** Compute's clock advances at each :meth:`~SimulatedAsyncDevice.record`; a copy
+stream knows the newest compute event any of its copies was issued after (a vector clock of two
+entries: compute knows the copy streams through the copies it waited for, which complete then).
+Inside a tracked call (below) the simulator sees every torch call the runtime and an eager graph
+make, and remembers the compute clock of the last access to each device buffer, its allocation
+included; a copy whose device side compute touched after the copy stream's newest event (memory
+just allocated, or a buffer compute still reads) is an :class:`AsyncHazard`. So is any access of
+compute or host to the destination of a copy not yet completed, and a write to the source of one.
+Accesses inside Inductor's kernels are invisible to it (the poison still shows them): the eager
+lowering is the one that shows every access.
+
+**Host syncs.** :meth:`~SimulatedAsyncDevice.tracking` (entered by the generator around a call and by
+the executor around a graph call) watches the torch calls made meanwhile and tags each tensor as
+*host* (built from Python data or host tensors without a ``device``, fetched, a pool) or *device*
+(everything else: parameters, activations, buffers made with ``device=``), as a CUDA run would
+place them. What would make the host wait for the device on CUDA counts in ``host_syncs`` and is
+named in :attr:`~SimulatedAsyncDevice.sync_sites` (file:line of the caller): ``.item()``,
+``.tolist()``, ``bool()``/``int()``/``float()``, ``nonzero`` and other ops with data-dependent
+shapes on device tensors; ``torch.tensor(..., device=...)``; ``.to``/``.copy_`` between host and
+device unless from pinned memory with ``non_blocking=True``; an op that mixes host and device
+tensors (on CUDA an implicit copy, or an error). A non-blocking copy into pageable host memory is an
+:class:`AsyncHazard` (CUDA would run it synchronously, or the host would read it too early). A host
+read of a host buffer a copy to the host wrote needs a host wait after that copy (``fetch`` after
+compute waited for it, or ``synchronize``): reading it before is an :class:`AsyncHazard`.
+
+**Pinned memory.** :meth:`~SimulatedAsyncDevice.host_buffer` and
+:meth:`~SimulatedAsyncDevice.host_tensor` register their storage as pinned; ``pageable_copies``
+counts copies whose host side is not; :meth:`~SimulatedAsyncDevice.host_bytes` rounds an allocation
+up to a power of two, as torch's pinned (caching host) allocator does.
 
 Counters: ``async_sim`` (the schedule's name, None on a real device), ``deferred_copies`` (copies
 completed after the backend call that issued them: 0 under ``early``), ``copies``,
-``pageable_copies`` (copies whose host side was not allocated by :meth:`host_buffer`; on CUDA such a
-copy is not asynchronous). Host syncs are counted as on the CPU and on CUDA.
+``pageable_copies``, ``host_syncs``, ``sync_sites``.
 
-Not modelled yet (later increments of issue 25): queued copies hold their tensors strongly (no
-caching allocator with per-stream free lists, so freeing a buffer with a copy pending is not caught),
-no happens-before between the compute stream's allocations and the copy stream's first use, no
-device/pinned tags on tensors (pageable ``.to(device)``, ``.item()`` inside a step are not counted),
-no host reads of pinned pools checked against their copy's event beyond the poison, no clock. Copies
-from or to host memory not allocated by :meth:`~SimulatedAsyncDevice.host_buffer` (the cache pools,
-which ``pins_host = False`` allocates pageable; the model's own packed weights) are deferred like
-pinned ones and only counted in ``pageable_copies``.
+The simulated device is one per process, as a GPU is: the backends share its compute clock, its
+pinned registry and its tags (``_WORLD``), so that a synchronize drains every stream and a buffer
+pinned by one graph's weight store is pinned for the next graph's. Not modelled: a clock of
+simulated time (issue 25, item 4).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import weakref
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
-from .device_base import DeviceBackend
+from .device_base import DeviceBackend, pinned_bytes
 from .timeline import Timeline, active_timeline
 
-__all__ = ["SCHEDULES", "SimEvent", "SimulatedAsyncDevice", "poison"]
+__all__ = ["SCHEDULES", "AsyncHazard", "SimEvent", "SimulatedAsyncDevice", "poison"]
 
 SCHEDULES = ("late", "early", "random:SEED")
 """The schedules ``HSCOMPILE_ASYNC_SIM`` accepts."""
 
-_LIVE: weakref.WeakSet[SimulatedAsyncDevice] = weakref.WeakSet()
-"""Every simulated backend alive: one device, so :meth:`SimulatedAsyncDevice.synchronize` drains them all."""
-_PINNED: weakref.WeakValueDictionary[int, torch.UntypedStorage] = weakref.WeakValueDictionary()
-"""Host storages :meth:`SimulatedAsyncDevice.host_buffer` gave, by address: pinned memory belongs to the
-process, not to one backend (a graph's weight store reuses the buffers an earlier graph's packed)."""
+
+class AsyncHazard(RuntimeError):
+    """An ordering bug the simulated asynchronous device caught (it would be a race on CUDA)."""
 
 
 def poison(t: torch.Tensor) -> None:
@@ -84,12 +105,83 @@ def poison(t: torch.Tensor) -> None:
         t.fill_(-1 if info.min < 0 else info.max)  # every bit set: 0xFF bytes
 
 
+# -- tensors as weak references to bytes ------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Bytes:
+    """A view's bytes, held weakly: its storage, the byte range it spans, and how to rebuild it."""
+
+    storage: weakref.ref[torch.UntypedStorage]
+    ptr: int
+    first: int
+    last: int
+    dtype: torch.dtype
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> _Bytes:
+        storage = t.untyped_storage()
+        first, last = _extent(t)
+        return cls(weakref.ref(storage), storage.data_ptr(), first, last, t.dtype, t.storage_offset(),
+                   tuple(t.shape), tuple(t.stride()))
+
+    def tensor(self) -> torch.Tensor | None:
+        storage = self.storage()
+        if storage is None:
+            return None
+        return torch.empty(0, dtype=self.dtype).set_(storage, self.offset, self.size, self.stride)
+
+    def overlaps(self, ptr: int, first: int, last: int) -> bool:
+        return ptr == self.ptr and first < self.last and self.first < last and self.storage() is not None
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``t`` may touch in its storage (empty for an empty tensor)."""
+    if not t.numel():
+        return 0, 0
+    first = t.storage_offset() * t.element_size()
+    last = first + (sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
+    return first, last
+
+
+class _Storages:
+    """Storages by address, weakly (an address reused by a new storage is not the old one's)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, tuple[weakref.ref[torch.UntypedStorage], Any]] = {}
+
+    def set(self, t: torch.Tensor, value: Any = True) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr():
+            self._refs[storage.data_ptr()] = (weakref.ref(storage), value)
+            if len(self._refs) > 4096:
+                self._refs = {k: v for k, v in self._refs.items() if v[0]() is not None}
+
+    def get(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage()
+        entry = self._refs.get(storage.data_ptr())
+        if entry is None or entry[0]() is not storage:
+            return None
+        return entry[1]
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        return self.get(t) is not None
+
+
+# -- streams, events, copies ---------------------------------------------------------------------
+
+
 @dataclass(eq=False, slots=True)
 class SimEvent:
-    """A point on a simulated stream: ``seq``, the copy it follows (compute: ``stream`` None, always done)."""
+    """A point on a simulated stream: ``seq``, the copy it follows; on compute (``stream`` None),
+    ``clock``, the compute clock it was recorded at (compute is synchronous: always done)."""
 
     stream: _Stream | None
     seq: int = 0
+    clock: int = 0
 
     @property
     def done(self) -> bool:
@@ -99,15 +191,36 @@ class SimEvent:
 @dataclass(eq=False, slots=True)
 class _Copy:
     seq: int
-    dst: torch.Tensor
-    src: torch.Tensor
+    dst: _Bytes
+    src: _Bytes
     after: SimEvent | None
     label: str
     lane: str
+    to_host: bool
     timeline: Timeline | None
+    nbytes: int
     started: bool = False
     gates: int = 0
     """Copies that must complete before this one may start (see :meth:`SimulatedAsyncDevice._copy`)."""
+
+    broken: bool = False
+    """A buffer of it was freed while it was pending (reported once; it then writes nothing)."""
+
+    def freed(self) -> str | None:
+        """Which of its buffers was freed, if one was."""
+        if self.dst.storage() is None:
+            return "dst"
+        return "src" if self.src.storage() is None else None
+
+    def view(self, which: str) -> torch.Tensor:
+        t = (self.dst if which == "dst" else self.src).tensor()
+        if t is None:
+            self.broken = True
+            raise AsyncHazard(
+                f"the {'destination' if which == 'dst' else 'source'} of the copy {self.label!r} was freed while the "
+                "copy was pending: on CUDA its memory goes back to the allocator and may be handed out (and "
+                "rewritten) while the copy runs. Wait for the copy's event before dropping the buffer")
+        return t
 
 
 @dataclass(eq=False, slots=True)
@@ -118,17 +231,112 @@ class _Stream:
     queue: deque[_Copy] = field(default_factory=deque)
     issued: int = 0
     completed: int = 0
+    known: int = 0
+    """The newest compute clock this stream was ordered after (by a copy's ``after`` event)."""
+    waited: int = 0
+    """The newest copy compute waited for: what the host sees at its next ``fetch``."""
+    settled: int = 0
+    """Copies up to here are visible to the host (a host wait followed their completion)."""
+    unsettled: list[_Copy] = field(default_factory=list)
+    """Completed copies to the host the host may not read yet."""
     waiting: dict[int, list[_Copy]] = field(default_factory=dict)
     """Copies gated on this stream's copy ``seq``: each may start once its gates have completed."""
+
+
+# -- the device (one per process) -----------------------------------------------------------------
+
+
+class _World:
+    """What the simulated backends of the process share: they are one device (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.backends: weakref.WeakSet[SimulatedAsyncDevice] = weakref.WeakSet()
+        self.pinned = _Storages()
+        self.host = _Storages()
+        """Host tensors, as tagged inside tracked calls (untagged: device)."""
+        self.touched = _Storages()
+        """Device storages: the compute clock of the last compute access (allocation included)."""
+        self.clock = 0
+        self.inside = 0
+        """Nonzero while the simulator itself works (its fills and copies are not the runtime's)."""
+        self.tracking: _Tracking | None = None
+        self.caller: SimulatedAsyncDevice | None = None
+        """The backend whose method runs now (a hazard found in another's copy is reported to that one)."""
+
+    def streams(self) -> list[_Stream]:
+        return [b._stream for b in list(self.backends)]
+
+    @contextlib.contextmanager
+    def internal(self) -> Iterator[None]:
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+    def host_sync(self, *, everything: bool) -> None:
+        """The host waited for compute (``fetch``) or for the whole device (``synchronize``)."""
+        for stream in self.streams():
+            if everything:
+                _complete(SimEvent(stream, stream.issued))
+                stream.settled = stream.issued
+            else:
+                stream.settled = max(stream.settled, stream.waited)
+            stream.unsettled = [c for c in stream.unsettled if c.seq > stream.settled]
+
+    def check_access(self, tensor: torch.Tensor, *, write: bool, what: str) -> None:
+        """``tensor`` is read (or written) by compute or the host now: not while a copy still writes it,
+        nor (written) while one still reads it, nor (read, on the host) before a host wait saw it written."""
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if not ptr or not tensor.numel():
+            return
+        first, last = _extent(tensor)
+        for stream in self.streams():
+            for copy in stream.queue:
+                if copy.dst.overlaps(ptr, first, last):
+                    raise AsyncHazard(f"{what} the destination of the copy {copy.label!r} before waiting for it: on "
+                                      "CUDA it may read garbage. Wait for the copy's event first")
+                if write and copy.src.overlaps(ptr, first, last):
+                    raise AsyncHazard(f"{what} overwrites the source of the copy {copy.label!r} before it ran: on "
+                                      "CUDA the copy may read the new data. Wait for its event before reusing the buffer")
+            for copy in stream.unsettled:
+                if copy.dst.overlaps(ptr, first, last):
+                    raise AsyncHazard(f"{what} the host buffer the copy {copy.label!r} wrote before a host wait "
+                                      "covered it (fetch after compute waited for it, or synchronize): on CUDA the "
+                                      "host may read it before the copy ran")
+
+
+_WORLD = _World()
+"""The simulated device (see :class:`_World`)."""
 
 
 class SimulatedAsyncDevice(DeviceBackend):
     """CUDA's copy-stream semantics on the CPU, with a schedule (see the module docstring)."""
 
     asynchronous = True
+    pins_host = True
 
     def __init__(self, schedule: str) -> None:
         self.device = torch.device("cpu")
+        self.reschedule(schedule)
+        self.deferred_copies = 0
+        """Copies completed after the backend call that issued them."""
+        self.copies = 0
+        self.pageable_copies = 0
+        """Copies whose host side is not pinned (on CUDA they would not be asynchronous)."""
+        self.sync_sites: Counter[str] = Counter()
+        """Host syncs the tracking found outside ``fetch``/``synchronize``: ``what at file:line`` -> count."""
+        self.host_cache_releases = 0
+        """Times the pinned allocator's cache was emptied (pools of a new size replaced others)."""
+        self.unreported: list[AsyncHazard] = []
+        """Hazards in this backend's copies found while another backend completed them (a synchronize)."""
+        self._stream = _Stream(self)
+        self._issuing: _Copy | None = None
+        _WORLD.backends.add(self)
+
+    def reschedule(self, schedule: str) -> None:
+        """Complete copies by ``schedule`` from now on (a test sweeping seeds keeps its compiled graphs)."""
         mode, _, seed = schedule.partition(":")
         if mode not in ("late", "early", "random") or (mode == "random") != bool(seed) \
                 or (seed and not seed.lstrip("-").isdigit()):
@@ -137,14 +345,6 @@ class SimulatedAsyncDevice(DeviceBackend):
         self.async_sim = schedule
         self.mode = mode
         self._rng = random.Random(int(seed)) if seed else None
-        self.deferred_copies = 0
-        """Copies completed after the backend call that issued them."""
-        self.copies = 0
-        self.pageable_copies = 0
-        """Copies whose host side is not a :meth:`host_buffer` (on CUDA they would not be asynchronous)."""
-        self._stream = _Stream(self)
-        self._issuing: _Copy | None = None
-        _LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"SimulatedAsyncDevice({self.async_sim!r}, pending={self.pending})"
@@ -153,42 +353,94 @@ class SimulatedAsyncDevice(DeviceBackend):
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer registered as pinned."""
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        storage = buffer.untyped_storage()
-        _PINNED[storage.data_ptr()] = storage
-        return buffer
+        return self.host_tensor((nbytes,), torch.uint8)
+
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with _WORLD.internal():
+            t = torch.empty(shape, dtype=dtype)
+        _WORLD.pinned.set(t)
+        _WORLD.host.set(t)
+        return t
+
+    def host_bytes(self, nbytes: int) -> int:
+        return pinned_bytes(nbytes)
+
+    def release_host_cache(self) -> None:
+        self.host_cache_releases += 1
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        with _WORLD.internal():
+            t = torch.empty(nbytes, dtype=torch.uint8)
+        _WORLD.touched.set(t, _WORLD.clock)
+        return t
 
     def is_pinned(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` is (a view of) a buffer :meth:`host_buffer` gave."""
-        return t.untyped_storage().data_ptr() in _PINNED
+        """Whether ``t`` is (a view of) a pinned buffer."""
+        return t in _WORLD.pinned
 
     def copy_to_device(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
                        lane: str = "copy: weights") -> SimEvent:
-        return self._copy(dst, src, after, label, lane, host=src)
+        return self._copy(dst, src, after, label, lane, to_host=False)
 
     def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor, *, after: Any, label: str,
                      lane: str = "copy: cache") -> SimEvent:
-        return self._copy(dst, src, after, label, lane, host=dst)
+        return self._copy(dst, src, after, label, lane, to_host=True)
+
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        # On CUDA: pinned, then non-blocking on the compute stream (in order with compute, no host
+        # wait). Here a copy now, which makes it a device tensor.
+        self._tick()
+        with _WORLD.internal():
+            out = x.clone()
+        _WORLD.touched.set(out, _WORLD.clock)
+        return out
 
     def wait(self, event: Any) -> None:
         self._tick()
         if event is not None:
-            _complete(_event(event))
+            event = _event(event)
+            _complete(event)
+            if event.stream is not None:
+                event.stream.waited = max(event.stream.waited, event.seq)
 
     def record(self) -> SimEvent:
         self._tick()
-        return SimEvent(None)  # compute is synchronous: everything issued to it has run
+        _WORLD.clock += 1
+        return SimEvent(None, clock=_WORLD.clock)
 
     def fetch(self, x: torch.Tensor) -> torch.Tensor:
-        # x.cpu() on CUDA waits for the compute stream only: copies it never waited for may still run.
+        # The host waits for the compute stream: copies compute never waited for may still run.
         self._tick()
-        return super().fetch(x)
+        self.host_syncs += 1
+        _WORLD.host_sync(everything=False)
+        if x in _WORLD.host:
+            return x
+        with _WORLD.internal():
+            out = x.clone()
+        _WORLD.host.set(out)
+        return out
 
     def synchronize(self) -> None:
         self._tick()
-        for backend in list(_LIVE):
-            backend.drain()
-        super().synchronize()
+        self.host_syncs += 1
+        _WORLD.host_sync(everything=True)
+
+    def tracking(self, *host: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Watch the torch calls made inside the block (see the module docstring); ``host``: tensors
+        made outside it that are host tensors (the caller's inputs)."""
+        for t in host:
+            if isinstance(t, torch.Tensor):
+                _WORLD.host.set(t)
+        if _WORLD.tracking is not None:
+            return contextlib.nullcontext()
+        return _Tracking(self)
+
+    def untracked(self) -> contextlib.AbstractContextManager[None]:
+        """Stop watching inside the block (dynamo traces there: a mode would be part of its guards)."""
+        tracking = _WORLD.tracking
+        if tracking is None:
+            return contextlib.nullcontext()
+        return _Paused(tracking)
 
     # -- inspection ----------------------------------------------------------------------
 
@@ -198,28 +450,39 @@ class SimulatedAsyncDevice(DeviceBackend):
         return len(self._stream.queue)
 
     def drain(self) -> None:
-        """Complete every copy of this backend's stream (what a device synchronize does)."""
+        """Complete every copy of this backend's stream."""
         if self._stream.queue:
             _complete(SimEvent(self._stream, self._stream.issued))
 
     # -- the simulation ------------------------------------------------------------------
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, label: str, lane: str, *,
-              host: torch.Tensor) -> SimEvent:
+              to_host: bool) -> SimEvent:
         self._tick()
         if dst.shape != src.shape:
             raise ValueError(f"copy {label!r}: destination {tuple(dst.shape)} and source {tuple(src.shape)} differ")
         stream = self._stream
-        stream.issued += 1
-        copy = _Copy(stream.issued, dst, src, None if after is None else _event(after), label, lane, active_timeline())
-        stream.queue.append(copy)
-        self.copies += 1
+        after = None if after is None else _event(after)
+        host, device = (dst, src) if to_host else (src, dst)
         if not self.is_pinned(host):
             self.pageable_copies += 1
+        if after is not None and after.stream is None:
+            stream.known = max(stream.known, after.clock)
+        touched = _WORLD.touched.get(device)
+        if touched is not None and touched >= stream.known:
+            raise AsyncHazard(
+                f"the copy {label!r} uses device memory compute allocated or used after the copy stream's last event "
+                "from compute: on CUDA the copy may run while compute still uses that memory (or before the "
+                "allocator's previous user of it is done). Issue the copy after an event recorded since")
+        stream.issued += 1
+        copy = _Copy(stream.issued, _Bytes.of(dst), _Bytes.of(src), after, label, lane, to_host, active_timeline(),
+                     src.numel() * src.element_size())
+        stream.queue.append(copy)
+        self.copies += 1
         # It starts (and may write its destination) once what it was issued after has happened and,
         # the stream being in order, once the earlier copies that read its destination are done.
-        gates = [copy.after] if copy.after is not None and not copy.after.done else []
-        readers = [c for c in stream.queue if c is not copy and _overlap(c.src, dst)]
+        gates = [after] if after is not None and not after.done else []
+        readers = [c for c in stream.queue if c is not copy and c.src.overlaps(copy.dst.ptr, copy.dst.first, copy.dst.last)]
         if readers:
             gates.append(SimEvent(stream, readers[-1].seq))
         for gate in gates:
@@ -229,22 +492,23 @@ class SimulatedAsyncDevice(DeviceBackend):
         if not gates:
             _start(copy)
         event = SimEvent(stream, copy.seq)
-        if self.mode == "early":
+        if self.mode in ("early", "random"):
             self._issuing = copy
             try:
-                _complete(event)
-            finally:
-                self._issuing = None
-        elif self.mode == "random":
-            self._issuing = copy
-            try:
-                self._maybe_complete()
+                _complete(event) if self.mode == "early" else self._maybe_complete()
             finally:
                 self._issuing = None
         return event
 
     def _tick(self) -> None:
-        """A call of the backend: under ``random``, a point where some queued copies may complete."""
+        """A call of the backend: a freed buffer shows; under ``random`` some queued copies may complete."""
+        _WORLD.caller = self
+        if self.unreported:
+            raise self.unreported.pop(0)
+        for copy in self._stream.queue:
+            which = None if copy.broken else copy.freed()
+            if which is not None:
+                copy.view(which)  # raises, naming it
         if self.mode == "random":
             self._maybe_complete()
 
@@ -261,25 +525,12 @@ def _event(event: Any) -> SimEvent:
     return event
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` may share bytes (their storages' byte ranges, bounded, intersect)."""
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or not a.numel() or not b.numel():
-        return False
-
-    def extent(t: torch.Tensor) -> tuple[int, int]:
-        first = t.storage_offset() * t.element_size()
-        last = first + (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
-        return first, last
-
-    (a0, a1), (b0, b1) = extent(a), extent(b)
-    return a0 < b1 and b0 < a1
-
-
 def _start(copy: _Copy) -> None:
     """The copy may run from now on: its destination holds garbage until it completes."""
-    if not copy.started:
+    if not copy.started and copy.freed() is None:
         copy.started = True
-        poison(copy.dst)
+        with _WORLD.internal():
+            poison(copy.view("dst"))
 
 
 def _complete(event: SimEvent) -> None:
@@ -291,17 +542,188 @@ def _complete(event: SimEvent) -> None:
         copy = stream.queue[0]
         if copy.after is not None and not copy.after.done:
             _complete(copy.after)  # it cannot have run before the copy it was issued after
-        _start(copy)
-        if copy.timeline is None:
-            copy.dst.copy_(copy.src)
-        else:
-            with copy.timeline.span(copy.lane, copy.label, bytes=copy.src.numel() * copy.src.element_size()):
-                copy.dst.copy_(copy.src)
+        which = copy.freed()
         stream.queue.popleft()
+        if which is None:
+            _start(copy)
+            dst, src = copy.view("dst"), copy.view("src")
+            with _WORLD.internal():
+                if copy.timeline is None:
+                    dst.copy_(src)
+                else:
+                    with copy.timeline.span(copy.lane, copy.label, bytes=copy.nbytes):
+                        dst.copy_(src)
         stream.completed = copy.seq
+        if copy.to_host:
+            stream.unsettled.append(copy)
         if stream.owner._issuing is not copy:
             stream.owner.deferred_copies += 1
         for waiting in stream.waiting.pop(copy.seq, ()):
             waiting.gates -= 1
             if waiting.gates == 0:
                 _start(waiting)
+        if which is not None and not copy.broken:
+            try:
+                copy.view(which)  # raises, naming it (once: it is done now, having written nothing)
+            except AsyncHazard as hazard:
+                if _WORLD.caller is stream.owner:
+                    raise
+                stream.owner.unreported.append(hazard)  # its own backend raises it at its next call
+
+
+# -- tracking the torch calls of a step -----------------------------------------------------------
+
+_SYNCING = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero",
+                      "argwhere", "masked_select", "unique", "unique_consecutive", "equal", "allclose"})
+"""Calls that read a device tensor's values (or shape-from-data) on the host."""
+_FACTORIES = frozenset({"empty", "zeros", "ones", "full", "arange", "range", "linspace", "eye", "rand", "randn",
+                        "randint", "empty_strided", "tensor", "as_tensor", "from_numpy"})
+_METADATA = frozenset({"view", "view_as", "narrow", "select", "unsqueeze", "squeeze", "expand", "expand_as",
+                       "transpose", "permute", "t", "detach", "chunk", "split", "unbind", "as_strided", "movedim",
+                       "swapaxes", "unflatten", "__get__", "__set__", "size", "stride", "dim", "numel",
+                       "storage_offset", "untyped_storage", "element_size", "data_ptr", "is_floating_point",
+                       "is_complex", "is_contiguous", "is_pinned", "__len__", "__repr__", "__format__", "__hash__",
+                       "__eq__", "requires_grad_", "dim_order", "get_device", "set_", "type", "__iter__"})
+"""Calls that touch no tensor data (views, shapes); ``set_`` rebinds a view, as the simulator does."""
+
+
+def _caller() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if not (path.endswith(("simulated.py", "overrides.py", "_tensor.py", "contextlib.py"))
+                or "/torch/" in path):
+            return f"{'/'.join(path.split('/')[-2:])}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
+class _Tracking(TorchFunctionMode):
+    """The torch calls of a tracked block: host syncs, accesses, tags (see the module docstring)."""
+
+    def __init__(self, backend: SimulatedAsyncDevice) -> None:
+        super().__init__()
+        self.backend = backend
+        self.paused = 0
+
+    def __enter__(self) -> _Tracking:
+        _WORLD.tracking = self
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        _WORLD.tracking = None
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if _WORLD.inside or self.paused:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "").split(".")[0]  # an OpOverload's: "view.dtype"
+        if name in _METADATA or (name == "__getitem__" and not _tensors(args[1:])):
+            out = func(*args, **kwargs)
+            if args and isinstance(args[0], torch.Tensor) and args[0] in _WORLD.host:
+                for t in _tensors(out):  # a view, or (indexing with a list) a host copy
+                    _WORLD.host.set(t)
+            return out
+        tensors = _tensors((args, kwargs))
+        host = [t for t in tensors if t in _WORLD.host]
+        device = [t for t in tensors if t not in _WORLD.host and t.dim() > 0]
+        self._sync(func, name, args, kwargs, tensors, host, device)
+        written = _written(name, args, kwargs)
+        for t in tensors:
+            _WORLD.check_access(t, write=any(t is w for w in written), what=f"{name} at {_caller()}")
+        crossing = (name == "cpu" and bool(device)) or (name == "to" and bool(host) and _to_device(args, kwargs) is not None)
+        if crossing:
+            # A copy between host and device, as on CUDA (here the same memory would come back, and
+            # tagging it would retag the tensor it came from).
+            with _WORLD.internal():
+                out = func(*args, **kwargs).clone()
+        else:
+            out = func(*args, **kwargs)
+        outputs = _tensors(out)
+        as_host = (bool(tensors) and not device and all(t in _WORLD.host or t.dim() == 0 for t in tensors)) \
+            or (not tensors and name in _FACTORIES and kwargs.get("device") is None)
+        if name == "cpu":
+            as_host = True
+        elif name == "to" and host and _to_device(args, kwargs) is not None:
+            as_host = False  # the host tensor's copy on the device
+        # (``.to(device)`` of a device tensor stays on the device: the simulated device is "cpu", so a
+        # graph's ``.to(device="cpu")`` names the device; a copy to the host must say ``.cpu()`` or fetch.)
+        for t in outputs:
+            if as_host:
+                _WORLD.host.set(t)
+            elif t not in _WORLD.host:
+                _WORLD.touched.set(t, _WORLD.clock)
+        for t in device:
+            _WORLD.touched.set(t, _WORLD.clock)
+        return out
+
+    def _sync(self, func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: list[torch.Tensor],
+              host: list[torch.Tensor], device: list[torch.Tensor]) -> None:
+        backend = self.backend
+        what: str | None = None
+        if name in _SYNCING and args and isinstance(args[0], torch.Tensor) and args[0] not in _WORLD.host:
+            what = f"Tensor.{name}"
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None:
+            what = f"torch.{name}(device=...)"
+        elif name == "cpu" and args and isinstance(args[0], torch.Tensor):
+            if args[0] not in _WORLD.host:
+                what = "Tensor.cpu of a device tensor"
+        elif name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor):
+            source = args[0]
+            target = _to_device(args, kwargs) if name == "to" else "cuda"
+            non_blocking = bool(kwargs.get("non_blocking") or (name == "to" and len(args) > 2 and args[2] is True))
+            if target is not None:
+                if source in _WORLD.host:
+                    if not (non_blocking and source in _WORLD.pinned):
+                        what = f"Tensor.{name} of a {'host' if source not in _WORLD.pinned else 'pinned'} tensor " \
+                               "to the device (pageable or blocking)"
+        elif name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            dst, src = args[0], args[1]
+            non_blocking = bool(kwargs.get("non_blocking") or (len(args) > 2 and args[2] is True))
+            if (dst in _WORLD.host) != (src in _WORLD.host) and src.dim() > 0:
+                if dst in _WORLD.host and non_blocking and dst not in _WORLD.pinned:
+                    raise AsyncHazard(f"a non-blocking copy into pageable host memory at {_caller()}: CUDA runs it "
+                                      "synchronously. Copy into pinned memory")
+                if not (non_blocking and (dst if dst in _WORLD.host else src) in _WORLD.pinned):
+                    what = "Tensor.copy_ between host and device"
+        elif host and device and name not in ("to", "cpu", "cuda", "copy_"):
+            what = f"{name} of host and device tensors"
+        if what is not None:
+            backend.host_syncs += 1
+            backend.sync_sites[f"{what} at {_caller()}"] += 1
+
+
+class _Paused:
+    def __init__(self, tracking: _Tracking) -> None:
+        self.tracking = tracking
+
+    def __enter__(self) -> None:
+        self.tracking.paused += 1
+        self.tracking.__exit__(None, None, None)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracking.paused -= 1
+        self.tracking.__enter__()
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _written(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterable[torch.Tensor]:
+    out = kwargs.get("out")
+    written = _tensors(out) if out is not None else []
+    if args and isinstance(args[0], torch.Tensor) and (name == "__setitem__" or
+                                                       (name.endswith("_") and not name.startswith("__"))):
+        written.append(args[0])
+    return written
+
+
+def _to_device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:
+    """The device a ``Tensor.to`` call names (None: a dtype change only)."""
+    try:
+        device, _, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    except (TypeError, RuntimeError):
+        return None
+    return device

@@ -21,7 +21,8 @@ Nothing here touches K/V data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,8 @@ class StepPlan:
     store_act_runs: list[Run]
     store_act_slots: torch.Tensor
     store_act_slots_device: torch.Tensor
+    past_device: torch.Tensor
+    """``past`` on the device (the mask's padding)."""
     new_kv: list[int]
     new_act: list[int]
     every_new_token_is_kv: bool
@@ -100,7 +103,7 @@ def _mask(step: StepPlan, attn_mask: torch.Tensor | None, is_causal: bool, devic
             attn_mask = None
     if attn_mask is None and not step.padded and (new == 1 or not is_causal):
         return None, False
-    past = torch.tensor(step.past, device=device)
+    past = step.past_device
     valid = torch.arange(width, device=device)[None, :] >= (width - past)[:, None]  # (batch, width)
     if attn_mask is None:
         rows = torch.ones(new, new, dtype=torch.bool, device=device)
@@ -122,10 +125,12 @@ def _merge(runs: list[Run], slot: int, dest: int, count: int) -> None:
 
 
 def plan_step(cache: HybridCache, real: torch.Tensor, sequences: list[int], columns: int,
-              device: torch.device) -> StepPlan:
+              upload: Callable[[torch.Tensor], torch.Tensor]) -> StepPlan:
     """The plan of a step whose rows are ``sequences`` and whose new tokens are ``real``
     (``(batch, new)`` bool: False for padding, which is not stored), for an attention buffer of
-    ``columns`` columns (see the module docstring)."""
+    ``columns`` columns (see the module docstring). ``upload`` puts a host tensor on the device
+    without a host wait (:meth:`~hscompile.runtime.device_base.DeviceBackend.upload`): the plan's
+    device indices travel in one copy."""
     batch, new = real.shape
     past = [cache.sequences[s].length for s in sequences]
     width = max(past)
@@ -172,8 +177,16 @@ def plan_step(cache: HybridCache, real: torch.Tensor, sequences: list[int], colu
         new_kv.append(kv_here)
         new_act.append(act_here)
 
-    def tensor(values: Sequence[int], to: torch.device | None = None) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=to)
+    # The indices the device needs, in one host tensor and one copy (a pageable copy apiece would
+    # each make the host wait for the compute stream on CUDA).
+    on_device = (act_dest, act_slots, store_kv_src, store_act_src, store_act_slots, past)
+    ends = list(itertools.accumulate(len(v) for v in on_device))
+    uploaded = upload(torch.tensor([i for values in on_device for i in values], dtype=torch.long))
+    act_dest_d, act_slots_d, store_kv_src_d, store_act_src_d, store_act_slots_d, past_d = (
+        uploaded[end - len(values):end] for values, end in zip(on_device, ends, strict=True))
+
+    def tensor(values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
 
     return StepPlan(
         batch=batch,
@@ -186,15 +199,16 @@ def plan_step(cache: HybridCache, real: torch.Tensor, sequences: list[int], colu
         kv_runs=kv_runs,
         act_runs=act_runs,
         act_tokens=len(act_dest),
-        act_dest=tensor(act_dest, device),
-        act_slots=tensor(act_slots, device),
-        store_kv_src=tensor(store_kv_src, device),
+        act_dest=act_dest_d,
+        act_slots=act_slots_d,
+        store_kv_src=store_kv_src_d,
         store_kv_runs=store_kv_runs,
         store_kv_slots=tensor(store_kv_slots),
-        store_act_src=tensor(store_act_src, device),
+        store_act_src=store_act_src_d,
         store_act_runs=store_act_runs,
         store_act_slots=tensor(store_act_slots),
-        store_act_slots_device=tensor(store_act_slots, device),
+        store_act_slots_device=store_act_slots_d,
+        past_device=past_d,
         new_kv=new_kv,
         new_act=new_act,
         every_new_token_is_kv=all_real and len(store_kv_src) == batch * new

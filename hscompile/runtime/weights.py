@@ -85,7 +85,9 @@ class WeightRuntime:
             layout = layouts[group]
             staging.append(self._host_buffer(layout, weights, repoint=False))
             flat = backend.device_buffer(layout.nbytes)
-            backend.copy_to_device(flat, staging[-1], after=None, label=f"resident {group}")
+            # After an event recorded since the allocation: the allocator may have handed out memory
+            # whose previous user, on the compute stream, is not done with it.
+            backend.copy_to_device(flat, staging[-1], after=backend.record(), label=f"resident {group}")
             self._resident[group] = flat
             self.setup_h2d_bytes += layout.nbytes
         backend.synchronize()
@@ -96,6 +98,9 @@ class WeightRuntime:
             self._slot_of[group] = position % policy.ring_slots
         slots = policy.ring_slots if policy.streamed_layers else 0
         self._slots = [_Slot(backend.device_buffer(policy.slot_bytes)) for _ in range(slots)]
+        allocated = backend.record()  # the first prefetch into a slot waits for its allocation
+        for slot in self._slots:
+            slot.free = allocated
 
     # -- building ------------------------------------------------------------------------
 
@@ -103,7 +108,7 @@ class WeightRuntime:
         """The group's packed host buffer, reusing one an earlier compilation made for the same weights."""
         sources = {p.node: weights[p.node] for p in layout.weights}
         existing = _packed_storage(layout, sources)
-        if existing is not None and (existing.is_pinned() or self.backend.device.type != "cuda"):
+        if existing is not None and self.backend.is_pinned(existing):
             return existing
         flat = self.backend.host_buffer(layout.nbytes)
         _pack(flat, layout, sources)
@@ -117,9 +122,13 @@ class WeightRuntime:
 
     def reset(self) -> None:
         """Free every slot of the ring, at the start of a call and after one that raised midway
-        (its copies stay ordered on the copy stream)."""
-        for slot in self._slots:
-            slot.occupant = None
+        (its copies stay ordered on the copy stream). A slot still held was never released, so
+        compute may still read it: the next copy into it waits for an event recorded now."""
+        held = [slot for slot in self._slots if slot.occupant is not None]
+        if held:
+            now = self.backend.record()
+            for slot in held:
+                slot.occupant, slot.free = None, now
 
     def prefetch(self, group: int) -> None:
         slot = self._slots[self._slot_of[group]]

@@ -55,9 +55,14 @@ def _assert_clean(generator: hscompile.Generator) -> None:
             assert all(slot.occupant is None for slot in compiled.executor.runtime.weights._slots)
 
 
+@pytest.mark.parametrize("schedule", [None, "late"], ids=["cpu", "async-sim-late"])
 @pytest.mark.parametrize(("what", "owner", "name", "on_call"), FAULTS, ids=[f[0] for f in FAULTS])
 def test_a_fault_mid_step_raises_and_the_generator_serves_the_next_call_exactly(monkeypatch, what, owner, name,
-                                                                                 on_call):
+                                                                                 on_call, schedule):
+    # Under the simulated asynchronous device the CUDA paths run: loads issued ahead, stores on the
+    # copy stream. A fault then leaves copies in flight, which must be waited for, never dropped.
+    if schedule is not None:
+        monkeypatch.setenv("HSCOMPILE_ASYNC_SIM", schedule)
     model = tiny_model("llama", layers=LAYERS)
     ids, mask = ragged_prompts()
     with torch.no_grad():
@@ -77,3 +82,6 @@ def test_a_fault_mid_step_raises_and_the_generator_serves_the_next_call_exactly(
         _assert_clean(generator)
         assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected), what
         _assert_clean(generator)
+    if schedule is not None:
+        assert generator.stats()["deferred_copies"] > 0
+        assert generator.cache.backend.pending == 0

@@ -10,7 +10,13 @@ replays the case.
 
 from __future__ import annotations
 
-from fuzzing import Case, cases, known, run_case
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+from fuzzing import ASYNC_SIM, Case, async_sim_env, cases, known, run_case
 from hypothesis import HealthCheck, assume, event, example, given, settings
 
 EXAMPLES = 16
@@ -49,3 +55,56 @@ def test_greedy_tokens_equal_transformers_for_any_drawn_model_batch_and_options(
             event(what)
     assert not outcome.failed, f"{outcome.status}: {outcome.detail}\noptions: {outcome.options}\n" \
                                f"replay: {case.command()}\n{outcome.traceback}"
+
+
+# -- benchmarks/fuzz.py --async-sim: the simulated asynchronous device's schedule per case --------------------
+
+TINY = Case(family="llama", layers=1, hidden=32, heads=2, kv_heads=1, head_dim=None, seed=1, lengths=(3, 2),
+            max_new_tokens=2, act_ratio=0.5, block_size=2, mini_batch_size="auto", prefetch_depth=1,
+            device_budget=None, host_budget=None)
+
+
+def _fuzz_cli():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("fuzz_cli", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fuzz_async_sim_takes_the_library_schedules_or_random_and_refuses_anything_else_in_one_line(
+        capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv(ASYNC_SIM, raising=False)
+    fuzz = _fuzz_cli()
+    assert [fuzz._schedule(v) for v in ("late", " early", "random:7", "random")] == ["late", "early", "random:7",
+                                                                                    "random"]
+    # "random": each case its own seed, from the run's.
+    assert [fuzz._case_schedule("random", index, 5) for index in range(3)] == ["random:5", "random:6", "random:7"]
+    assert fuzz._case_schedule("late", 2, 5) == "late" and fuzz._case_schedule(None, 0, 5) is None
+    for bad in ("sometimes", "random:x", "late:1", ""):
+        with pytest.raises(SystemExit) as exit_:  # argparse refuses it before anything runs
+            fuzz.main(["--async-sim", bad, "--n", "0", "--json", str(tmp_path / "fuzz.json"),
+                       "--markdown", str(tmp_path / "fuzz.md")])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"error: argument --async-sim: expected late, early, random:SEED (SEED an integer) or random " \
+               f"(random:<case index + seed> for each case), got {bad!r}" in error
+    assert ASYNC_SIM not in os.environ  # checking a value leaves the environment as it was
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_case_carries_its_schedule_in_its_reproducer_and_runs_under_it(monkeypatch):
+    case = dataclasses.replace(TINY, async_sim="late")
+    assert '"async_sim":"late"' in case.command() and Case.from_json(case.to_json()) == case
+    # A case without one has the reproducer it had before the field existed.
+    assert "async_sim" not in TINY.to_json() and Case.from_json(TINY.to_json()) == TINY
+    monkeypatch.setenv(ASYNC_SIM, "early")
+    with async_sim_env("random:3"):
+        assert os.environ[ASYNC_SIM] == "random:3"
+    assert os.environ[ASYNC_SIM] == "early"
+    monkeypatch.delenv(ASYNC_SIM)
+    outcome = run_case(case)
+    assert outcome.status == "passed", f"{outcome.detail}\n{outcome.traceback}"
+    assert outcome.facts["async_sim"] == "late"  # the generator ran on the simulated device
+    assert ASYNC_SIM not in os.environ

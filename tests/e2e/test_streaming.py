@@ -56,10 +56,13 @@ def test_parity_and_budget_from_all_resident_to_a_tenth(captured, family, fracti
     assert torch.equal(logits, expected)
     s = compiled.stats()
     assert s["peak_device_bytes"] <= s["device_budget"]
+    # Resident weights cross once, at setup: none on the CPU (used in place), all under the simulated
+    # asynchronous device (which, as CUDA, copies them).
+    streamed = s["weight_h2d_bytes"] - s["setup_h2d_bytes"]
     if fraction >= 1:
-        assert s["streamed_layers"] == 0 and s["weight_h2d_bytes"] == 0
+        assert s["streamed_layers"] == 0 and streamed == 0
     else:
-        assert s["streamed_layers"] > 0 and s["weight_h2d_bytes"] == s["schedule_weight_bytes_per_call"] > 0
+        assert s["streamed_layers"] > 0 and streamed == s["schedule_weight_bytes_per_call"] > 0
     if fraction <= 0.125:
         assert weight_bytes(model) >= 8 * s["device_budget"]  # "weights 8x the budget" and beyond
 

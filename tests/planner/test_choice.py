@@ -8,8 +8,8 @@ import torch
 
 from hscompile.config import HybridServeConfig
 from hscompile.errors import ConfigError
-from hscompile.ir.cache import CacheSpec
-from hscompile.planner.budget import decode_staging
+from hscompile.ir.cache import CacheSpec, pinned_bytes
+from hscompile.planner.budget import HostBudget, admit_waves, decode_staging
 from hscompile.planner.choice import plan_call
 from hscompile.planner.cost_model import ModelDims, minibatch_counts
 from hscompile.planner.hardware import load_profile
@@ -102,3 +102,17 @@ def test_a_spec_rule_is_in_bytes():
     assert not spec.checkpoints_save_bytes  # 256 values both ways
     assert CacheSpec(num_layers=1, kv_heads=2, head_dim=64, hidden=256, dtype=torch.float16, block_size=16,
                      quant="int8").checkpoints_save_bytes
+
+
+def test_pinned_pools_are_budgeted_as_the_pinned_allocator_rounds_them():
+    # Three sequences of 3 KV blocks: 9 blocks take 9 * block bytes pageable, but pinned the pool
+    # rounds up to 16 blocks' worth, so a budget of 12 blocks holds only two of them per wave.
+    dims = _dims(layers=2, hidden=256, heads=4, kv_heads=4)
+    spec = dims.cache_spec(16)
+    block = spec.kv_block_bytes
+    assert block & (block - 1) == 0  # a power of two: the rounding is in blocks
+    budget = 12 * block
+    assert admit_waves(spec, 0.0, [48, 48, 48], HostBudget(budget, option=True)) == [[0, 1, 2]]
+    assert admit_waves(spec, 0.0, [48, 48, 48], HostBudget(budget, option=True, pinned=True)) == [[0, 1], [2]]
+    assert spec.pool_bytes(9, 0, pinned=True) == 16 * block and spec.pool_bytes(9, 0, pinned=False) == 9 * block
+    assert [pinned_bytes(n) for n in (0, 1, 5, 8, 9)] == [0, 1, 8, 8, 16]

@@ -51,7 +51,7 @@ def test_block_sizes_follow_the_model_dimensions():
 
 
 def test_a_sequence_that_does_not_fit_waits_and_fits_after_a_release():
-    cache = HybridCache.allocate(SPEC, 0.5, kv_blocks=2, act_blocks=2, pin=False)
+    cache = HybridCache.allocate(SPEC, 0.5, kv_blocks=2, act_blocks=2)
     assert cache.admit(0, 16)  # 4 blocks: 2 ACT + 2 KV
     assert not cache.admit(1, 4)  # nothing left: it waits, nothing is allocated
     assert cache.kv_pool.num_free() == 0 and 1 not in cache.sequences
@@ -60,7 +60,7 @@ def test_a_sequence_that_does_not_fit_waits_and_fits_after_a_release():
 
 
 def test_growing_keeps_the_ratio_and_grows_the_pools():
-    cache = HybridCache.allocate(SPEC, 0.5, kv_blocks=1, act_blocks=1, pin=False)
+    cache = HybridCache.allocate(SPEC, 0.5, kv_blocks=1, act_blocks=1)
     cache.admit(0, 4)
     cache.kv[0, :4] = 7.0
     cache.extend(0, 40)
@@ -78,7 +78,7 @@ def test_growing_keeps_the_ratio_and_grows_the_pools():
     st.sampled_from([0.0, 0.25, 0.5, 1.0]),
 )
 def test_no_leaks_and_no_block_owned_twice(operations, ratio):
-    cache = HybridCache.allocate(SPEC, ratio, kv_blocks=12, act_blocks=12, pin=False)
+    cache = HybridCache.allocate(SPEC, ratio, kv_blocks=12, act_blocks=12)
     start = (cache.kv_pool.num_free(), cache.act_pool.num_free())
     next_id = 0
     for admit, tokens in operations:
