@@ -95,7 +95,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
     dtypes = tuple(args.dtype or ("float32",))
     with console.status(f"measuring {args.device or 'the default device'} (a few seconds)..."):
-        profile = tune(args.device, dtypes=dtypes, width=args.width, force=args.force)
+        profile = tune(args.device, dtypes=dtypes, width=args.width, force=args.force, disk=args.disk)
     table = Table(title=f"{profile.device_name} (torch {profile.torch_version})", show_header=False)
     table.add_row("host -> device", f"{profile.h2d_bytes_per_s / 1e9:.1f} GB/s")
     table.add_row("device -> host", f"{profile.d2h_bytes_per_s / 1e9:.1f} GB/s")
@@ -107,6 +107,8 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         table.add_row(f"attention {dtype}", f"{rate / 1e12:.2f} TFLOP/s")
     table.add_row("per call", f"{profile.call_seconds * 1e6:.1f} us")
     table.add_row("hscompile per layer", f"{profile.layer_overhead_seconds * 1e3:.3f} ms per decode step")
+    if profile.disk_bytes_per_s:
+        table.add_row(f"disk ({profile.disk_path})", f"{profile.disk_bytes_per_s / 1e9:.2f} GB/s (direct reads)")
     table.add_row("source", profile.source)
     console.print(table)
     console.print(f"cached at {profile_path(torch.device(profile.device))}")
@@ -496,6 +498,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="dtype to measure matmuls in (repeatable; default float32)")
     tune.add_argument("--width", type=_positive_int, default=1024, help="GEMM width, e.g. the model's hidden size")
     tune.add_argument("--force", action="store_true", help="measure again even if a valid profile is cached")
+    tune.add_argument("--disk", metavar="DIR", help="also measure direct reads from DIR's disk (a checkpoint's or "
+                                                    "an offload directory), kept in the profile")
     tune.set_defaults(run=_tune)
 
     predict = commands.add_parser("predict", help="predict a model's generation throughput on a profiled machine")

@@ -102,3 +102,18 @@ def test_predict_with_an_unknown_profile_is_an_error(tmp_path, capsys):
     path.write_text(json.dumps(LLAMA_13B))
     assert main(["predict", str(path), "--profile", "tpu-v9"]) == 2
     assert "no hardware profile" in capsys.readouterr().out
+
+
+def test_tune_with_a_disk_directory_measures_its_disk_and_a_missing_one_is_one_line(tmp_path, capsys):
+    assert main(["tune", "--device", "cpu", "--width", "128", "--disk", str(tmp_path / "missing")]) == 2
+    assert "--disk" in capsys.readouterr().out and not list(tmp_path.iterdir())
+    (tmp_path / "model.safetensors").write_bytes(bytes(2**20))  # read, not a probe written beside it
+    from hscompile.runtime import disk
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(disk, "directory_read_bandwidth",
+                      lambda directory: disk.read_bandwidth(directory / "model.safetensors")[0])
+        patch.setattr("hscompile.generation.tuning.directory_read_bandwidth", disk.directory_read_bandwidth)
+        assert main(["tune", "--device", "cpu", "--width", "128", "--disk", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "disk (" in out and "GB/s (direct reads)" in out  # (the directory may wrap in the table)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ..planner import hardware
 from ..planner.hardware import HardwareProfile
+from ..runtime.disk import directory_read_bandwidth
 from .generator import Generator
 
 __all__ = ["measure_layer_overhead", "tune"]
@@ -50,8 +52,13 @@ def tune(
     force: bool = False,
     quick: bool = False,
     overhead: bool = True,
+    disk: str | Path | None = None,
 ) -> HardwareProfile:
     """:func:`hscompile.planner.hardware.tune`, measuring hscompile's per-layer overhead too unless
-    ``overhead=False`` (the probe runs the generator, which the planner may not import)."""
+    ``overhead=False`` (the probe runs the generator, which the planner may not import), and the
+    direct-read rate of the filesystem of ``disk`` (a checkpoint's or an offload directory) when given."""
+    if disk is not None and not Path(disk).is_dir():  # before measuring anything
+        raise ValueError(f"--disk {disk}: not a directory; name a checkpoint's or an offload directory")
     return hardware.tune(device, dtypes=dtypes, width=width, force=force, quick=quick,
-                      overhead=measure_layer_overhead if overhead else None)
+                         overhead=measure_layer_overhead if overhead else None,
+                         disk=None if disk is None else (Path(disk), directory_read_bandwidth))

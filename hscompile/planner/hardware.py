@@ -41,10 +41,13 @@ from .. import _env
 from ..errors import ConfigError
 
 OverheadProbe = Callable[[torch.device, int], float]
+DiskProbe = Callable[[Path], float]
+"""Bytes per second direct reads of a directory's filesystem reach (the front layer passes
+:func:`hscompile.runtime.disk.directory_read_bandwidth`: the planner reads no files)."""
 """``probe(device, repeat) -> seconds`` of hscompile's host work per layer per decode step. It runs
 the generator, which this layer may not import: the front layer supplies it (see :func:`tune`)."""
 
-__all__ = ["PROFILE_SCHEMA", "HardwareProfile", "OverheadProbe", "bundled_profiles", "host_memory_available",
+__all__ = ["PROFILE_SCHEMA", "DiskProbe", "HardwareProfile", "OverheadProbe", "bundled_profiles", "host_memory_available",
            "load_profile", "measure", "profile_path", "tune"]
 
 PROFILE_SCHEMA = 1
@@ -83,6 +86,10 @@ class HardwareProfile:
     dispatch, cache index plans), measured on tiny models where compute is negligible."""
     device_memory_bytes: int
     host_memory_bytes: int
+    disk_bytes_per_s: float = 0.0
+    """Direct reads from the filesystem of ``disk_path`` (the disk tier's rate); 0: not measured."""
+    disk_path: str = ""
+    """The directory ``disk_bytes_per_s`` was measured in (``hscompile tune --disk DIR``)."""
     source: str = ""
     """Where the numbers come from: ``"measured on ... at ..."`` or a datasheet."""
 
@@ -138,7 +145,7 @@ class HardwareProfile:
             raise ValueError(f"profile schema {data.get('schema')!r}, expected {PROFILE_SCHEMA}")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(names - set(data) - {"source", "layer_overhead_seconds", "copies_overlap",
-                                               "weight_stream_bytes_per_s"})
+                                               "weight_stream_bytes_per_s", "disk_bytes_per_s", "disk_path"})
         unknown = sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"profile fields missing: {missing}, unknown: {unknown}")
@@ -349,15 +356,19 @@ def tune(
     force: bool = False,
     quick: bool = False,
     overhead: OverheadProbe | None = None,
+    disk: tuple[Path, DiskProbe] | None = None,
 ) -> HardwareProfile:
     """The profile of ``device`` (default: CUDA if available): the cached one when it is valid,
     for this device and torch, and covers ``dtypes``; else a fresh measurement, then cached.
     Without ``overhead`` (what hscompile uses implicitly) the per-layer overhead is not measured
-    and a cached profile that lacks it is good enough; :func:`hscompile.tune` measures it."""
+    and a cached profile that lacks it is good enough; :func:`hscompile.tune` measures it.
+    ``disk``: ``(directory, probe)``: the disk rate of that directory is measured (each time it is
+    asked for: a disk's rate depends on the directory) and kept in the profile."""
     resolved = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     )
     path = profile_path(resolved)
+    profile = None
     if not force and path.is_file():
         try:
             cached = HardwareProfile.from_json(path.read_text())
@@ -370,8 +381,14 @@ def tune(
             and all(d in cached.matmul_flops_per_s for d in dtypes)
             and (cached.layer_overhead_seconds > 0 or overhead is None)
         ):
-            return cached
-    profile = measure(resolved, dtypes=dtypes, width=width, quick=quick, overhead=overhead)
+            if disk is None:
+                return cached
+            profile = cached
+    if profile is None:
+        profile = measure(resolved, dtypes=dtypes, width=width, quick=quick, overhead=overhead)
+    if disk is not None:
+        directory, probe = disk
+        profile = dataclasses.replace(profile, disk_bytes_per_s=probe(directory), disk_path=str(directory))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(profile.to_json())

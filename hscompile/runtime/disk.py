@@ -10,8 +10,8 @@ device's block: :meth:`DiskReader.buffer` allocates host memory with the slack t
 exactly them (no copy). A short read (the file ends before the range) is a
 :class:`~hscompile.errors.CheckpointError` naming the file.
 
-:func:`read_bandwidth` measures the rate a file reads at this way (``hscompile tune`` and
-``benchmarks/bandwidth.py --disk FILE``).
+:func:`read_bandwidth` measures the rate a file reads at this way (``benchmarks/bandwidth.py --disk
+FILE``); :func:`directory_read_bandwidth` the rate of a directory's filesystem (``hscompile tune --disk DIR``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["ALIGN", "DiskReader", "read_bandwidth"]
+__all__ = ["ALIGN", "DiskReader", "directory_read_bandwidth", "read_bandwidth"]
 
 ALIGN = 4096
 """Alignment of direct reads (offset, length and address): the page size, a multiple of every
@@ -158,3 +158,30 @@ def read_bandwidth(path: str | Path, *, nbytes: int | None = None, direct: bool 
             reader.read(offset, min(_CHUNK, total - offset), buffer)
         seconds = time.perf_counter() - start
         return total / seconds if seconds > 0 else float("inf"), reader.direct
+
+
+def directory_read_bandwidth(directory: str | Path, *, nbytes: int = 256 * 2**20) -> float:
+    """Bytes per second :class:`DiskReader` reads from ``directory``'s filesystem: its largest
+    file's first ``nbytes`` when one has that many (a checkpoint's weights), else a file of
+    ``nbytes`` written there, synced, read back and removed (an empty ``offload_dir``). Direct
+    reads where the filesystem takes them, so the page cache does not answer for the disk."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory: measure the disk of a checkpoint's or an offload directory")
+    files = [f for f in directory.iterdir() if f.is_file() and not f.is_symlink()]
+    largest = max(files, key=lambda f: f.stat().st_size, default=None)
+    if largest is not None and largest.stat().st_size >= nbytes:
+        return read_bandwidth(largest, nbytes=nbytes)[0]
+    probe = directory / f".hscompile-disk-probe-{os.getpid()}"
+    try:
+        with probe.open("wb") as handle:
+            chunk = os.urandom(_CHUNK)  # incompressible, as weights are
+            for _ in range(-(-nbytes // _CHUNK)):
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return read_bandwidth(probe, nbytes=nbytes)[0]
+    except OSError as error:
+        raise ValueError(f"cannot measure the disk of {directory}: {error.strerror or error}") from None
+    finally:
+        probe.unlink(missing_ok=True)

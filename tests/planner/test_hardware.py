@@ -64,3 +64,21 @@ def test_gemm_time_follows_a_roofline():
     weight_read = 4096 * 4096 * 2 / profile.memory_bytes_per_s
     assert weight_read + profile.call_seconds <= small <= 2 * weight_read + profile.call_seconds
     assert 2 * 4096**3 / big > 0.9 * profile.matmul_flops_per_s["float16"] * 4096 / (4096 + profile.matmul_half_rows)
+
+
+def test_the_disk_rate_is_measured_for_the_directory_asked_and_kept_in_the_profile(cache, tmp_path):
+    first = tune("cpu", width=128, quick=True)
+    assert first.disk_bytes_per_s == 0.0 and first.disk_path == ""
+    asked = []
+
+    def probe(directory):
+        asked.append(directory)
+        return 1.5e9
+
+    profile = tune("cpu", width=128, quick=True, disk=(tmp_path, probe))
+    assert asked == [tmp_path] and profile.disk_bytes_per_s == 1.5e9 and profile.disk_path == str(tmp_path)
+    assert profile.matmul_flops_per_s == first.matmul_flops_per_s, "the cached measurements were kept"
+    assert tune("cpu", width=128, quick=True) == profile  # cached with it
+    old = json.loads(profile.to_json())
+    del old["disk_bytes_per_s"], old["disk_path"]  # a profile written before the field existed
+    assert HardwareProfile.from_json(json.dumps(old)).disk_bytes_per_s == 0.0

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from hscompile.errors import CheckpointError
-from hscompile.runtime.disk import ALIGN, DiskReader, read_bandwidth
+from hscompile.runtime.disk import ALIGN, DiskReader, directory_read_bandwidth, read_bandwidth
 
 
 @pytest.fixture
@@ -92,3 +92,21 @@ def test_the_read_bandwidth_is_measured_as_the_reader_reads(data_file):
     rate, direct = read_bandwidth(path)
     assert rate > 0 and direct == DiskReader(path).direct
     assert read_bandwidth(path, nbytes=len(data) // 2, direct=False)[1] is False
+
+
+def test_a_directory_is_measured_by_its_largest_file_or_a_probe_written_there(tmp_path, monkeypatch):
+    read = []
+    original = read_bandwidth
+
+    def recording(path, **kwargs):
+        read.append(Path(path).name)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr("hscompile.runtime.disk.read_bandwidth", recording)
+    assert directory_read_bandwidth(tmp_path, nbytes=4 * ALIGN) > 0
+    assert read[-1].startswith(".hscompile-disk-probe-") and list(tmp_path.iterdir()) == [], "the probe is removed"
+    (tmp_path / "model.safetensors").write_bytes(bytes(8 * ALIGN))
+    assert directory_read_bandwidth(tmp_path, nbytes=4 * ALIGN) > 0
+    assert read[-1] == "model.safetensors" and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(ValueError, match="is not a directory"):
+        directory_read_bandwidth(tmp_path / "model.safetensors")
