@@ -194,10 +194,8 @@ class Generator:
         self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
         streams = None if settings.greedy else samplers(seeds, ids.shape[0])
         totals = [int(n) + max_new_tokens for n in lengths]
-        pools = self.cache.cache  # the last call's pools: this call's replace them
-        backend = self.cache.backend
-        held = backend.host_bytes(pools.kv.nbytes) + backend.host_bytes(pools.act.nbytes) if pools is not None else 0
-        host = host_budget(self.config, held=held, pinned=backend.pins_host)
+        # The last call's pools: this call's replace them.
+        host = host_budget(self.config, held=self.cache.pool_bytes(), pinned=self.cache.backend.pins_host)
         plan = plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()), new_tokens=max_new_tokens,
                          act_ratio=act_ratio, overlap=self.cache.overlap_loads, host=host, dims=self._model_dims(),
                          profile=self._profile, sampling=settings)
@@ -344,7 +342,7 @@ class Generator:
         with backend.tracking(ids, mask, positions, request.real):
             logits = self._step(ids, mask, positions, request, prefill)
             # The step's one wait: the graph's outputs come back without one (Runtime.copy_out).
-            return backend.fetch(logits)[:, -1, :].float()
+            return self.cache.fetch(logits)[:, -1, :].float()
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, request: StepRequest,
               prefill: torch.Tensor | None) -> torch.Tensor:

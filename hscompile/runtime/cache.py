@@ -271,8 +271,12 @@ class CacheRuntime:
         self._columns = None if growable else max(capacities)
         self._trim_host(before)
 
+    def pool_bytes(self) -> int:
+        """Host memory the pools take now (rounded as allocated; 0 without pools)."""
+        return sum(self._pool_sizes() or ())
+
     def _pool_sizes(self) -> tuple[int, int] | None:
-        """What the pools take now (rounded as allocated), None without pools."""
+        """What each pool takes now (rounded as allocated), None without pools."""
         if self.cache is None:
             return None
         return self.backend.host_bytes(self.cache.kv.nbytes), self.backend.host_bytes(self.cache.act.nbytes)

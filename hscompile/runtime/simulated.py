@@ -604,7 +604,6 @@ class _Tracking(TorchFunctionMode):
     def __init__(self, backend: SimulatedAsyncDevice) -> None:
         super().__init__()
         self.backend = backend
-        self.paused = 0
 
     def __enter__(self) -> _Tracking:
         _WORLD.tracking = self
@@ -616,7 +615,7 @@ class _Tracking(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _WORLD.inside or self.paused:
+        if _WORLD.inside:
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "").split(".")[0]  # an OpOverload's: "view.dtype"
         if name in _METADATA or (name == "__getitem__" and not _tensors(args[1:])):
@@ -628,11 +627,12 @@ class _Tracking(TorchFunctionMode):
         tensors = _tensors((args, kwargs))
         host = [t for t in tensors if t in _WORLD.host]
         device = [t for t in tensors if t not in _WORLD.host and t.dim() > 0]
-        self._sync(func, name, args, kwargs, tensors, host, device)
+        target = _to_device(args, kwargs) if name == "to" else None  # None: no device named
+        self._sync(name, args, kwargs, host, device, target)
         written = _written(name, args, kwargs)
         for t in tensors:
             _WORLD.check_access(t, write=any(t is w for w in written), what=f"{name} at {_caller()}")
-        crossing = (name == "cpu" and bool(device)) or (name == "to" and bool(host) and _to_device(args, kwargs) is not None)
+        crossing = (name == "cpu" and bool(device)) or (bool(host) and target is not None)
         if crossing:
             # A copy between host and device, as on CUDA (here the same memory would come back, and
             # tagging it would retag the tensor it came from).
@@ -645,7 +645,7 @@ class _Tracking(TorchFunctionMode):
             or (not tensors and name in _FACTORIES and kwargs.get("device") is None)
         if name == "cpu":
             as_host = True
-        elif name == "to" and host and _to_device(args, kwargs) is not None:
+        elif host and target is not None:
             as_host = False  # the host tensor's copy on the device
         # (``.to(device)`` of a device tensor stays on the device: the simulated device is "cpu", so a
         # graph's ``.to(device="cpu")`` names the device; a copy to the host must say ``.cpu()`` or fetch.)
@@ -658,8 +658,10 @@ class _Tracking(TorchFunctionMode):
             _WORLD.touched.set(t, _WORLD.clock)
         return out
 
-    def _sync(self, func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: list[torch.Tensor],
-              host: list[torch.Tensor], device: list[torch.Tensor]) -> None:
+    def _sync(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], host: list[torch.Tensor],
+              device: list[torch.Tensor], target: torch.device | None) -> None:
+        """Count (and name) the call if it makes the host wait for the device on CUDA (``target``:
+        the device a ``to`` names)."""
         backend = self.backend
         what: str | None = None
         if name in _SYNCING and args and isinstance(args[0], torch.Tensor) and args[0] not in _WORLD.host:
@@ -671,9 +673,8 @@ class _Tracking(TorchFunctionMode):
                 what = "Tensor.cpu of a device tensor"
         elif name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor):
             source = args[0]
-            target = _to_device(args, kwargs) if name == "to" else "cuda"
             non_blocking = bool(kwargs.get("non_blocking") or (name == "to" and len(args) > 2 and args[2] is True))
-            if target is not None:
+            if target is not None or name == "cuda":
                 if source in _WORLD.host:
                     if not (non_blocking and source in _WORLD.pinned):
                         what = f"Tensor.{name} of a {'host' if source not in _WORLD.pinned else 'pinned'} tensor " \
@@ -699,11 +700,9 @@ class _Paused:
         self.tracking = tracking
 
     def __enter__(self) -> None:
-        self.tracking.paused += 1
-        self.tracking.__exit__(None, None, None)
+        self.tracking.__exit__(None, None, None)  # off the mode stack: dynamo sees none
 
     def __exit__(self, *exc: Any) -> None:
-        self.tracking.paused -= 1
         self.tracking.__enter__()
 
 
