@@ -29,7 +29,7 @@ from .ir.activation import ActivationEstimate
 from .ir.cache import CacheSpec
 from .ir.call import CallPlan
 from .ir.fx import fake_value
-from .ir.layout import GLOBAL_GROUP, group_layouts
+from .ir.layout import DISK_SLOTS, GLOBAL_GROUP, Extent, disk_groups, group_layouts
 from .ir.plan import ModelPlan
 from .ir.policy import Policy
 from .passes.analyze import analyze
@@ -50,7 +50,8 @@ from .passes.rewrite_for_cache import rewrite_for_cache
 from .passes.verify_schedule import ScheduleReport, verify_schedule
 from .planner.cost_model import resolve_act_ratio
 from .runtime.cache import CacheRuntime
-from .runtime.device import device_backend
+from .runtime.device import DeviceBackend, device_backend
+from .runtime.disk import DiskTier
 from .runtime.executor import Executor, Runtime
 from .runtime.weights import WeightRuntime
 
@@ -220,6 +221,7 @@ class _CompiledRegistry:
     def __init__(self) -> None:
         self._by_tensor: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sessions: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._disk: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._sequence = itertools.count(1)
 
     def next_sequence(self) -> int:
@@ -241,6 +243,16 @@ class _CompiledRegistry:
             sessions[key] = CacheRuntime(device=config.device, host_budget=config.memory.host_memory)
             sessions[key].use(CallPlan.fixed(resolve_act_ratio(config, spec)))
         return sessions[key]
+
+    def disk_tier(self, example_inputs: Sequence[Any], extents: dict[int, tuple[Extent, ...]],
+                  backend: DeviceBackend) -> DiskTier:
+        """The disk tier of a model with layers on disk: one for all its graphs, so host memory holds
+        its staging slots once (kept with the model's parameters, as :meth:`session` is)."""
+        anchor = next(x for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        tier = self._disk.get(anchor)
+        if tier is None or tier.extents != extents:
+            tier = self._disk[anchor] = DiskTier(extents, backend, slots=DISK_SLOTS)
+        return tier
 
     def lookup(self, tensors: Sequence[torch.Tensor]) -> list[CompiledModel]:
         found: dict[int, CompiledModel] = {}
@@ -287,7 +299,10 @@ def _runtime(
 ) -> Runtime:
     backend = device_backend(torch.device(policy.device))
     weights = {w.node: example_inputs[w.input_index] for w in plan.weights}
-    weight_runtime = WeightRuntime(policy, group_layouts(plan, policy.weight_format), weights, backend)
+    layouts = group_layouts(plan, policy.weight_format)
+    extents = disk_groups(layouts, weights)
+    disk = _REGISTRY.disk_tier(example_inputs, extents, backend) if extents else None
+    weight_runtime = WeightRuntime(policy, layouts, weights, backend, disk)
     in_place = (
         plan.global_weight_bytes + sum(plan.layers[i].weight_bytes for i in policy.resident_layers)
         if policy.weights_in_place

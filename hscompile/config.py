@@ -251,7 +251,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("device_memory", ("memory", "device_memory"), "int bytes or a size string ('512MiB', '8GiB')",
                "free device memory", "Device budget for weights, cache staging and activations; never exceeded."),
     OptionSpec("host_memory", ("memory", "host_memory"), "int bytes or a size string",
-               "available host memory", "Host budget for the weight store and the KV/ACT block pools."),
+               "available host memory", "Host budget for the weight store and the KV/ACT block pools; a checkpoint "
+               "larger than it (from_pretrained) keeps layers on disk, read at every step."),
     OptionSpec("act_ratio", ("cache", "act_ratio"), "float in [0, 1] or 'auto'", "'auto'",
                "Fraction of cached tokens kept as activation checkpoints (K/V recomputed on the device)."),
     OptionSpec("block_size", ("cache", "block_size"), "int tokens in [1, 65536]", "16", "Tokens per KV/ACT cache block."),

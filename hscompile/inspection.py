@@ -89,7 +89,8 @@ class Inspection:
             where[layer] = "resident" + (" (in place)" if policy.weights_in_place else " (copied once)")
         for i, layer in enumerate(streamed):
             issued = "at start" if i < policy.prefetch_depth else f"before layer {streamed[i - policy.prefetch_depth]}"
-            where[layer] = f"streamed: slot {i % policy.ring_slots}, prefetched {issued}"
+            source = ", read from disk" if layer in policy.disk_layers else ""
+            where[layer] = f"streamed: slot {i % policy.ring_slots}, prefetched {issued}{source}"
         return where
 
     def _layers_table(self) -> Table:
@@ -171,6 +172,9 @@ class Inspection:
         )
         table.add_row("resident layers", _ranges(policy.resident_layers) or "none")
         table.add_row("streamed layers", _ranges(policy.streamed_layers) or "none")
+        if policy.disk_layers:
+            table.add_row("disk layers", f"{_ranges(policy.disk_layers)}: read from the checkpoint's files at every step "
+                                         f"through {policy.disk_slots} host slots x {format_bytes(policy.disk_slot_bytes)}")
         if policy.streamed_layers:
             ring = f"{policy.ring_slots} slots x {format_bytes(policy.slot_bytes)}, prefetch depth {policy.prefetch_depth}"
             table.add_row("ring", ring)
@@ -285,9 +289,16 @@ def inspect(obj: object) -> Inspection:
     compiled in place with ``model.compile(backend="hybridserve")``, a function compiled
     from a model's bound method, or a :class:`~hscompile.backend.CompiledModel`. Compilation
     is lazy: call the compiled model once before inspecting it. When dynamo compiled
-    several graphs (new shapes, graph breaks), the newest is shown.
+    several graphs (new shapes, graph breaks), the newest is shown. A
+    :class:`~hscompile.Generator` shows the newest graph it compiled.
     """
-    if isinstance(obj, CompiledModel):
+    from .generation import Generator
+
+    if isinstance(obj, Generator):
+        found = obj.compiled_graphs
+        if not found:
+            raise TypeError("this Generator has compiled no graph yet: generate once before inspecting it")
+    elif isinstance(obj, CompiledModel):
         found = [obj]
     else:
         module = _module_of(obj)

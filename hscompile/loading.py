@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import torch
 
 from .errors import CheckpointError
+from .ir.layout import HOST_WEIGHTS_ATTR
 
 if TYPE_CHECKING:
     from .ir.layout import GroupLayout
@@ -229,10 +230,13 @@ def _read_into(handle: BinaryIO, stored: _Stored, out: torch.Tensor) -> None:
 
 
 def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
-                budget: HostBudget | None = None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+                budget: HostBudget | None = None) -> tuple[dict[str, torch.Tensor], torch.dtype, int]:
     """The checkpoint's tensors, each layer's packed into one host buffer (see :func:`load_model`),
-    after checking from the files' headers that they fit ``budget`` (nothing is allocated before)."""
-    from .planner.budget import check_host_weights
+    or mapped from its file when the host ``budget`` cannot hold it (decided from the files' headers
+    first: nothing is allocated before). Also returns the host bytes given to the weights when
+    layers stay on disk (else 0)."""
+    from .ir.layout import DISK_SLOTS, disk_extents, staging_bytes
+    from .planner.budget import host_layers
 
     index = _tensor_index(checkpoint)
     floats = {s.dtype for s in index.values() if s.dtype.is_floating_point}
@@ -248,8 +252,14 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
     layouts = _layer_layouts(index, target)
     packed = {prefix + weight.node for prefix, layout in layouts for weight in layout.weights}
     outside = sum(math.prod(s.shape) * target(s).itemsize for name, s in index.items() if name not in packed)
-    check_host_weights([layout.nbytes for _, layout in layouts], outside, budget,
+    extents = [disk_extents([(str(index[prefix + w.node].file), index[prefix + w.node].start,
+                              index[prefix + w.node].nbytes) for w in layout.weights]) for prefix, layout in layouts]
+    staging = DISK_SLOTS * max((staging_bytes(e) for e in extents), default=0)
+    held = host_layers([layout.nbytes for _, layout in layouts], outside, budget, staging=staging,
                        what=f"the checkpoint {checkpoint.path}")
+    on_disk = layouts[held:]
+    for prefix, layout in on_disk:
+        _check_mappable(checkpoint, [index[prefix + w.node] for w in layout.weights], target)
     state: dict[str, torch.Tensor] = {}
     files = contextlib.ExitStack()
     handles = {f: files.enter_context(f.open("rb")) for f in checkpoint.weight_files}  # one open per file
@@ -258,13 +268,49 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
         _read_into(handles[stored.file], stored, out)
 
     with files:
-        _read_layers(index, layouts, pin, read, state)
+        _read_layers(index, layouts[:held], pin, read, state)
+        _map_layers(index, on_disk, state)
         for name, stored in index.items():
             if name not in state:
                 tensor = torch.empty(stored.shape, dtype=target(stored))
                 read(stored, tensor)
                 state[name] = tensor
-    return state, dtype
+    host_weights = 0
+    if on_disk:
+        host_weights = outside + sum(layout.nbytes for _, layout in layouts[:held]) + staging
+    return state, dtype, host_weights
+
+
+def _check_mappable(checkpoint: Checkpoint, tensors: Sequence[_Stored], target: Any) -> None:
+    """A layer kept on disk is read as the file holds it: in the dtype it runs in, each tensor at
+    an offset aligned to its element (safetensors writers align them)."""
+    for stored in tensors:
+        if target(stored) != stored.dtype:
+            raise CheckpointError(
+                f"{stored.file} holds its layers in {stored.dtype}, and the model runs in {target(stored)}; layers "
+                "that stay on disk are read as the file holds them (converted copies in an offload directory are "
+                f"not built yet): load with dtype={str(stored.dtype).removeprefix('torch.')!r} (or None), or give "
+                "host_memory room for every layer")
+        if stored.start % stored.dtype.itemsize:
+            raise CheckpointError(f"{stored.file}: a tensor at byte {stored.start} is not aligned to its "
+                                  f"{stored.dtype.itemsize}-byte elements, so it cannot be read in place from disk; "
+                                  "save the checkpoint again with safetensors, which aligns them")
+
+
+def _map_layers(index: dict[str, _Stored], layouts: Sequence[tuple[str, GroupLayout]],
+                state: dict[str, torch.Tensor]) -> None:
+    """Each tensor of ``layouts``' layers as a view of its file's memory map: nothing is read (the
+    weight store reads these layers with direct reads, :mod:`hscompile.runtime.disk`)."""
+    from .ir.layout import map_file
+
+    maps: dict[Path, torch.UntypedStorage] = {}
+    for prefix, layout in layouts:
+        for weight in layout.weights:
+            stored = index[prefix + weight.node]
+            if stored.file not in maps:
+                maps[stored.file] = map_file(str(stored.file), stored.file.stat().st_size)
+            state[prefix + weight.node] = torch.empty(0, dtype=stored.dtype).set_(
+                maps[stored.file], stored.start // stored.dtype.itemsize, stored.shape)
 
 
 def _layer_layouts(index: dict[str, _Stored], target: Any) -> list[tuple[str, GroupLayout]]:
@@ -312,7 +358,7 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _causal_lm_config(checkpoint)
-    state, resolved = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin, budget)
+    state, resolved, host_weights = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin, budget)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     try:
         model, info = model_class.from_pretrained(
@@ -335,6 +381,8 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *
             model.generation_config = transformers.GenerationConfig.from_pretrained(str(checkpoint.path), local_files_only=True)
         except (OSError, ValueError, TypeError) as error:
             raise CheckpointError(f"{checkpoint.path / 'generation_config.json'} cannot be read: {error}") from None
+    if host_weights:
+        setattr(model, HOST_WEIGHTS_ATTR, host_weights)
     return model.eval()
 
 
@@ -370,10 +418,12 @@ def from_pretrained(
     """
     from .config import HybridServeConfig
     from .generation import Generator
-    from .planner.budget import machine_budget
+    from .planner.budget import HostBudget, machine_budget
 
     checkpoint = read_checkpoint(path)
     config = HybridServeConfig.from_options(options)  # bad options fail before the weights are read
     tokenizer = load_tokenizer(checkpoint)
-    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda", budget=machine_budget())
+    host = config.memory.host_memory
+    budget = HostBudget(host, option=True) if host is not None else machine_budget()
+    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda", budget=budget)
     return Generator(model, options, tokenizer=tokenizer)

@@ -46,6 +46,7 @@ from ..config import HybridServeConfig
 from ..errors import UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ir.call import CallPlan
+from ..ir.layout import host_weight_bytes
 from ..planner.budget import host_budget
 from ..planner.choice import plan_call
 from ..planner.cost_model import ModelDims, sequence_cost
@@ -195,7 +196,8 @@ class Generator:
         streams = None if settings.greedy else samplers(seeds, ids.shape[0])
         totals = [int(n) + max_new_tokens for n in lengths]
         # The last call's pools: this call's replace them.
-        host = host_budget(self.config, held=self.cache.pool_bytes(), pinned=self.cache.backend.pins_host)
+        host = host_budget(self.config, held=self.cache.pool_bytes(), pinned=self.cache.backend.pins_host,
+                           weights=host_weight_bytes(self.model))
         plan = plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()), new_tokens=max_new_tokens,
                          act_ratio=act_ratio, overlap=self.cache.overlap_loads, host=host, dims=self._model_dims(),
                          profile=self._profile, sampling=settings)

@@ -13,7 +13,7 @@ same shapes, strides and alignment.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,9 @@ import torch
 from .plan import ModelPlan, WeightRef
 from .quant import QuantScheme, is_quantized_weight
 
-__all__ = ["ALIGNMENT", "GLOBAL_GROUP", "GroupLayout", "PackedWeight", "group_layouts", "layout_group"]
+__all__ = ["ALIGNMENT", "DISK_ALIGN", "DISK_SLOTS", "GLOBAL_GROUP", "HOST_WEIGHTS_ATTR", "Extent", "GroupLayout",
+           "PackedWeight", "disk_extents", "disk_groups", "group_layouts", "host_weight_bytes", "layout_group", "map_file",
+           "mapped_at", "read_bytes", "staging_bytes"]
 
 GLOBAL_GROUP = -1
 """Group id of the weights outside the decoder layers (embeddings, final norm, head)."""
@@ -124,3 +126,103 @@ def group_layouts(plan: ModelPlan, scheme: QuantScheme | None = None) -> dict[in
     }
     layouts[GLOBAL_GROUP] = layout_group(GLOBAL_GROUP, plan.global_weights)
     return layouts
+
+
+# -- the disk tier: weights read from the checkpoint's own files ------------------------------
+
+DISK_ALIGN = 4096
+"""Alignment of direct reads (file offset, length and memory address): the page size, a multiple
+of every logical block size in use (512 or 4096 bytes)."""
+
+DISK_SLOTS = 3
+"""Host staging slots of the disk tier: one being read from disk, one whose copy to the device
+runs, one read and waiting (FlexGen's disk -> host -> device pipeline: the read of layer l+2
+beside the copy of l+1 and the compute of l). A choice, not a measurement."""
+
+DISK_GAP = 2**20
+"""Ranges of a layer closer than this in one file are read as one (a short gap costs less than
+another request)."""
+
+_FILE_ATTR = "_hscompile_file"
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A range of bytes one direct read brings in."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+def map_file(path: str, nbytes: int) -> torch.UntypedStorage:
+    """The file's bytes as a private, read-on-touch memory map (nothing is read until a page is
+    touched), remembered as stored in ``path``: tensors made from it are weights on disk
+    (:func:`mapped_at`). The weight store never touches them; it reads them with direct reads."""
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=nbytes)
+    setattr(storage, _FILE_ATTR, path)  # torch keeps a storage's Python object, and so this mark
+    return storage
+
+
+def mapped_at(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """``(file, byte offset)`` of a contiguous weight whose storage :func:`map_file` made; None for
+    a weight held in memory."""
+    path = getattr(tensor.untyped_storage(), _FILE_ATTR, None)
+    if path is None or not tensor.is_contiguous():
+        return None
+    return path, tensor.storage_offset() * tensor.element_size()
+
+
+def disk_extents(pieces: Sequence[tuple[str, int, int]]) -> tuple[Extent, ...]:
+    """The reads that bring in ``pieces`` (``(file, offset, nbytes)`` each): by file and offset,
+    ranges that touch or lie within :data:`DISK_GAP` of each other merged."""
+    extents: list[Extent] = []
+    for path, offset, nbytes in sorted(pieces):
+        last = extents[-1] if extents else None
+        if last is not None and last.path == path and offset <= last.offset + last.nbytes + DISK_GAP:
+            end = max(last.offset + last.nbytes, offset + nbytes)
+            extents[-1] = Extent(path, last.offset, end - last.offset)
+        else:
+            extents.append(Extent(path, offset, nbytes))
+    return tuple(extents)
+
+
+def read_bytes(nbytes: int) -> int:
+    """Host bytes a direct read of ``nbytes`` needs, wherever they start: the aligned range around
+    them, and the alignment of the address."""
+    return -(-nbytes // DISK_ALIGN) * DISK_ALIGN + 2 * DISK_ALIGN
+
+
+def staging_bytes(extents: Sequence[Extent]) -> int:
+    """Bytes of one host staging slot that takes a group read as ``extents``."""
+    return sum(read_bytes(e.nbytes) for e in extents)
+
+
+def disk_groups(layouts: Mapping[int, GroupLayout], weights: Mapping[str, torch.Tensor]) -> dict[int, tuple[Extent, ...]]:
+    """The layers whose every weight (``weights``: placeholder -> tensor) lies in a file
+    (:func:`mapped_at`), with the reads that bring each in. The weights outside the layers are
+    never read from disk (a loader keeps them in memory)."""
+    found: dict[int, tuple[Extent, ...]] = {}
+    for group, layout in layouts.items():
+        if group == GLOBAL_GROUP:
+            continue
+        pieces = []
+        for packed in layout.weights:
+            where = mapped_at(weights[packed.node])
+            if where is None:
+                break
+            pieces.append((*where, weights[packed.node].nbytes))
+        else:
+            found[group] = disk_extents(pieces)
+    return found
+
+
+HOST_WEIGHTS_ATTR = "hscompile_host_weight_bytes"
+"""The attribute a loader that kept layers on disk sets on the model: see :func:`host_weight_bytes`."""
+
+
+def host_weight_bytes(model: object) -> int:
+    """Host bytes a loader gave the weights of a model whose layers partly stay on disk (the held
+    layers, the weights outside them, the disk tier's staging slots), which ``host_memory`` bounds
+    together with the cache pools; 0 for any other model (its weights are the caller's)."""
+    return int(getattr(model, HOST_WEIGHTS_ATTR, 0))

@@ -139,6 +139,14 @@ class Policy:
     weight_format: QuantScheme | None = None
     """How the layers' projections are stored and moved (``weight_quant``), or None: as the model
     holds them. The layouts (:func:`~hscompile.ir.layout.group_layouts`) follow it."""
+    disk_layers: tuple[int, ...] = ()
+    """Streamed layers whose weights stay on disk (in the checkpoint's files) and are read into
+    host staging slots at every step, ahead of their copies (the disk tier; a subset of
+    :attr:`streamed_layers`). A resident layer on disk is read once, when the graph is built."""
+    disk_slots: int = 0
+    """Host staging slots the disk tier reads into (0: no layer on disk)."""
+    disk_slot_bytes: int = 0
+    """Bytes of one staging slot: the largest on-disk layer's reads, with their alignment."""
 
     @property
     def copied_groups(self) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError, ConfigError
 from ..ir.activation import ActivationEstimate
 from ..ir.call import CallPlan
-from ..ir.layout import GLOBAL_GROUP, group_layouts
+from ..ir.layout import DISK_SLOTS, GLOBAL_GROUP, disk_groups, group_layouts, staging_bytes
 from ..ir.plan import ModelPlan
 from ..ir.policy import DeviceMemoryPlan, Policy, check_device_budget
 from ..ir.quant import scheme_of
@@ -86,6 +86,16 @@ def place(
         dequantized = max(dequantized, sum(w.nbytes for w in layer.weights if w.node in quantized))
     staging = cache.staging_bytes if cache is not None else 0
     n = plan.num_layers
+    on_disk = disk_groups(layouts, {w.node: example_inputs[w.input_index] for w in plan.weights})
+    if on_disk and weight_format is not None:
+        raise ConfigError(
+            f"weight_quant={weight_format.name} needs every layer's weights in memory to quantize them, and "
+            f"{len(on_disk)} layer(s) of this model stay on disk (the checkpoint is larger than the host budget); "
+            "quantized layers on disk (written once to an offload directory) are not built yet: raise host_memory, "
+            "or run without weight_quant")
+    # A layer on disk is read, never used where the model maps it (that would read it through the
+    # page cache and keep it there): used in place, the layers stay resident only up to the first on disk.
+    most_resident = min(on_disk, default=n) if in_place else n
 
     def memory_plan(resident: int) -> tuple[DeviceMemoryPlan, int, int]:
         streamed = list(range(resident, n))
@@ -104,21 +114,25 @@ def place(
 
     full, _, _ = memory_plan(n)
     minimum = memory_plan(0)[0].total if can_stream else full.total
-    if budget is None or full.total <= budget:
+    if most_resident < n and (budget is None or memory_plan(most_resident)[0].total <= budget):
+        resident = most_resident
+        reason = (f"the weights are used where the model holds them, and layers {most_resident}..{n - 1} of them "
+                  f"stay on disk: {resident} resident layer(s), the others stream")
+    elif most_resident == n and (budget is None or full.total <= budget):
         resident = n
         reason = (
             f"all {n} layers fit in the device budget ({format_bytes(full.total)} of {format_bytes(budget)})"
             if budget is not None
             else f"no device budget set for {device.type}: all {n} layers resident"
         )
-    elif not can_stream:
+    elif not can_stream or budget is None:
         check_device_budget(
             full, budget, what=f"the model, whose weights already live on {weights_device},",
             advice="hscompile streams weights from host memory only: load the model on the CPU to run it within "
                    "this budget")
         raise AssertionError("unreachable: the full plan is above the budget")
     else:
-        fitting = [r for r in range(n - 1, -1, -1) if memory_plan(r)[0].total <= budget]
+        fitting = [r for r in range(min(n - 1, most_resident), -1, -1) if memory_plan(r)[0].total <= budget]
         if not fitting:
             smallest = memory_plan(0)[0]
             check_device_budget(
@@ -146,11 +160,18 @@ def place(
                                   batch=batch, new=1, past=prompt + new_tokens - 1, block_size=config.cache.block_size)
         reason += (f"; predicted longest decode step {predicted.seconds * 1e3:.2f} ms on {cache.profile.device_name}, "
                    f"bound by {predicted.bound}")
-    if streamed and config.memory.host_memory is not None:
-        host_bytes = sum(layouts[i].nbytes for i in streamed)
+    disk = tuple(i for i in streamed if i in on_disk)
+    disk_slots = min(DISK_SLOTS, len(disk))
+    disk_slot = max((staging_bytes(on_disk[i]) for i in disk), default=0)
+    if disk:
+        reason += (f"; {len(disk)} streamed layer(s) read from disk at every step through "
+                   f"{disk_slots} host staging slot(s) of {format_bytes(disk_slot)}")
+    held = [i for i in streamed if i not in on_disk]
+    if held and config.memory.host_memory is not None:
+        host_bytes = sum(layouts[i].nbytes for i in held)
         if host_bytes > config.memory.host_memory:
             raise BudgetError(
-                f"host_memory={format_bytes(config.memory.host_memory)} cannot hold the {len(streamed)} streamed "
+                f"host_memory={format_bytes(config.memory.host_memory)} cannot hold the {len(held)} streamed "
                 f"layers ({format_bytes(host_bytes)}, {host_bytes} bytes); use host_memory >= {host_bytes}"
             )
     return Policy(
@@ -171,4 +192,7 @@ def place(
         minibatches=cache.minibatches if cache is not None else 1,
         predicted=predicted,
         weight_format=weight_format,
+        disk_layers=disk,
+        disk_slots=disk_slots,
+        disk_slot_bytes=disk_slot,
     )

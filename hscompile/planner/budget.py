@@ -26,8 +26,8 @@ from ..errors import BudgetError
 from ..ir.cache import CacheSpec, checkpoint_tokens
 from .hardware import host_memory_available
 
-__all__ = ["HostBudget", "admit_waves", "check_host_weights", "decode_staging", "device_budget", "host_budget",
-           "machine_budget", "staged_ratio"]
+__all__ = ["HOST_WEIGHT_SHARE", "HostBudget", "admit_waves", "check_host_weights", "decode_staging", "device_budget",
+           "host_budget", "host_layers", "machine_budget", "staged_ratio"]
 
 
 def device_budget(config: HybridServeConfig) -> int | None:
@@ -71,11 +71,14 @@ def machine_budget(*, held: int = 0) -> HostBudget | None:
     return HostBudget(available + held, option=False) if available is not None else None
 
 
-def host_budget(config: HybridServeConfig, *, held: int = 0, pinned: bool = False) -> HostBudget | None:
+def host_budget(config: HybridServeConfig, *, held: int = 0, pinned: bool = False,
+                weights: int = 0) -> HostBudget | None:
     """The budget of the cache pools: ``host_memory``, else :func:`machine_budget`; ``pinned``: the
-    pools are allocated pinned (their sizes round up)."""
+    pools are allocated pinned (their sizes round up). ``weights``: host bytes a loader that kept
+    layers on disk gave the weights (:func:`host_layers`): then ``host_memory`` bounds weights and
+    pools together, and the pools get what the weights leave."""
     if config.memory.host_memory is not None:
-        return HostBudget(config.memory.host_memory, option=True, pinned=pinned)
+        return HostBudget(max(0, config.memory.host_memory - weights), option=True, pinned=pinned)
     budget = machine_budget(held=held)
     return None if budget is None else dataclasses.replace(budget, pinned=pinned)
 
@@ -104,6 +107,43 @@ def check_host_weights(layer_bytes: Sequence[int], global_bytes: int, budget: Ho
             f"{format_bytes(layer)} and {format_bytes(global_bytes)} outside them), more than {budget}; hscompile "
             f"keeps every weight in host memory: use a smaller model or dtype, or {budget.advice}"
         )
+
+
+HOST_WEIGHT_SHARE = 0.5
+"""Of a host budget too small for a model's weights, the share its weights may take (host-resident
+layers, the weights outside the layers, the disk tier's staging slots); the rest is the cache
+pools'. A choice, not a measurement: the cost model does not weigh weights on disk against the
+batch yet."""
+
+
+def host_layers(layer_bytes: Sequence[int], global_bytes: int, budget: HostBudget | None, *, staging: int,
+                what: str) -> int:
+    """How many layers, from the first, host memory keeps; the others stay on disk and are read at
+    every step (the disk tier). All of them when the weights fit ``budget`` together; else as many
+    as fit :data:`HOST_WEIGHT_SHARE` of it beside the weights outside the layers and ``staging``
+    (the disk tier's slots). A :class:`~hscompile.errors.BudgetError` naming the smallest budget
+    when not even those fit. ``layer_bytes``: each layer as packed for streaming."""
+    total = sum(layer_bytes) + global_bytes
+    if budget is None or total <= budget.nbytes:
+        return len(layer_bytes)
+    share = int(budget.nbytes * HOST_WEIGHT_SHARE)
+    room = share - global_bytes - staging
+    if room < 0:
+        need = math.ceil((global_bytes + staging) / HOST_WEIGHT_SHARE)
+        raise BudgetError(
+            f"{what}: its weights take {format_bytes(total)} ({total} bytes), more than {budget}, so its layers stay "
+            f"on disk; host memory must still hold the weights outside the layers ({format_bytes(global_bytes)}) "
+            f"and the staging slots layers are read into ({format_bytes(staging)}) in {HOST_WEIGHT_SHARE:.0%} of "
+            f"it (the rest is the cache's): use host_memory >= {need}" + ("" if budget.option else " on a machine "
+                                                                           "with that much memory available")
+        )
+    count = 0
+    for nbytes in layer_bytes:
+        if nbytes > room:
+            break
+        room -= nbytes
+        count += 1
+    return count
 
 
 def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int],

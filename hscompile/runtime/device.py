@@ -109,6 +109,10 @@ class CudaDevice(DeviceBackend):
         self.host_syncs += 1
         torch.cuda.synchronize(self.device)
 
+    def host_wait(self, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+
 
 def device_backend(device: torch.device) -> DeviceBackend:
     """A new backend for ``device`` (each with its own copy stream): CUDA's, else the CPU's, which is

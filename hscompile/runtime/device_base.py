@@ -29,6 +29,9 @@ class DeviceBackend:
     """Copies a simulated device completed after the call that issued them (0 on a real device)."""
     host_syncs: int = 0
     """Waits of the host on the device so far (:meth:`fetch`, :meth:`synchronize`)."""
+    host_threads: bool = True
+    """Whether another host thread may wait for this backend's events (:meth:`host_wait`): the disk
+    tier's reader does. False on the simulated device, whose state one thread owns."""
 
     def fetch(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` on the host, once the device has computed it: the one counted host wait a step needs.
@@ -97,3 +100,11 @@ class DeviceBackend:
     def synchronize(self) -> None:
         """Wait for all outstanding work."""
         self.host_syncs += 1
+
+    def host_wait(self, event: Any) -> None:
+        """Block the calling host thread until ``event`` (a copy's, or None) has happened. Not a
+        wait of the step: the disk tier's reader thread calls it before it reuses a staging slot."""
+
+    def check_host_write(self, t: torch.Tensor, *, what: str) -> None:
+        """The host is about to write ``t`` outside torch (a disk read into it): on the simulated
+        device, an error when a copy that has not run yet still reads it."""

@@ -19,18 +19,25 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..ir.layout import DISK_ALIGN, Extent, read_bytes, staging_bytes
 
-__all__ = ["ALIGN", "DiskReader", "directory_read_bandwidth", "read_bandwidth"]
+if TYPE_CHECKING:
+    from .device_base import DeviceBackend
 
-ALIGN = 4096
-"""Alignment of direct reads (offset, length and address): the page size, a multiple of every
-logical block size in use (512 or 4096 bytes)."""
+__all__ = ["ALIGN", "DiskReader", "DiskTier", "Staged", "directory_read_bandwidth", "read_bandwidth"]
+
+ALIGN = DISK_ALIGN
 
 _CHUNK = 16 * 2**20
 """The most one system call reads: large enough to reach the device's rate, small enough to stay
@@ -94,7 +101,7 @@ class DiskReader:
     def buffer(nbytes: int, *, allocate: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Host memory :meth:`read` can read any ``nbytes`` bytes into, wherever they start in the
         file (``allocate(n)``: how to get ``n`` bytes, pinned on CUDA; default pageable)."""
-        size = _up(nbytes) + 2 * ALIGN  # the aligned range around the bytes, and the address's alignment
+        size = read_bytes(nbytes)  # the aligned range around the bytes, and the address's alignment
         return allocate(size) if allocate is not None else torch.empty(size, dtype=torch.uint8)
 
     def read(self, offset: int, nbytes: int, into: torch.Tensor) -> torch.Tensor:
@@ -185,3 +192,169 @@ def directory_read_bandwidth(directory: str | Path, *, nbytes: int = 256 * 2**20
         raise ValueError(f"cannot measure the disk of {directory}: {error.strerror or error}") from None
     finally:
         probe.unlink(missing_ok=True)
+
+
+@dataclass(slots=True, eq=False)
+class Staged:
+    """One host staging slot of a :class:`DiskTier`, and the group read into it."""
+
+    buffer: torch.Tensor
+    group: int | None = None
+    free: Any = None
+    """The event after which no copy reads this slot any more (None: none ever did, or copies are synchronous)."""
+    future: Future[None] | None = None
+    """The read in flight on the reader thread (None: not started, or done)."""
+    read: bool = False
+    error: CheckpointError | None = None
+    """A read that failed on the caller's thread (no reader thread), raised when the group is asked for."""
+    views: dict[tuple[str, int], tuple[int, torch.Tensor]] = field(default_factory=dict)
+    """``(file, extent offset) -> (extent offset, its bytes)`` once read."""
+
+    def at(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
+        """The bytes ``offset .. offset + nbytes`` of ``path``, as read into this slot."""
+        for (file, start), (_, data) in self.views.items():
+            if file == path and start <= offset and offset + nbytes <= start + data.numel():
+                return data[offset - start:offset - start + nbytes]
+        raise KeyError(f"bytes {offset}..{offset + nbytes} of {path} were not read for layer {self.group}")
+
+
+class DiskTier:
+    """The disk tier of a model: its layers read from the checkpoint's files into a few host
+    staging slots, ahead of the copies to the device (see :data:`~hscompile.ir.layout.DISK_SLOTS`).
+
+    :meth:`get` hands over a group's slot once read (waiting for the read if it is still running)
+    and starts reading the groups the caller says come next into the free slots; :meth:`copied`
+    gives the slot back with the event after which its copies are done. The reads run on one
+    thread (a direct read releases the GIL, so it runs beside compute) and wait for that event
+    before they overwrite a slot. Where the backend's events cannot be waited for from another
+    thread (the simulated device) each read runs at once, on the caller's thread. A read asked for
+    out of the expected order (another graph, a call that failed midway) drops the reads ahead
+    and starts over: correct, only slower. One tier serves every graph of a model, so host memory
+    holds its slots once.
+    """
+
+    def __init__(self, extents: Mapping[int, Sequence[Extent]], backend: DeviceBackend, *,
+                 slots: int) -> None:
+        self.extents = {group: tuple(e) for group, e in extents.items()}
+        self.slot_bytes = max((staging_bytes(e) for e in self.extents.values()), default=0)
+        self._slots = [Staged(backend.host_buffer(self.slot_bytes)) for _ in range(slots)]
+        self._free: deque[Staged] = deque(self._slots)
+        self._queue: deque[Staged] = deque()
+        self._readers: dict[str, DiskReader] = {}
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="hscompile-disk")
+                      if backend.host_threads else None)
+        self._backend = backend
+        self.read_bytes = 0
+        self.reads = 0
+        """Groups read from disk."""
+        self.read_seconds = 0.0
+        """Seconds the reads took (on the reader thread: beside the compute)."""
+        self.wait_seconds = 0.0
+        """Seconds :meth:`get` waited for a read not done yet (the disk behind the compute)."""
+        if self._pool is not None:
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+    @property
+    def slots(self) -> Sequence[Staged]:
+        return tuple(self._slots)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the staging slots hold."""
+        return sum(slot.buffer.numel() for slot in self._slots)
+
+    def get(self, group: int, upcoming: Sequence[int], backend: DeviceBackend) -> Staged:
+        """``group``'s slot, read; starts the reads of ``upcoming`` (the groups asked for next, in
+        order) into the slots free now."""
+        self._backend = backend
+        while self._queue and self._queue[0].group != group:
+            self._drop(self._queue.popleft())
+        if not self._queue:
+            self._submit(group)
+        slot = self._queue.popleft()
+        try:
+            self._finish(slot)
+        except BaseException:
+            self._drop(slot)  # the slot is free again: a later call (after the file is fixed) reads anew
+            raise
+        self._ahead(upcoming)
+        return slot
+
+    def copied(self, slot: Staged, event: Any, upcoming: Sequence[int] = ()) -> None:
+        """The copies from ``slot`` are issued; it may be read into again after ``event``."""
+        slot.free, slot.group, slot.read = event, None, False
+        slot.views.clear()
+        self._free.append(slot)
+        self._ahead(upcoming)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _ahead(self, upcoming: Sequence[int]) -> None:
+        queued = [slot.group for slot in self._queue]
+        for position, group in enumerate(upcoming):
+            if position < len(queued):
+                if queued[position] != group:
+                    return  # another order was asked for: the next get drops what does not match
+                continue
+            if not self._free or group not in self.extents:
+                return
+            self._submit(group)
+
+    def _submit(self, group: int) -> None:
+        if not self._free:
+            raise RuntimeError(f"no free staging slot for layer {group}: every slot is held; give slots back "
+                               "(DiskTier.copied) before asking for more")
+        slot = self._free.popleft()
+        slot.group = group
+        self._queue.append(slot)
+        if self._pool is not None:
+            slot.future = self._pool.submit(self._read, slot, group, self._backend)
+        else:  # at once, as the reader thread would: so the simulator sees a slot reused too early
+            try:
+                self._read(slot, group, self._backend)
+            except CheckpointError as error:  # raised when the group is asked for, as a thread's would be
+                slot.error = error
+
+    def _finish(self, slot: Staged) -> None:
+        start = time.perf_counter()
+        if slot.future is not None:
+            future, slot.future = slot.future, None
+            future.result()  # a failed read (a truncated file) raises here, on the caller's thread
+        if slot.error is not None:
+            error, slot.error = slot.error, None
+            raise error
+        self.wait_seconds += time.perf_counter() - start
+
+    def _drop(self, slot: Staged) -> None:
+        if slot.future is not None:
+            slot.future.cancel()
+            try:
+                slot.future.result()
+            except BaseException:  # noqa: BLE001 - a read nobody will use: its failure is not this call's
+                pass
+            slot.future = None
+        slot.group, slot.read, slot.error = None, False, None
+        slot.views.clear()
+        self._free.append(slot)
+
+    def _read(self, slot: Staged, group: int | None, backend: DeviceBackend) -> None:
+        assert group is not None
+        start = time.perf_counter()
+        backend.host_wait(slot.free)  # the copies that read this slot before are done
+        backend.check_host_write(slot.buffer, what=f"the disk read of layer {group}")
+        position = 0
+        for extent in self.extents[group]:
+            need = read_bytes(extent.nbytes)
+            data = self._reader(extent.path).read(extent.offset, extent.nbytes, slot.buffer[position:position + need])
+            slot.views[(extent.path, extent.offset)] = (extent.offset, data)
+            position += need
+            self.read_bytes += extent.nbytes
+        slot.read = True
+        self.reads += 1
+        self.read_seconds += time.perf_counter() - start
+
+    def _reader(self, path: str) -> DiskReader:
+        reader = self._readers.get(path)
+        if reader is None:
+            reader = self._readers[path] = DiskReader(path)
+        return reader

@@ -109,8 +109,18 @@ class Runtime:
             "h2d_bytes": weight_h2d + self.input_h2d_bytes,
             "d2h_bytes": self.d2h_bytes,
             "prefetches": self.weights.prefetches,
+            "disk_layers": len(self.policy.disk_layers),
+            **self.disk_stats(),
             **(self.cache_stats() if self.cache is not None else {}),
         }
+
+    def disk_stats(self) -> dict[str, Any]:
+        """The disk tier's counters: the model's, as one tier serves all its graphs (reads ahead included)."""
+        disk = self.weights.disk
+        if disk is None:
+            return {"disk_read_bytes": 0, "disk_reads": 0, "disk_host_bytes": 0}
+        return {"disk_read_bytes": disk.read_bytes, "disk_reads": disk.reads, "disk_host_bytes": disk.host_bytes,
+                "disk_read_seconds": disk.read_seconds, "disk_wait_seconds": disk.wait_seconds}
 
     def cache_stats(self) -> dict[str, Any]:
         assert self.cache is not None

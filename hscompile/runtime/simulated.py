@@ -425,6 +425,17 @@ class SimulatedAsyncDevice(DeviceBackend):
         self.host_syncs += 1
         _WORLD.host_sync(everything=True)
 
+    host_threads = False
+
+    def host_wait(self, event: Any) -> None:
+        self._tick()
+        if event is not None:
+            _complete(_event(event))
+
+    def check_host_write(self, t: torch.Tensor, *, what: str) -> None:
+        self._tick()
+        _WORLD.check_access(t, write=True, what=what)
+
     def tracking(self, *host: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         """Watch the torch calls made inside the block (see the module docstring); ``host``: tensors
         made outside it that are host tensors (the caller's inputs)."""

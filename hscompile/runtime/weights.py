@@ -10,6 +10,10 @@
 * **Slot ring**: ``ring_slots`` device buffers of the largest streamed layer. The streamed
   layer at position ``i`` of the streamed order always uses slot ``i % ring_slots``; a
   prefetch into a slot waits for the release of its previous occupant.
+* **Disk tier**: a layer whose weights stay in the checkpoint's files (the policy's
+  ``disk_layers``; a loader maps them, :func:`~hscompile.ir.layout.map_file`) has no host
+  buffer: its prefetch takes it from the model's :class:`~hscompile.runtime.disk.DiskTier`, read
+  there ahead of time, and copies each weight from the staging slot into the device slot.
 
 Every copy is counted: ``setup_h2d_bytes`` (resident copies, once) and ``weight_h2d_bytes``
 (setup plus every prefetch).
@@ -23,10 +27,11 @@ from typing import Any
 
 import torch
 
-from ..ir.layout import GroupLayout
+from ..ir.layout import GroupLayout, mapped_at
 from ..ir.policy import Policy
 from ..ops.quant import quantize
 from .device import DeviceBackend
+from .disk import DiskTier
 
 __all__ = ["WeightRuntime"]
 
@@ -69,32 +74,45 @@ class WeightRuntime:
         layouts: dict[int, GroupLayout],
         weights: dict[str, torch.Tensor],
         backend: DeviceBackend,
+        disk: DiskTier | None = None,
     ) -> None:
-        """``weights`` maps placeholder names to the model's weight tensors (dynamo's example inputs)."""
+        """``weights`` maps placeholder names to the model's weight tensors (dynamo's example inputs);
+        ``disk`` is the model's disk tier when layers of it stay on disk."""
         self.backend = backend
         self.layouts = layouts
         self.setup_h2d_bytes = 0
         self.streamed_h2d_bytes = 0
         self.prefetches = 0
+        self.disk = disk
         self._resident: dict[int, torch.Tensor] = {}
         self._host: dict[int, torch.Tensor] = {}
         self._slot_of: dict[int, int] = {}
+        # Where each weight of a layer on disk lies: (packed offset, bytes, file, file offset).
+        self._stored: dict[int, list[tuple[int, int, str, int]]] = {}
+        for group in (*policy.copied_groups, *policy.streamed_layers):
+            if disk is not None and group in disk.extents:
+                self._stored[group] = [(p.offset, p.nbytes, *_located(weights[p.node])) for p in layouts[group].weights]
+        self._disk_order = tuple(g for g in policy.streamed_layers if g in self._stored)
 
         staging = []  # host buffers must outlive their asynchronous copies
         for group in policy.copied_groups:
             layout = layouts[group]
-            staging.append(self._host_buffer(layout, weights, repoint=False))
             flat = backend.device_buffer(layout.nbytes)
             # After an event recorded since the allocation: the allocator may have handed out memory
             # whose previous user, on the compute stream, is not done with it.
-            backend.copy_to_device(flat, staging[-1], after=backend.record(), label=f"resident {group}")
+            if group in self._stored:
+                self._from_disk(group, flat, after=backend.record(), label=f"resident {group}")
+            else:
+                staging.append(self._host_buffer(layout, weights, repoint=False))
+                backend.copy_to_device(flat, staging[-1], after=backend.record(), label=f"resident {group}")
             self._resident[group] = flat
             self.setup_h2d_bytes += layout.nbytes
         backend.synchronize()
         del staging
 
         for position, group in enumerate(policy.streamed_layers):
-            self._host[group] = self._host_buffer(layouts[group], weights, repoint=True)
+            if group not in self._stored:
+                self._host[group] = self._host_buffer(layouts[group], weights, repoint=True)
             self._slot_of[group] = position % policy.ring_slots
         slots = policy.ring_slots if policy.streamed_layers else 0
         self._slots = [_Slot(backend.device_buffer(policy.slot_bytes)) for _ in range(slots)]
@@ -138,9 +156,12 @@ class WeightRuntime:
                 "release a slot before reusing it"
             )
         layout = self.layouts[group]
-        slot.ready = self.backend.copy_to_device(
-            slot.buffer.narrow(0, 0, layout.nbytes), self._host[group], after=slot.free, label=f"weights L{group}"
-        )
+        if group in self._stored:
+            slot.ready = self._from_disk(group, slot.buffer, after=slot.free, label=f"weights L{group}")
+        else:
+            slot.ready = self.backend.copy_to_device(
+                slot.buffer.narrow(0, 0, layout.nbytes), self._host[group], after=slot.free, label=f"weights L{group}"
+            )
         slot.occupant = group
         self.streamed_h2d_bytes += layout.nbytes
         self.prefetches += 1
@@ -164,6 +185,24 @@ class WeightRuntime:
         slot.free = self.backend.record()
         slot.occupant = None
 
+    def _from_disk(self, group: int, flat: torch.Tensor, *, after: Any, label: str) -> Any:
+        """Copy layer ``group`` from its disk tier staging slot into ``flat`` (device), weight by
+        weight (the file lays them out its own way); returns the event of the last copy."""
+        assert self.disk is not None
+        order = self._disk_order
+        if group in order:  # what the reader should bring in next: the streamed layers on disk after this one
+            at = order.index(group)
+            upcoming = [order[(at + k) % len(order)] for k in range(1, min(len(self.disk.slots), len(order)) + 1)]
+        else:
+            upcoming = []
+        staged = self.disk.get(group, upcoming, self.backend)
+        done = None
+        for offset, nbytes, path, start in self._stored[group]:
+            done = self.backend.copy_to_device(flat.narrow(0, offset, nbytes), staged.at(path, start, nbytes),
+                                               after=after, label=label)
+        self.disk.copied(staged, done, upcoming)
+        return done
+
     # -- accounting ----------------------------------------------------------------------
 
     @property
@@ -177,6 +216,12 @@ class WeightRuntime:
 
     def host_buffers(self) -> Sequence[torch.Tensor]:
         return list(self._host.values())
+
+
+def _located(tensor: torch.Tensor) -> tuple[str, int]:
+    where = mapped_at(tensor)
+    assert where is not None, "a layer on disk has a weight that is not"
+    return where
 
 
 def _packed_storage(layout: GroupLayout, sources: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -110,3 +110,62 @@ def test_a_directory_is_measured_by_its_largest_file_or_a_probe_written_there(tm
     assert read[-1] == "model.safetensors" and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(ValueError, match="is not a directory"):
         directory_read_bandwidth(tmp_path / "model.safetensors")
+
+
+# -- the disk tier: staging slots read ahead in streaming order ---------------------------------
+
+
+@pytest.mark.parametrize("threaded", [True, False], ids=["reader thread", "caller's thread"])
+def test_the_disk_tier_reads_ahead_in_order_and_starts_over_when_asked_out_of_order(tmp_path, threaded):
+    from hscompile.ir.layout import Extent, disk_extents
+    from hscompile.runtime.device import CpuDevice
+    from hscompile.runtime.disk import DiskTier
+
+    data = random.Random(5).randbytes(600_000)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    # Layer g: two pieces 1000 bytes apart (merged into one read) at an unaligned offset.
+    extents = {g: disk_extents([(str(path), g * 100_000 + 7, 20_000), (str(path), g * 100_000 + 21_007, 30_000)])
+               for g in range(5)}
+    assert extents[2] == (Extent(str(path), 200_007, 51_000),)
+    backend = CpuDevice()
+    backend.host_threads = threaded
+    tier = DiskTier(extents, backend, slots=3)
+
+    def check(slot, group):
+        assert slot.group == group
+        got = slot.at(str(path), group * 100_000 + 21_007, 30_000)
+        assert bytes(got.numpy()) == data[group * 100_000 + 21_007:group * 100_000 + 51_007]
+
+    slot = tier.get(0, [1, 2, 3], backend)
+    check(slot, 0)
+    assert [s.group for s in tier._queue] == [1, 2]  # the third slot is the one handed over
+    tier.copied(slot, None, [1, 2, 3])
+    assert [s.group for s in tier._queue] == [1, 2, 3]
+    slot = tier.get(1, [2, 3, 4], backend)
+    check(slot, 1)
+    tier.copied(slot, None, [2, 3, 4])
+    slot = tier.get(4, [0], backend)  # out of order: the reads of 2 and 3 are dropped; 4 was read ahead
+    check(slot, 4)
+    tier.copied(slot, None, [0])
+    check(tier.get(0, [], backend), 0)
+    assert tier.reads == 6 and tier.read_bytes == 6 * 51_000  # 0, 1, 2, 3, 4 and 0 again: 2 and 3 wasted
+    assert tier.host_bytes == 3 * tier.slot_bytes
+
+
+def test_a_failed_read_of_the_disk_tier_names_the_file_and_frees_its_slot(tmp_path):
+    from hscompile.ir.layout import Extent
+    from hscompile.runtime.device import CpuDevice
+    from hscompile.runtime.disk import DiskTier
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(300_000))
+    backend = CpuDevice()
+    tier = DiskTier({g: (Extent(str(path), g * 100_000, 100_000),) for g in range(3)}, backend, slots=2)
+    tier.copied(tier.get(0, [], backend), None)
+    os.truncate(path, 150_000)
+    for _ in range(3):  # the slot comes back each time: no "no free staging slot"
+        with pytest.raises(CheckpointError, match=f"{path} ends before byte 300000: the file is truncated or changed"):
+            tier.get(2, [], backend)
+    slot = tier.get(0, [], backend)
+    assert bytes(slot.at(str(path), 0, 100_000).numpy()) == bytes(100_000)
