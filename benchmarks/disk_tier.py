@@ -2,7 +2,7 @@
 batch sizes, beside the rate its file reads at with direct reads (the bound).
 
     .venv/bin/python benchmarks/disk_tier.py [--dir DIR] [--gb 8] [--host-memory 2.5GiB] \
-        [--batches 1,8,32,64] [--steps 2] [--accelerate] [--out benchmarks/results/disk_tier.json]
+        [--batches 1,8,32,64] [--steps 2] [--prompt 8] [--accelerate] [--out benchmarks/results/disk_tier.json]
 
 The checkpoint (random weights, written once under ``--dir``, reused when its size matches) is read
 by hscompile's disk tier at every step: the script reports, per batch, the decode step, the disk
@@ -113,20 +113,30 @@ class PeakRss:
 def run_one(args: argparse.Namespace) -> dict:
     """One batch in this process: hscompile, or Accelerate with ``--engine accelerate``."""
     batch, steps = args.batch, args.steps
-    ids = torch.randint(3, 32000, (batch, 16), generator=torch.Generator().manual_seed(1))
+    reader: dict[int, tuple[float, float]] = {}
+    """max_new_tokens -> (seconds the reader read, seconds the steps waited for it) in that call."""
+    ids = torch.randint(3, 32000, (batch, args.prompt), generator=torch.Generator().manual_seed(1))
     rss = PeakRss()
     if args.engine == "hscompile":
         import hscompile
         from hscompile.config import parse_bytes
 
         model = hscompile.from_pretrained(args.dir, options={"device": "cpu", "lowering": "eager",
-                                                             "host_memory": parse_bytes(args.host_memory)})
+                                                             "host_memory": parse_bytes(args.host_memory, key="host_memory")})
+
+        def counters() -> tuple[int, float, float]:
+            stats = model.stats() if model.compiled_graphs else {}
+            return (stats.get("disk_read_bytes", 0), stats.get("disk_read_seconds", 0.0),
+                    stats.get("disk_wait_seconds", 0.0))
 
         def generate(new: int) -> tuple[float, int]:
-            before = model.stats().get("disk_read_bytes", 0) if model.compiled_graphs else 0
+            before = counters()
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=new)
-            return time.perf_counter() - start, model.stats()["disk_read_bytes"] - before
+            seconds = time.perf_counter() - start
+            after = counters()
+            reader[new] = (after[1] - before[1], after[2] - before[2])
+            return seconds, after[0] - before[0]
     else:
         import transformers
 
@@ -143,7 +153,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
             return time.perf_counter() - start, 0
 
-    generate(1)  # compiles (hscompile), warms
+    generate(2)  # compiles the prefill and decode graphs (hscompile), warms
     short, short_bytes = generate(1)
     long, long_bytes = generate(1 + steps)
     peak = rss.stop()
@@ -152,7 +162,10 @@ def run_one(args: argparse.Namespace) -> dict:
     return {"engine": args.engine, "batch": batch, "step_s": step, "tokens_per_s": batch / step,
             "disk_bytes_per_step": (long_bytes - short_bytes) / steps, "peak_rss_above_start": peak,
             "disk_layers": stats.get("disk_layers"), "disk_host_bytes": stats.get("disk_host_bytes"),
-            "disk_wait_s_total": stats.get("disk_wait_seconds")}
+            "reader_busy_s_per_step": (reader[1 + steps][0] - reader[1][0]) / steps if reader else None,
+            "waited_for_disk_s_per_step": (reader[1 + steps][1] - reader[1][1]) / steps if reader else None,
+            "predicted_step_s": getattr(model.compiled_graphs[-1].policy.predicted, "seconds", None)
+            if args.engine == "hscompile" else None}
 
 
 def main() -> None:
@@ -162,6 +175,7 @@ def main() -> None:
     parser.add_argument("--host-memory", default="2.5GiB")
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=8, help="prompt tokens per sequence")
     parser.add_argument("--accelerate", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "disk_tier.json"))
     parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
@@ -174,17 +188,18 @@ def main() -> None:
     from hscompile.config import format_bytes, parse_bytes
     from hscompile.runtime.disk import read_bandwidth
 
+    host = parse_bytes(args.host_memory, key="host_memory")
     weights = write_checkpoint(Path(args.dir), llama_config(args.gb))
     size = weights.stat().st_size
     bound, direct = read_bandwidth(weights)
-    print(f"checkpoint {format_bytes(size)} ({size / parse_bytes(args.host_memory):.1f}x host_memory="
+    print(f"checkpoint {format_bytes(size)} ({size / host:.1f}x host_memory="
           f"{args.host_memory}); direct reads of the file: {bound / 1e9:.2f} GB/s (direct: {direct})", flush=True)
     rows = []
     engines = ["hscompile"] + (["accelerate"] if args.accelerate else [])
     for engine in engines:
         for batch in (int(b) for b in args.batches.split(",")):
             command = [sys.executable, __file__, "--engine", engine, "--batch", str(batch), "--dir", args.dir,
-                       "--host-memory", args.host_memory, "--steps", str(args.steps)]
+                       "--host-memory", args.host_memory, "--steps", str(args.steps), "--prompt", str(args.prompt)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 tail = done.stderr.strip().splitlines()[-1:] or ["?"]
@@ -199,7 +214,7 @@ def main() -> None:
                   f"disk {row['disk_bytes_per_step'] / 1e9:.2f} GB/step "
                   f"({row.get('disk_fraction_of_bound', 0):.2f} of the bound), peak RSS +"
                   f"{format_bytes(row['peak_rss_above_start'])}", flush=True)
-    result = {"checkpoint_bytes": size, "host_memory": parse_bytes(args.host_memory), "bound_bytes_per_s": bound,
+    result = {"checkpoint_bytes": size, "host_memory": host, "bound_bytes_per_s": bound,
               "direct": direct, "layers": llama_config(args.gb)["num_hidden_layers"], "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["async_sim", "cache_dir", "dump_dir"]
+__all__ = ["async_sim", "cache_dir", "dump_dir", "offload_dir"]
 
 
 def dump_dir() -> Path | None:
@@ -35,6 +35,11 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME")
     return (Path(base) if base else Path.home() / ".cache") / "hscompile"
+
+
+def offload_dir(option: str | None) -> Path:
+    """The ``offload_dir`` option's directory, else ``offload/`` under :func:`cache_dir`."""
+    return Path(option).expanduser() if option is not None else cache_dir() / "offload"
 
 
 def async_sim() -> str | None:

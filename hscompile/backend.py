@@ -29,7 +29,7 @@ from .ir.activation import ActivationEstimate
 from .ir.cache import CacheSpec
 from .ir.call import CallPlan
 from .ir.fx import fake_value
-from .ir.layout import DISK_SLOTS, GLOBAL_GROUP, Extent, disk_groups, group_layouts
+from .ir.layout import DISK_SLOTS, GLOBAL_GROUP, Extent, disk_extents, group_layouts
 from .ir.plan import ModelPlan
 from .ir.policy import Policy
 from .passes.analyze import analyze
@@ -53,7 +53,7 @@ from .runtime.cache import CacheRuntime
 from .runtime.device import DeviceBackend, device_backend
 from .runtime.disk import DiskTier
 from .runtime.executor import Executor, Runtime
-from .runtime.weights import WeightRuntime
+from .runtime.weights import WeightRuntime, disk_sources
 
 __all__ = ["BACKEND_NAME", "CompiledModel", "compile_graph", "compiled_models", "hybridserve_backend",
            "record", "register"]
@@ -300,9 +300,11 @@ def _runtime(
     backend = device_backend(torch.device(policy.device))
     weights = {w.node: example_inputs[w.input_index] for w in plan.weights}
     layouts = group_layouts(plan, policy.weight_format)
-    extents = disk_groups(layouts, weights)
+    stored = disk_sources(policy, layouts, weights)
+    extents = {group: disk_extents([(path, at, nbytes) for _, nbytes, path, at in parts])
+               for group, parts in stored.items()}
     disk = _REGISTRY.disk_tier(example_inputs, extents, backend) if extents else None
-    weight_runtime = WeightRuntime(policy, layouts, weights, backend, disk)
+    weight_runtime = WeightRuntime(policy, layouts, weights, backend, disk, stored)
     in_place = (
         plan.global_weight_bytes + sum(plan.layers[i].weight_bytes for i in policy.resident_layers)
         if policy.weights_in_place

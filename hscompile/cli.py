@@ -4,6 +4,7 @@
                            [--act-ratio auto] [--batch 1] [--seq 512] [--dtype float16]
     hscompile tune [--device cuda] [--dtype float16] [--width 4096] [--force]
     hscompile predict PATH --profile h100-pcie5|FILE [--batch 32] [--prompt 512] [--new-tokens 32] [--weight-quant int4]
+                           [--host-memory 64GiB] [--disk-bandwidth 3.0]
                            [--device-memory 8GiB] [--dtype float16]
     hscompile bench [PATH] [--device cuda] [--device-memory 8GiB] [--batch 8] [--prompt 512]
                     [--new-tokens 32] [--policy auto --policy all-kv ...] [--json out.json] [--trace t.json]
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -61,6 +63,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse ``type``: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
     return value
 
 
@@ -122,7 +135,7 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     from .config import HybridServeConfig, parse_bytes
     from .ir.quant import scheme_of
     from .planner.cost_model import ModelDims, choose
-    from .planner.hardware import load_profile
+    from .planner.hardware import DEFAULT_DISK_BYTES_PER_S, load_profile
     from .planning import check_positions, load_config, weights_dtype
 
     config = load_config(args.path)
@@ -138,12 +151,26 @@ def _predict(args: argparse.Namespace, console: Console) -> int:
     weight_format = scheme_of(stored_as)
     dims = ModelDims.from_model(model).stored_as(stored_as)
     budget = parse_bytes(args.device_memory, key="device_memory") if args.device_memory else profile.device_memory_bytes
+    if args.disk_bandwidth is not None:
+        profile = dataclasses.replace(profile, disk_bytes_per_s=args.disk_bandwidth * 1e9)
+    disk = ""
+    if args.host_memory:
+        from .ir.layout import DISK_SLOTS, read_bytes
+        from .planner.budget import HostBudget, host_layers
+
+        host = HostBudget(parse_bytes(args.host_memory, key="host_memory"), option=True)
+        held = host_layers([dims.layer_weight_bytes] * dims.layers, dims.global_weight_bytes, host,
+                           staging=DISK_SLOTS * read_bytes(dims.layer_weight_bytes), what=str(args.path))
+        dims = dataclasses.replace(dims, disk_layers=dims.layers - held)
+        rate = profile.disk_bytes_per_s or DEFAULT_DISK_BYTES_PER_S
+        disk = (f", {dims.disk_layers} layers on disk at {rate / 1e9:.2f} GB/s" if dims.disk_layers
+                else f", every layer fits host_memory={args.host_memory}")
     decision = choose(dims, profile, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                       device_budget=budget)
     stored = f"{weight_format.name} weights (groups of {weight_format.group_size})" if weight_format else "weights as stored"
     stored += ", int8 cache blocks" if stored_as.cache_quant == "int8" else ""
     table = Table(title=f"{args.path} on {profile.device_name}: batch {args.batch}, prompt {args.prompt}, "
-                        f"{args.new_tokens} new tokens, device budget {budget / 2**30:.1f} GiB, {stored}")
+                        f"{args.new_tokens} new tokens, device budget {budget / 2**30:.1f} GiB, {stored}{disk}")
     # A row per Choice (act_ratio, resident layers, prefetch, mini-batches): each column of it is shown.
     for column in ("act_ratio", "resident layers", "prefetch", "mini-batches", "tokens/s", "decode step ms", "bound"):
         table.add_column(column)
@@ -263,6 +290,8 @@ def _generation_options(args: argparse.Namespace) -> dict[str, object]:
         from .config import parse_bytes
 
         options["host_memory"] = parse_bytes(args.host_memory, key="host_memory")
+    if args.offload_dir:
+        options["offload_dir"] = args.offload_dir
     if args.act_ratio is not None:
         options["act_ratio"] = args.act_ratio if args.act_ratio == "auto" else _float(args.act_ratio, "--act-ratio")
     _quant_options(args, options)
@@ -510,6 +539,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--new-tokens", dest="new_tokens", type=_positive_int, default=32)
     predict.add_argument("--device-memory", dest="device_memory", help="device budget (default: the profile's memory)")
     predict.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float16)")
+    predict.add_argument("--host-memory", dest="host_memory",
+                         help="host budget: the layers it cannot hold are read from disk at every step")
+    predict.add_argument("--disk-bandwidth", dest="disk_bandwidth", type=_positive_float, metavar="GB/s",
+                         help="direct-read rate of the disk holding the checkpoint (default: the profile's, else 2.0)")
     _add_quant_flags(predict)
     predict.set_defaults(run=_predict)
 
@@ -554,7 +587,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="sequences generated together (default 16; the host budget may split them further)")
     gen.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when available)")
     gen.add_argument("--device-memory", dest="device_memory", help="device budget, e.g. 8GiB (default: the device's)")
-    gen.add_argument("--host-memory", dest="host_memory", help="host budget for the cache blocks, e.g. 16GiB")
+    gen.add_argument("--host-memory", dest="host_memory",
+                     help="host budget for the weights and cache blocks, e.g. 16GiB; layers beyond it stay on disk")
+    gen.add_argument("--offload-dir", dest="offload_dir",
+                     help="where layers kept on disk that must be converted (--dtype, --weight-quant) are written once")
     gen.add_argument("--act-ratio", dest="act_ratio", help="share of cached tokens kept as activations, or 'auto'")
     gen.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     gen.add_argument("--lowering", choices=("inductor", "eager"))

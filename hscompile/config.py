@@ -13,6 +13,7 @@ error messages are checked against it.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,11 +138,17 @@ class MemoryConfig:
     host_memory: int | None = None
     """Bytes of host memory for the weight store and the KV/ACT block pools."""
 
+    offload_dir: str | None = None
+    """Where layers kept on disk that must be converted first (another dtype, ``weight_quant``) are
+    written once; None: ``offload/`` under hscompile's cache directory (``_env.offload_dir``)."""
+
     def __post_init__(self) -> None:
         for name in ("device_memory", "host_memory"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"option {name!r}: got {value!r}; expected a positive number of bytes or None")
+        if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):
+            raise ConfigError(f"option 'offload_dir': got {self.offload_dir!r}; expected a directory path")
 
 
 def act_ratio_value(ratio: object, where: str) -> float | Auto:
@@ -253,6 +260,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("host_memory", ("memory", "host_memory"), "int bytes or a size string",
                "available host memory", "Host budget for the weight store and the KV/ACT block pools; a checkpoint "
                "larger than it (from_pretrained) keeps layers on disk, read at every step."),
+    OptionSpec("offload_dir", ("memory", "offload_dir"), "a directory path", "offload/ in hscompile's cache directory",
+               "Where layers kept on disk that must be converted (another dtype, weight_quant) are written once; "
+               "the checkpoint's own files are read as they are."),
     OptionSpec("act_ratio", ("cache", "act_ratio"), "float in [0, 1] or 'auto'", "'auto'",
                "Fraction of cached tokens kept as activation checkpoints (K/V recomputed on the device)."),
     OptionSpec("block_size", ("cache", "block_size"), "int tokens in [1, 65536]", "16", "Tokens per KV/ACT cache block."),
@@ -323,7 +333,11 @@ class HybridServeConfig:
                 f"unknown option key(s) {', '.join(repr(k) for k in unknown)} for backend 'hybridserve'; "
                 f"valid keys: {', '.join(spec.key for spec in OPTIONS)}"
             )
-        memory = {k: parse_bytes(options[k], key=k) for k in ("device_memory", "host_memory") if options.get(k) is not None}
+        memory: dict[str, object] = {
+            k: parse_bytes(options[k], key=k) for k in ("device_memory", "host_memory") if options.get(k) is not None}
+        if options.get("offload_dir") is not None:
+            directory = options["offload_dir"]
+            memory["offload_dir"] = os.fspath(directory) if isinstance(directory, os.PathLike) else directory
         cache = {k: options[k] for k in ("act_ratio", "block_size") if k in options}
         schedule = {k: options[k] for k in ("mini_batch_size", "prefetch_depth") if k in options}
         quant = {spec.path[-1]: options[spec.key] for spec in OPTIONS if spec.path[0] == "quant" and spec.key in options}

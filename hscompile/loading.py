@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
-from .errors import CheckpointError
-from .ir.layout import HOST_WEIGHTS_ATTR
+from ._env import offload_dir
+from .errors import CheckpointError, ConfigError
+from .ir.layout import DISK_SLOTS, HOST_WEIGHTS_ATTR, disk_extents, map_file, read_bytes, staging_bytes
+from .runtime.disk import offload_file
 
 if TYPE_CHECKING:
     from .ir.layout import GroupLayout
@@ -229,13 +232,12 @@ def _read_into(handle: BinaryIO, stored: _Stored, out: torch.Tensor) -> None:
         out.copy_(target)
 
 
-def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
-                budget: HostBudget | None = None) -> tuple[dict[str, torch.Tensor], torch.dtype, int]:
+def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool, budget: HostBudget | None = None,
+                offload: Path | None = None) -> tuple[dict[str, torch.Tensor], torch.dtype, int]:
     """The checkpoint's tensors, each layer's packed into one host buffer (see :func:`load_model`),
     or mapped from its file when the host ``budget`` cannot hold it (decided from the files' headers
     first: nothing is allocated before). Also returns the host bytes given to the weights when
     layers stay on disk (else 0)."""
-    from .ir.layout import DISK_SLOTS, disk_extents, staging_bytes
     from .planner.budget import host_layers
 
     index = _tensor_index(checkpoint)
@@ -252,14 +254,19 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
     layouts = _layer_layouts(index, target)
     packed = {prefix + weight.node for prefix, layout in layouts for weight in layout.weights}
     outside = sum(math.prod(s.shape) * target(s).itemsize for name, s in index.items() if name not in packed)
-    extents = [disk_extents([(str(index[prefix + w.node].file), index[prefix + w.node].start,
-                              index[prefix + w.node].nbytes) for w in layout.weights]) for prefix, layout in layouts]
-    staging = DISK_SLOTS * max((staging_bytes(e) for e in extents), default=0)
+    mappable = [_mappable([index[prefix + w.node] for w in layout.weights], target) for prefix, layout in layouts]
+
+    def layer_staging(prefix: str, layout: GroupLayout, as_stored: bool) -> int:
+        if not as_stored:  # read from its converted copy, packed as the layout says
+            return read_bytes(layout.nbytes)
+        return staging_bytes(disk_extents([(str(index[prefix + w.node].file), index[prefix + w.node].start,
+                                            index[prefix + w.node].nbytes) for w in layout.weights]))
+
+    staging = DISK_SLOTS * max((layer_staging(p, lay, m) for (p, lay), m in zip(layouts, mappable, strict=True)),
+                               default=0)
     held = host_layers([layout.nbytes for _, layout in layouts], outside, budget, staging=staging,
                        what=f"the checkpoint {checkpoint.path}")
     on_disk = layouts[held:]
-    for prefix, layout in on_disk:
-        _check_mappable(checkpoint, [index[prefix + w.node] for w in layout.weights], target)
     state: dict[str, torch.Tensor] = {}
     files = contextlib.ExitStack()
     handles = {f: files.enter_context(f.open("rb")) for f in checkpoint.weight_files}  # one open per file
@@ -269,7 +276,12 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
 
     with files:
         _read_layers(index, layouts[:held], pin, read, state)
-        _map_layers(index, on_disk, state)
+        maps: dict[Path, torch.UntypedStorage] = {}
+        for (prefix, layout), as_stored in zip(on_disk, mappable[held:], strict=True):
+            if as_stored:
+                _map_layer(index, prefix, layout, state, maps)
+            else:
+                _convert_layer(index, prefix, layout, dtype, offload or offload_dir(None), read, state)
         for name, stored in index.items():
             if name not in state:
                 tensor = torch.empty(stored.shape, dtype=target(stored))
@@ -281,36 +293,44 @@ def _state_dict(checkpoint: Checkpoint, dtype: torch.dtype | None, pin: bool,
     return state, dtype, host_weights
 
 
-def _check_mappable(checkpoint: Checkpoint, tensors: Sequence[_Stored], target: Any) -> None:
-    """A layer kept on disk is read as the file holds it: in the dtype it runs in, each tensor at
-    an offset aligned to its element (safetensors writers align them)."""
-    for stored in tensors:
-        if target(stored) != stored.dtype:
-            raise CheckpointError(
-                f"{stored.file} holds its layers in {stored.dtype}, and the model runs in {target(stored)}; layers "
-                "that stay on disk are read as the file holds them (converted copies in an offload directory are "
-                f"not built yet): load with dtype={str(stored.dtype).removeprefix('torch.')!r} (or None), or give "
-                "host_memory room for every layer")
-        if stored.start % stored.dtype.itemsize:
-            raise CheckpointError(f"{stored.file}: a tensor at byte {stored.start} is not aligned to its "
-                                  f"{stored.dtype.itemsize}-byte elements, so it cannot be read in place from disk; "
-                                  "save the checkpoint again with safetensors, which aligns them")
+def _mappable(tensors: Sequence[_Stored], target: Any) -> bool:
+    """Whether a layer kept on disk can be read as the file holds it: in the dtype it runs in, each
+    tensor at an offset aligned to its element (safetensors writers align them). Else it is
+    converted once into the offload directory (:func:`_convert_layer`)."""
+    return all(target(s) == s.dtype and s.start % s.dtype.itemsize == 0 for s in tensors)
 
 
-def _map_layers(index: dict[str, _Stored], layouts: Sequence[tuple[str, GroupLayout]],
-                state: dict[str, torch.Tensor]) -> None:
-    """Each tensor of ``layouts``' layers as a view of its file's memory map: nothing is read (the
-    weight store reads these layers with direct reads, :mod:`hscompile.runtime.disk`)."""
-    from .ir.layout import map_file
+def _map_layer(index: dict[str, _Stored], prefix: str, layout: GroupLayout, state: dict[str, torch.Tensor],
+               maps: dict[Path, torch.UntypedStorage]) -> None:
+    """Each tensor of a layer as a view of its file's memory map (one map per file, in ``maps``):
+    nothing is read (the weight store reads layers on disk with direct reads, :mod:`hscompile.runtime.disk`)."""
+    for weight in layout.weights:
+        stored = index[prefix + weight.node]
+        if stored.file not in maps:
+            maps[stored.file] = map_file(str(stored.file), stored.file.stat().st_size)
+        state[prefix + weight.node] = torch.empty(0, dtype=stored.dtype).set_(
+            maps[stored.file], stored.start // stored.dtype.itemsize, stored.shape)
 
-    maps: dict[Path, torch.UntypedStorage] = {}
-    for prefix, layout in layouts:
-        for weight in layout.weights:
-            stored = index[prefix + weight.node]
-            if stored.file not in maps:
-                maps[stored.file] = map_file(str(stored.file), stored.file.stat().st_size)
-            state[prefix + weight.node] = torch.empty(0, dtype=stored.dtype).set_(
-                maps[stored.file], stored.start // stored.dtype.itemsize, stored.shape)
+
+def _convert_layer(index: dict[str, _Stored], prefix: str, layout: GroupLayout, dtype: torch.dtype, directory: Path,
+                   read: Any, state: dict[str, torch.Tensor]) -> None:
+    """A layer kept on disk whose file holds it otherwise (another dtype): converted once into a file
+    of ``directory`` packed as ``layout`` (keyed by the sources and their files' sizes and times, so
+    a changed checkpoint gets a new one), and mapped from there. One layer is in memory at a time."""
+    tensors = [index[prefix + w.node] for w in layout.weights]
+    identity = {"converted": str(dtype), "layout": [[w.node, w.offset, w.nbytes, str(w.dtype)] for w in layout.weights],
+                "sources": [[str(s.file.resolve()), s.file.stat().st_size, s.file.stat().st_mtime_ns, s.start,
+                             s.nbytes, str(s.dtype), list(s.shape)] for s in tensors]}
+
+    def fill(flat: torch.Tensor) -> None:
+        for weight, stored in zip(layout.weights, tensors, strict=True):
+            read(stored, flat.narrow(0, weight.offset, weight.nbytes).view(weight.dtype).view(weight.shape))
+
+    path = offload_file(directory, identity, layout.nbytes, fill)
+    storage = map_file(str(path), layout.nbytes)
+    for weight in layout.weights:
+        state[prefix + weight.node] = torch.empty(0, dtype=weight.dtype).set_(
+            storage, weight.offset // weight.dtype.itemsize, weight.shape)
 
 
 def _layer_layouts(index: dict[str, _Stored], target: Any) -> list[tuple[str, GroupLayout]]:
@@ -341,7 +361,7 @@ def _read_layers(index: dict[str, _Stored], layouts: Sequence[tuple[str, GroupLa
 
 
 def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *, pin: bool = False,
-               budget: HostBudget | None = None) -> torch.nn.Module:
+               budget: HostBudget | None = None, offload: Path | None = None) -> torch.nn.Module:
     """The checkpoint's causal LM on the host, in eval mode, its weights checked against its config.
 
     The weights are read from the safetensors files straight into their final place: each
@@ -350,15 +370,20 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *
     other tensors into tensors of their own. transformers builds the model around those tensors
     without copying them, and the compiled model's host store adopts the packed buffers: the
     weights are held once, from the files to the device. A layer whose layout the plan lays out
-    differently is copied once more when compiled (correct, only more memory). Weights that
-    cannot fit the host ``budget`` (a layer alone, or all of them) are refused first, from the
-    files' headers (:func:`~hscompile.planner.budget.check_host_weights`).
+    differently is copied once more when compiled (correct, only more memory).
+
+    Layers the host ``budget`` cannot hold (:func:`~hscompile.planner.budget.host_layers`, decided
+    from the files' headers before anything is allocated) stay on disk: their tensors are views of
+    the files' memory maps, which nothing touches (the weight store reads them with direct reads);
+    a layer the file holds in another dtype is converted once into ``offload`` (default: the
+    ``offload_dir`` default) and mapped from there.
     """
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = _causal_lm_config(checkpoint)
-    state, resolved, host_weights = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin, budget)
+    state, resolved, host_weights = _state_dict(checkpoint, None if dtype is None else _dtype(dtype), pin, budget,
+                                                offload)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     try:
         model, info = model_class.from_pretrained(
@@ -384,6 +409,25 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype | None = None, *
     if host_weights:
         setattr(model, HOST_WEIGHTS_ATTR, host_weights)
     return model.eval()
+
+
+def check_offload_dir(option: str | None, checkpoint: Path) -> Path:
+    """The offload directory (:func:`~hscompile._env.offload_dir`), checked before any work: not
+    inside the checkpoint (converted layers are never written among its files); when given, an
+    existing, writable directory (the default is made when first needed)."""
+    directory = offload_dir(option)
+    resolved, root = directory.resolve(), checkpoint.resolve()
+    if resolved == root or root in resolved.parents:
+        raise ConfigError(f"offload_dir {directory} is inside the checkpoint directory {checkpoint}: converted layers "
+                          "are never written among a checkpoint's files; give a directory outside it")
+    if option is not None:
+        if not directory.is_dir():
+            raise ConfigError(f"offload_dir {directory} does not exist or is not a directory; create it, or leave "
+                              f"offload_dir unset (default: {offload_dir(None)})")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"offload_dir {directory} is not writable by this user; give a directory hscompile may "
+                              "write converted layers to")
+    return directory
 
 
 def load_tokenizer(checkpoint: Checkpoint) -> Any | None:
@@ -422,8 +466,9 @@ def from_pretrained(
 
     checkpoint = read_checkpoint(path)
     config = HybridServeConfig.from_options(options)  # bad options fail before the weights are read
+    offload = check_offload_dir(config.memory.offload_dir, checkpoint.path)
     tokenizer = load_tokenizer(checkpoint)
     host = config.memory.host_memory
     budget = HostBudget(host, option=True) if host is not None else machine_budget()
-    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda", budget=budget)
+    model = load_model(checkpoint, dtype, pin=config.device.type == "cuda", budget=budget, offload=offload)
     return Generator(model, options, tokenizer=tokenizer)

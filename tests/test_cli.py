@@ -74,21 +74,32 @@ def test_predict_on_a_bundled_profile_ranks_the_choices(tmp_path, capsys):
     assert "H100" in out and "tokens/s" in out and "choice (*)" in out
 
 
-def test_predict_with_quantized_weights_predicts_more_throughput_where_the_link_binds(tmp_path, capsys):
+def _best_prediction(tmp_path, capsys, batch, prompt, *flags):
+    """``(the output, its words joined by single spaces, the chosen row, that row's tokens/s)`` of
+    ``predict`` on a 13B Llama (MHA) on the A100 profile, 8 new tokens, an 8 GiB device budget."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**LLAMA_13B, "num_key_value_heads": 40}))
+    assert main(["predict", str(path), "--profile", "a100-40gb-pcie4", "--batch", str(batch), "--prompt", str(prompt),
+                 "--new-tokens", "8", "--device-memory", "8GiB", *flags]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if " * " in line)
+    return out, " ".join(out.split()), row, float(row.split("│")[5])
 
-    def best(*flags):
-        assert main(["predict", str(path), "--profile", "a100-40gb-pcie4", "--batch", "8", "--prompt", "128",
-                     "--new-tokens", "8", "--device-memory", "8GiB", *flags]) == 0
-        out = capsys.readouterr().out
-        row = next(line for line in out.splitlines() if " * " in line)
-        return out, float(row.split("│")[5])
 
-    plain_out, plain = best()
-    int4_out, int4 = best("--weight-quant", "int4")
-    assert "weights as stored" in " ".join(plain_out.split()) and "int4 weights (groups of 64)" in " ".join(int4_out.split())
+def test_predict_with_quantized_weights_predicts_more_throughput_where_the_link_binds(tmp_path, capsys):
+    _, plain_out, _, plain = _best_prediction(tmp_path, capsys, 8, 128)
+    _, int4_out, _, int4 = _best_prediction(tmp_path, capsys, 8, 128, "--weight-quant", "int4")
+    assert "weights as stored" in plain_out and "int4 weights (groups of 64)" in int4_out
     assert int4 > 2 * plain  # a quarter of the bytes over a link-bound stream
+
+
+def test_predict_with_layers_on_disk_predicts_a_disk_bound_step_that_a_faster_disk_shortens(tmp_path, capsys):
+    in_memory = _best_prediction(tmp_path, capsys, 4, 64)[3]
+    _, out, row, slow = _best_prediction(tmp_path, capsys, 4, 64, "--host-memory", "16GiB", "--disk-bandwidth", "1.5")
+    assert "layers on disk at 1.50 GB/s" in out and "disk" in row.split("│")[7]
+    fast = _best_prediction(tmp_path, capsys, 4, 64, "--host-memory", "16GiB", "--disk-bandwidth", "6")[3]
+    assert slow < fast < in_memory
+    assert "every layer fits host_memory=1TiB" in _best_prediction(tmp_path, capsys, 4, 64, "--host-memory", "1TiB")[1]
 
 
 def test_tune_measures_and_prints_the_profile(capsys):

@@ -32,6 +32,7 @@ the cache stores real tokens only and a token's position is its index among them
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ from ..config import HybridServeConfig
 from ..errors import UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ir.call import CallPlan
-from ..ir.layout import host_weight_bytes
+from ..ir.layout import host_weight_bytes, mapped_at
 from ..planner.budget import host_budget
 from ..planner.choice import plan_call
 from ..planner.cost_model import ModelDims, sequence_cost
@@ -57,7 +58,7 @@ from .captures import INPUTS, CaptureStore, SavedGraph, sources_hash
 from .graphs import GeneratorGraphs, entry_point, tracing_settings
 from .kept import kept_generator
 from .params import Sampling, SamplingParams, sample_seeds, sampling_params
-from .regions import LayerRegions
+from .regions import LayerRegions, repeated_layers
 from .sampling import TokenLogprob, TokenPicker, eos_token_ids, pad_token_id, samplers
 from .validation import check_batch, check_not_prequantized, check_prompt_length
 
@@ -315,7 +316,11 @@ class Generator:
 
     def _model_dims(self) -> ModelDims:
         if self._dims is None:
-            self._dims = ModelDims.from_model(self.model).stored_as(self.config.quant)
+            dims = ModelDims.from_model(self.model).stored_as(self.config.quant)
+            # Layers a loader left on disk (every weight file-mapped): the cost model reads them at every step.
+            on_disk = sum(all(mapped_at(p) is not None for p in layer.parameters())
+                          for layers in repeated_layers(self.model) for layer in layers)
+            self._dims = dataclasses.replace(dims, disk_layers=on_disk)
         return self._dims
 
     def _groups(self, mask: torch.Tensor | None) -> list[list[int]] | None:

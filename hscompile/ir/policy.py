@@ -147,6 +147,9 @@ class Policy:
     """Host staging slots the disk tier reads into (0: no layer on disk)."""
     disk_slot_bytes: int = 0
     """Bytes of one staging slot: the largest on-disk layer's reads, with their alignment."""
+    offload_dir: str | None = None
+    """Where layers on disk stored quantized (``weight_format``) are written once, packed, and read
+    from; None when no layer needs it."""
 
     @property
     def copied_groups(self) -> tuple[int, ...]:

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from .._env import async_sim
+from .._env import async_sim, offload_dir
 from ..config import HybridServeConfig, format_bytes
 from ..errors import BudgetError, ConfigError
 from ..ir.activation import ActivationEstimate
 from ..ir.call import CallPlan
-from ..ir.layout import DISK_SLOTS, GLOBAL_GROUP, disk_groups, group_layouts, staging_bytes
+from ..ir.layout import DISK_SLOTS, GLOBAL_GROUP, disk_groups, group_layouts, read_bytes, staging_bytes
 from ..ir.plan import ModelPlan
 from ..ir.policy import DeviceMemoryPlan, Policy, check_device_budget
 from ..ir.quant import scheme_of
@@ -87,15 +87,11 @@ def place(
     staging = cache.staging_bytes if cache is not None else 0
     n = plan.num_layers
     on_disk = disk_groups(layouts, {w.node: example_inputs[w.input_index] for w in plan.weights})
-    if on_disk and weight_format is not None:
-        raise ConfigError(
-            f"weight_quant={weight_format.name} needs every layer's weights in memory to quantize them, and "
-            f"{len(on_disk)} layer(s) of this model stay on disk (the checkpoint is larger than the host budget); "
-            "quantized layers on disk (written once to an offload directory) are not built yet: raise host_memory, "
-            "or run without weight_quant")
     # A layer on disk is read, never used where the model maps it (that would read it through the
     # page cache and keep it there): used in place, the layers stay resident only up to the first on disk.
-    most_resident = min(on_disk, default=n) if in_place else n
+    # Without a device budget (the CPU, whose memory is the host's) they stream too: resident, they
+    # would fill the host memory the disk tier keeps them out of.
+    most_resident = min(on_disk, default=n) if in_place or budget is None else n
 
     def memory_plan(resident: int) -> tuple[DeviceMemoryPlan, int, int]:
         streamed = list(range(resident, n))
@@ -116,8 +112,9 @@ def place(
     minimum = memory_plan(0)[0].total if can_stream else full.total
     if most_resident < n and (budget is None or memory_plan(most_resident)[0].total <= budget):
         resident = most_resident
-        reason = (f"the weights are used where the model holds them, and layers {most_resident}..{n - 1} of them "
-                  f"stay on disk: {resident} resident layer(s), the others stream")
+        reason = (f"layers {most_resident}..{n - 1} stay on disk, and "
+                  + ("the weights are used where the model holds them" if in_place else "no device budget is set")
+                  + f": {resident} resident layer(s), the others stream")
     elif most_resident == n and (budget is None or full.total <= budget):
         resident = n
         reason = (
@@ -150,19 +147,22 @@ def place(
 
     memory, slots, slot = memory_plan(resident)
     streamed = tuple(range(resident, n))
+    disk = tuple(i for i in streamed if i in on_disk)
     predicted = None
     if cache is not None and cache.profile is not None and cache.workload is not None:
         batch, prompt, new_tokens = cache.workload
         dims = replace(ModelDims.from_plan(plan, layout_bytes=max(layouts[i].nbytes for i in range(n)),
                                            global_bytes=global_bytes, quantized=weight_format is not None),
                        cache_quant=config.quant.cache_quant)
-        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio, cache.minibatches), cache.profile,
+        predicted = simulate_step(dims, Choice(resident, depth, cache.act_ratio, cache.minibatches, len(disk)),
+                                  cache.profile,
                                   batch=batch, new=1, past=prompt + new_tokens - 1, block_size=config.cache.block_size)
         reason += (f"; predicted longest decode step {predicted.seconds * 1e3:.2f} ms on {cache.profile.device_name}, "
                    f"bound by {predicted.bound}")
-    disk = tuple(i for i in streamed if i in on_disk)
     disk_slots = min(DISK_SLOTS, len(disk))
-    disk_slot = max((staging_bytes(on_disk[i]) for i in disk), default=0)
+    # A quantized layer on disk is read from its packed copy in the offload directory (one range).
+    disk_slot = max((read_bytes(layouts[i].nbytes) if weight_format is not None else staging_bytes(on_disk[i])
+                     for i in disk), default=0)
     if disk:
         reason += (f"; {len(disk)} streamed layer(s) read from disk at every step through "
                    f"{disk_slots} host staging slot(s) of {format_bytes(disk_slot)}")
@@ -195,4 +195,5 @@ def place(
         disk_layers=disk,
         disk_slots=disk_slots,
         disk_slot_bytes=disk_slot,
+        offload_dir=str(offload_dir(config.memory.offload_dir)) if on_disk and weight_format is not None else None,
     )

@@ -42,6 +42,7 @@ import torch
 from ..config import HybridServeConfig, QuantConfig, format_bytes
 from ..errors import BudgetError
 from ..ir.cache import CacheSpec, ConfigDims, checkpoint_tokens
+from ..ir.layout import DISK_SLOTS
 from ..ir.plan import ModelPlan
 from ..ir.policy import DeviceMemoryPlan
 from ..ir.quant import QuantScheme, scheme_of
@@ -89,6 +90,9 @@ class ModelDims:
 
     cache_quant: str = "none"
     """How cache blocks are stored (the ``cache_quant`` option): what a cached token moves."""
+    disk_layers: int = 0
+    """The last layers, whose weights stay on disk (a checkpoint larger than the host budget):
+    streamed, they are read from disk at every step (:attr:`Choice.disk_layers`)."""
 
     def _dequant_bytes(self, packed_layer_bytes: int) -> int:
         return packed_layer_bytes + self.layer_matmul_params * self.item
@@ -204,6 +208,8 @@ class Choice:
     act_ratio: float
     minibatches: int = 1
     """Mini-batches a step's batch runs as (near-equal rows; each layer serves them all)."""
+    disk_layers: int = 0
+    """The last layers, read from disk at every step (the disk tier) before their copies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,12 +229,16 @@ class StepEstimate:
     exposed_link: float
     """Time the compute stream waited for the link (weights or cache loads), or spent copying
     itself where the device has no copy engine."""
+    disk: float = 0.0
+    """Reads of the layers on disk (on the disk tier's reader, beside everything else)."""
+    exposed_disk: float = 0.0
+    """Time the compute stream waited for those reads."""
 
     @property
     def bound(self) -> str:
         """The resource that sets the step time."""
         parts = {"compute": self.compute, "cache transfers": self.cache, "recompute": self.recompute,
-                 "link": self.exposed_link}
+                 "link": self.exposed_link, "disk": self.exposed_disk}
         return max(parts, key=parts.__getitem__)
 
 
@@ -298,20 +308,36 @@ def simulate_step(dims: ModelDims, choice: Choice, profile: HardwareProfile, *, 
     weights_ready: dict[int, float] = {}
     layer_end: dict[int, float] = {}
     engine = clock = waited = serial = 0.0
+    # The disk tier: one reader, in streaming order, into DISK_SLOTS host slots, each free again once
+    # the copy from it ended. Reads start with the step (no read-ahead from the step before: a little pessimistic).
+    first_on_disk = dims.layers - choice.disk_layers
+    disk_read = profile.disk_seconds(dims.layer_weight_bytes) if choice.disk_layers else 0.0
+    reader = disk_waited = 0.0
+    read_done: dict[int, float] = {}
 
-    def copy(seconds: float, issued: float, freed: float = 0.0) -> float:
+    def copy(seconds: float, issued: float, freed: float = 0.0, ready: float = 0.0) -> float:
         """Queue a copy on the link; its end time. Without a copy engine it runs on the compute thread."""
-        nonlocal engine, clock, serial
+        nonlocal engine, clock, serial, disk_waited
         if not overlap:
+            if ready > clock:
+                disk_waited += ready - clock
+                clock = ready
             clock += seconds
             serial += seconds
             return clock
-        engine = max(issued, engine, freed) + seconds
+        engine = max(issued, engine, freed, ready) + seconds
         return engine
 
     def weights(i: int, issued: float) -> None:
+        nonlocal reader
         freed = layer_end.get(i - slots, 0.0) if i >= slots else 0.0
-        weights_ready[i] = copy(weight_link, issued, freed)
+        ready = 0.0
+        if choice.resident_layers + i >= first_on_disk:
+            k = choice.resident_layers + i - first_on_disk
+            slot_free = weights_ready.get(i - DISK_SLOTS, 0.0) if k >= DISK_SLOTS else 0.0
+            reader = max(reader, slot_free) + disk_read
+            read_done[i] = ready = reader
+        weights_ready[i] = copy(weight_link, issued, freed, ready)
 
     for i in range(min(depth, len(streamed))):
         weights(i, 0.0)
@@ -328,7 +354,9 @@ def simulate_step(dims: ModelDims, choice: Choice, profile: HardwareProfile, *, 
             if i + depth < len(streamed):
                 weights(i + depth, clock)
             start = max(clock, weights_ready[i])
-            waited += start - clock
+            behind_disk = max(0.0, min(start, read_done.get(i, 0.0)) - clock)  # of the wait, the disk's part
+            disk_waited += behind_disk
+            waited += start - clock - behind_disk
             clock = start
         if past:
             if overlap:
@@ -354,6 +382,8 @@ def simulate_step(dims: ModelDims, choice: Choice, profile: HardwareProfile, *, 
         recompute=total[2] * dims.layers,
         weight_link=weight_link * len(streamed),
         exposed_link=waited + serial,
+        disk=disk_read * len(read_done),
+        exposed_disk=disk_waited,
     )
 
 
@@ -466,7 +496,7 @@ def choose(dims: ModelDims, profile: HardwareProfile, *, batch: int, prompt: int
                     smallest = need if smallest is None else min(smallest, need)
                     if device_budget is not None and need > device_budget:
                         continue
-                    choice = Choice(resident, depth, ratio, count)
+                    choice = Choice(resident, depth, ratio, count, dims.disk_layers)
                     total, prefill, decode = generation_seconds(dims, choice, profile, batch=batch, prompt=prompt,
                                                                 new_tokens=new_tokens, block_size=block_size)
                     considered.append(Prediction(choice, total, batch * new_tokens / total, prefill, decode, need))

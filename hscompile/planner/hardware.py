@@ -47,10 +47,15 @@ DiskProbe = Callable[[Path], float]
 """``probe(device, repeat) -> seconds`` of hscompile's host work per layer per decode step. It runs
 the generator, which this layer may not import: the front layer supplies it (see :func:`tune`)."""
 
-__all__ = ["PROFILE_SCHEMA", "DiskProbe", "HardwareProfile", "OverheadProbe", "bundled_profiles", "host_memory_available",
-           "load_profile", "measure", "profile_path", "tune"]
+__all__ = ["DEFAULT_DISK_BYTES_PER_S", "PROFILE_SCHEMA", "DiskProbe", "HardwareProfile", "OverheadProbe",
+           "bundled_profiles", "host_memory_available", "load_profile", "measure", "profile_path", "tune"]
 
 PROFILE_SCHEMA = 1
+
+
+DEFAULT_DISK_BYTES_PER_S = 2.0e9
+"""The disk rate assumed where a profile has none measured: direct reads of an NVMe-class SSD (this
+development machine's disk reads 1.9 to 3.3 GB/s). ``hscompile tune --disk DIR`` measures yours."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +128,11 @@ class HardwareProfile:
     def memory_seconds(self, nbytes: float) -> float:
         """Streaming ``nbytes`` through device memory once (elementwise work)."""
         return nbytes / self.memory_bytes_per_s
+
+    def disk_seconds(self, nbytes: float) -> float:
+        """A direct read of ``nbytes`` from the disk the profile measured (``tune --disk``), else
+        :data:`DEFAULT_DISK_BYTES_PER_S`."""
+        return nbytes / (self.disk_bytes_per_s or DEFAULT_DISK_BYTES_PER_S) if nbytes else 0.0
 
     def h2d_seconds(self, nbytes: float) -> float:
         return nbytes / self.h2d_bytes_per_s if nbytes else 0.0
@@ -244,15 +254,17 @@ def _fit_matmul(
     squares on ``1/rate`` vs ``1/m`` over ``rows``, and the weight bytes a one-row product reads
     per second.
 
-    The weight is shaped like a decoder MLP's (``width x 4 * width``): large enough to live in
-    memory rather than cache, as a layer's weights do during decode."""
-    weight = torch.randn(width, 4 * width, device=device).to(dtype)
+    The weight is shaped like a decoder MLP's (``4 * width`` outputs of ``width`` inputs): large
+    enough to live in memory rather than cache, as a layer's weights do during decode. It is
+    applied as the model's linear layers apply theirs (``F.linear``, the weight transposed): on
+    the CPU a bfloat16 ``x @ w`` takes a kernel about 70x slower than the one ``F.linear`` takes."""
+    weight = torch.randn(4 * width, width, device=device).to(dtype)
     one = torch.randn(1, width, device=device).to(dtype)
-    stream = weight.numel() * weight.element_size() / _timed(lambda: one @ weight, device, repeat)
+    stream = weight.numel() * weight.element_size() / _timed(lambda: F.linear(one, weight), device, repeat)
     points = []
     for m in rows:
         x = torch.randn(m, width, device=device).to(dtype)
-        seconds = _timed(lambda x=x: x @ weight, device, repeat)
+        seconds = _timed(lambda x=x: F.linear(x, weight), device, repeat)
         points.append((1.0 / m, seconds / (2 * m * width * 4 * width)))  # 1/rate = 1/peak + (half/peak) / m
     xs, ys = zip(*points)
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)

@@ -17,6 +17,8 @@ FILE``); :func:`directory_read_bandwidth` the rate of a directory's filesystem (
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import os
 import time
 import weakref
@@ -35,7 +37,7 @@ from ..ir.layout import DISK_ALIGN, Extent, read_bytes, staging_bytes
 if TYPE_CHECKING:
     from .device_base import DeviceBackend
 
-__all__ = ["ALIGN", "DiskReader", "DiskTier", "Staged", "directory_read_bandwidth", "read_bandwidth"]
+__all__ = ["ALIGN", "DiskReader", "DiskTier", "Staged", "directory_read_bandwidth", "offload_file", "read_bandwidth"]
 
 ALIGN = DISK_ALIGN
 
@@ -358,3 +360,36 @@ class DiskTier:
         if reader is None:
             reader = self._readers[path] = DiskReader(path)
         return reader
+
+
+OFFLOAD_FORMAT = 1
+"""Version of what an offload file holds (a layer packed as its layout says); part of every key, so
+files an older layout wrote are never trusted."""
+
+
+def offload_file(directory: Path, identity: object, nbytes: int, fill: Callable[[torch.Tensor], None]) -> Path:
+    """The file of ``nbytes`` under ``directory`` that ``identity`` (JSON data naming the sources,
+    their files' sizes and modification times, and the conversion) keys: an existing one is used as
+    it is, else ``fill`` writes a host buffer of ``nbytes`` and it is written once, atomically (a
+    temporary file, synced, renamed: no run ever finds a partial file under a key). A failed write
+    (a full disk) is a :class:`~hscompile.errors.CheckpointError` naming the file; the temporary is
+    removed."""
+    key = hashlib.sha256(json.dumps([OFFLOAD_FORMAT, identity], sort_keys=True).encode()).hexdigest()[:40]
+    path = directory / f"{key}.layer"
+    if path.is_file() and path.stat().st_size == nbytes:
+        return path
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    fill(buffer)
+    temporary = directory / f".{key}.{os.getpid()}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with temporary.open("wb") as out:
+            out.write(memoryview(buffer.numpy()))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path} ({nbytes} bytes) in offload_dir {directory}: "
+                              f"{error.strerror or error}; free space there or give another offload_dir") from None
+    return path

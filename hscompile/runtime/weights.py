@@ -13,7 +13,8 @@
 * **Disk tier**: a layer whose weights stay in the checkpoint's files (the policy's
   ``disk_layers``; a loader maps them, :func:`~hscompile.ir.layout.map_file`) has no host
   buffer: its prefetch takes it from the model's :class:`~hscompile.runtime.disk.DiskTier`, read
-  there ahead of time, and copies each weight from the staging slot into the device slot.
+  there ahead of time, and copies each weight from the staging slot into the device slot (a
+  quantized one, from its packed copy in the offload directory, in one piece: :func:`disk_sources`).
 
 Every copy is counted: ``setup_h2d_bytes`` (resident copies, once) and ``weight_h2d_bytes``
 (setup plus every prefetch).
@@ -21,19 +22,21 @@ Every copy is counted: ``setup_h2d_bytes`` (resident copies, once) and ``weight_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..ir.layout import GroupLayout, mapped_at
+from ..ir.layout import GLOBAL_GROUP, GroupLayout, mapped_at
 from ..ir.policy import Policy
 from ..ops.quant import quantize
 from .device import DeviceBackend
-from .disk import DiskTier
+from .disk import DiskReader, DiskTier, offload_file
 
-__all__ = ["WeightRuntime"]
+__all__ = ["Stored", "WeightRuntime", "disk_sources"]
 
 
 @dataclass(slots=True)
@@ -75,9 +78,11 @@ class WeightRuntime:
         weights: dict[str, torch.Tensor],
         backend: DeviceBackend,
         disk: DiskTier | None = None,
+        stored: dict[int, list[Stored]] | None = None,
     ) -> None:
         """``weights`` maps placeholder names to the model's weight tensors (dynamo's example inputs);
-        ``disk`` is the model's disk tier when layers of it stay on disk."""
+        ``disk`` is the model's disk tier when layers of it stay on disk, ``stored`` where each such
+        layer's weights lie (:func:`disk_sources`)."""
         self.backend = backend
         self.layouts = layouts
         self.setup_h2d_bytes = 0
@@ -87,11 +92,7 @@ class WeightRuntime:
         self._resident: dict[int, torch.Tensor] = {}
         self._host: dict[int, torch.Tensor] = {}
         self._slot_of: dict[int, int] = {}
-        # Where each weight of a layer on disk lies: (packed offset, bytes, file, file offset).
-        self._stored: dict[int, list[tuple[int, int, str, int]]] = {}
-        for group in (*policy.copied_groups, *policy.streamed_layers):
-            if disk is not None and group in disk.extents:
-                self._stored[group] = [(p.offset, p.nbytes, *_located(weights[p.node])) for p in layouts[group].weights]
+        self._stored = dict(stored or {})
         self._disk_order = tuple(g for g in policy.streamed_layers if g in self._stored)
 
         staging = []  # host buffers must outlive their asynchronous copies
@@ -218,10 +219,51 @@ class WeightRuntime:
         return list(self._host.values())
 
 
-def _located(tensor: torch.Tensor) -> tuple[str, int]:
-    where = mapped_at(tensor)
-    assert where is not None, "a layer on disk has a weight that is not"
-    return where
+Stored = tuple[int, int, str, int]
+"""Where bytes of a layer on disk lie: (offset in the packed layer, bytes, file, offset in the file)."""
+
+
+def disk_sources(policy: Policy, layouts: dict[int, GroupLayout], weights: dict[str, torch.Tensor]
+                 ) -> dict[int, list[Stored]]:
+    """Where the weights of each layer on disk (every weight file-mapped, :func:`~hscompile.ir.layout.mapped_at`)
+    lie: each where the model's tensor maps it; for a layer stored quantized (the policy's
+    ``weight_format``), its packed quantized layout, written once into the policy's
+    ``offload_dir`` (:func:`~hscompile.runtime.disk.offload_file`) and read from there whole."""
+    found: dict[int, list[Stored]] = {}
+    for group, layout in layouts.items():
+        where = {p.node: mapped_at(weights[p.node]) for p in layout.weights}
+        if group == GLOBAL_GROUP or not where or any(w is None for w in where.values()):
+            continue
+        if layout.scheme is None:
+            found[group] = [(p.offset, p.nbytes, *where[p.node]) for p in layout.weights]  # type: ignore[misc]
+            continue
+        assert policy.offload_dir is not None, "placement names the offload directory of quantized layers on disk"
+        path = _quantized_copy(layout, weights, where, Path(policy.offload_dir))  # type: ignore[arg-type]
+        found[group] = [(0, layout.nbytes, str(path), 0)]
+    return found
+
+
+def _quantized_copy(layout: GroupLayout, weights: dict[str, torch.Tensor], where: dict[str, tuple[str, int]],
+                    directory: Path) -> Path:
+    """The layer packed and quantized as ``layout`` says, in a file of ``directory`` keyed by its
+    sources (their files' sizes and times) and the format. Its weights are read from their files
+    with direct reads, one layer in memory at a time, not through the model's memory maps."""
+    nodes = list(dict.fromkeys(p.node for p in layout.weights))
+    identity = {"quantized": repr(layout.scheme),
+                "layout": [[p.node, p.part, p.offset, p.nbytes, str(p.dtype)] for p in layout.weights],
+                "sources": [[where[n][0], os.stat(where[n][0]).st_size, os.stat(where[n][0]).st_mtime_ns, where[n][1],
+                             weights[n].nbytes, str(weights[n].dtype), list(weights[n].shape)] for n in nodes]}
+
+    def fill(flat: torch.Tensor) -> None:
+        sources = {}
+        for node in nodes:
+            tensor = weights[node]
+            with DiskReader(where[node][0]) as reader:
+                data = reader.read(where[node][1], tensor.nbytes, DiskReader.buffer(tensor.nbytes))
+            sources[node] = data.view(tensor.dtype).view(tensor.shape)
+        _pack(flat, layout, sources)
+
+    return offload_file(directory, identity, layout.nbytes, fill)
 
 
 def _packed_storage(layout: GroupLayout, sources: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ mix of tiers, under the simulated asynchronous device too; the process's memory 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 import hscompile
 from hscompile.errors import BudgetError, CheckpointError, ConfigError
+from hscompile.quantize import reference
 from hscompile.runtime.disk import DiskTier
 from hscompile.runtime.simulated import AsyncHazard
 
@@ -140,23 +142,94 @@ def test_an_unreadable_checkpoint_file_is_an_error_naming_it(tmp_path):
         weights.chmod(0o644)
 
 
-def test_bad_budgets_and_settings_are_refused_before_any_weight_is_read(checkpoints, monkeypatch):
+def test_bad_budgets_and_offload_dirs_are_refused_before_any_weight_is_read(checkpoints, monkeypatch, tmp_path):
     path, _, minimum = checkpoints("llama", 16)
 
     def unread(*args, **kwargs):
         raise AssertionError("a weight was read before the check")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(hscompile.loading, "_read_layers", unread)
-        with pytest.raises(BudgetError, match=rf"use host_memory >= {minimum}$"):
-            hscompile.from_pretrained(path, options={**EAGER, "host_memory": minimum - 1})
-        with pytest.raises(CheckpointError, match=r"holds its layers in torch.float32, and the model runs in "
-                                                  r"torch.bfloat16.*load with dtype='float32'"):
-            hscompile.from_pretrained(path, dtype="bfloat16",
-                                      options={**EAGER, "host_memory": _minimum(path, dtype="bfloat16")})
-    generator = hscompile.from_pretrained(path, options={**EAGER, "host_memory": minimum, "weight_quant": "int8"})
-    with pytest.raises(ConfigError, match="weight_quant=int8 needs every layer's weights in memory"):
-        generator.generate(prompts(1, 4), max_new_tokens=1)
+    monkeypatch.setattr(hscompile.loading, "_read_layers", unread)
+    with pytest.raises(BudgetError, match=rf"use host_memory >= {minimum}$"):
+        hscompile.from_pretrained(path, options={**EAGER, "host_memory": minimum - 1})
+    with pytest.raises(ConfigError, match=rf"offload_dir {path / 'off'} is inside the checkpoint directory {path}"):
+        hscompile.from_pretrained(path, options={**EAGER, "host_memory": minimum, "offload_dir": str(path / "off")})
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(ConfigError, match=rf"offload_dir {missing} does not exist or is not a directory; create it"):
+        hscompile.from_pretrained(path, options={**EAGER, "host_memory": minimum, "offload_dir": missing})
+    with pytest.raises(ConfigError, match="option 'offload_dir': got 3; expected a directory path"):
+        hscompile.from_pretrained(path, options={**EAGER, "offload_dir": 3})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_offload_dir_that_is_not_writable_is_refused(checkpoints, tmp_path):
+    path, _, minimum = checkpoints("llama", 16)
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match=rf"offload_dir {tmp_path} is not writable"):
+            hscompile.from_pretrained(path, options={**EAGER, "host_memory": minimum, "offload_dir": str(tmp_path)})
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def _layer_files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_layers_on_disk_in_another_dtype_are_converted_once_into_the_offload_dir(checkpoints, tmp_path):
+    path, model, _ = checkpoints("llama", 16)
+    ids = prompts(3, 9)
+    expected = _expected(copy.deepcopy(model).to(torch.bfloat16), ids)
+    options = {**EAGER, "host_memory": _minimum(path, dtype="bfloat16"), "offload_dir": str(tmp_path)}
+    generator = hscompile.from_pretrained(path, dtype="bfloat16", options=options)
+    assert torch.equal(generator.generate(ids, max_new_tokens=NEW), expected)
+    disk = generator.compiled_graphs[-1].policy.disk_layers
+    files = _layer_files(tmp_path)
+    assert len(disk) == 16 and len(files) == 16 and all(f.endswith(".layer") for f in files)  # nothing partial
+    times = {f: (tmp_path / f).stat().st_mtime_ns for f in files}
+    again = hscompile.from_pretrained(path, dtype="bfloat16", options=options)  # the copies are used as they are
+    assert torch.equal(again.generate(ids, max_new_tokens=NEW), expected)
+    assert {f: (tmp_path / f).stat().st_mtime_ns for f in _layer_files(tmp_path)} == times
+
+
+@pytest.mark.parametrize("act_ratio", [0.5])
+def test_quantized_layers_on_disk_stream_from_their_packed_copy(checkpoints, tmp_path, act_ratio):
+    path, model, minimum = checkpoints("llama", 16)
+    ids = prompts(3, 9)
+    quant = {"weight_quant": "int8", "quant_group_size": 32}
+    ref = reference(model, **quant)
+    expected = _expected(ref, ids)
+    generator = hscompile.from_pretrained(path, options={**EAGER, **quant, "host_memory": minimum,
+                                                         "offload_dir": str(tmp_path), "act_ratio": act_ratio})
+    assert torch.equal(generator.generate(ids, max_new_tokens=NEW), expected)
+    policy = generator.compiled_graphs[-1].policy
+    assert len(policy.disk_layers) == 16 and policy.offload_dir == str(tmp_path)
+    layer = generator.compiled_graphs[-1].stats()["layer_weight_bytes"] // 16
+    stats = generator.stats()
+    # Each step reads the packed int8 layers: about a third of the float32 ones.
+    assert len(_layer_files(tmp_path)) == 16 and stats["disk_read_bytes"] <= (stats["cache_steps"] + 3) * 16 * layer
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import hscompile
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # less than one layer
+try:
+    hscompile.from_pretrained(sys.argv[1], dtype="bfloat16", options={"device": "cpu", "lowering": "eager",
+                              "host_memory": int(sys.argv[2]), "offload_dir": sys.argv[3]})
+except hscompile.HybridServeError as error:
+    print(type(error).__name__, error)
+"""
+
+
+def test_a_full_offload_dir_is_an_error_naming_the_file_and_leaves_nothing_partial(checkpoints, tmp_path):
+    path, _, _ = checkpoints("llama", 16)
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(path), str(_minimum(path, dtype="bfloat16")),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(rf"CheckpointError cannot write {tmp_path}/\w+\.layer \(\d+ bytes\) in offload_dir {tmp_path}: "
+                     r"File too large; free space there or give another offload_dir", done.stdout), done.stdout
+    assert _layer_files(tmp_path) == []  # no partial file a later run would trust
 
 
 OVERHEAD = 64 * 2**20

@@ -131,3 +131,31 @@ def test_a_tight_budget_is_met_with_smaller_minibatches():
     whole = device_memory(dims, replace(best, minibatches=1, act_ratio=0.0), batch=64, context=2080, activations=0,
                           overlap=A100.copies_overlap).total
     assert whole > budget >= decision.best.device_bytes
+
+
+def test_layers_on_disk_bind_a_small_batch_and_hide_behind_a_large_one():
+    dims = _dims()
+    slow_disk = replace(A100, disk_bytes_per_s=2e9)
+    on_host = simulate_step(dims, Choice(10, 1, 0.0), slow_disk, batch=1, new=1, past=16)
+    on_disk = simulate_step(dims, Choice(10, 1, 0.0, disk_layers=20), slow_disk, batch=1, new=1, past=16)
+    # Twenty layers read at 2 GB/s, one reader: the step is at least those reads, and the disk binds it.
+    reads = 20 * dims.layer_weight_bytes / 2e9
+    assert on_disk.disk == pytest.approx(reads) and on_disk.seconds >= reads > on_host.seconds
+    assert on_disk.bound == "disk" and on_host.exposed_disk == 0.0
+    # A faster disk is never slower; a prefill of a big batch hides the same reads behind its compute.
+    faster = simulate_step(dims, Choice(10, 1, 0.0, disk_layers=20), replace(slow_disk, disk_bytes_per_s=8e9),
+                           batch=1, new=1, past=16)
+    assert faster.seconds < on_disk.seconds
+    busy = simulate_step(dims, Choice(10, 1, 0.0, disk_layers=20), slow_disk, batch=256, new=512, past=0)
+    assert busy.exposed_disk < 0.05 * busy.disk
+    # Resident layers are never read: layers on disk that the device holds cost nothing per step.
+    assert simulate_step(dims, Choice(40, 1, 0.0, disk_layers=20), slow_disk, batch=1, new=1, past=16).disk == 0.0
+
+
+def test_the_search_weighs_the_layers_on_disk():
+    dims = replace(_dims(), disk_layers=30)
+    # A device budget for a third of the layers: the rest stream, and those on disk are read every step.
+    decision = choose(dims, replace(A100, disk_bytes_per_s=2e9), batch=1, prompt=16, new_tokens=8,
+                      device_budget=dims.global_weight_bytes + 14 * dims.layer_weight_bytes)
+    assert all(p.choice.disk_layers == 30 for p in decision.considered)
+    assert decision.best.decode.bound == "disk"
