@@ -2,7 +2,8 @@
 batch sizes, beside the rate its file reads at with direct reads (the bound).
 
     .venv/bin/python benchmarks/disk_tier.py [--dir DIR] [--gb 8] [--host-memory 2.5GiB] \
-        [--batches 1,8,32,64] [--steps 2] [--prompt 8] [--accelerate] [--out benchmarks/results/disk_tier.json]
+        [--batches 1,8,32,64] [--steps 2] [--prompt 8] [--shard-gb 5] [--accelerate] \
+        [--out benchmarks/results/disk_tier.json]
 
 The checkpoint (random weights, written once under ``--dir``, reused when its size matches) is read
 by hscompile's disk tier at every step: the script reports, per batch, the decode step, the disk
@@ -49,40 +50,56 @@ def llama_config(gb: float) -> dict:
             "pad_token_id": 0}
 
 
-def write_checkpoint(directory: Path, config: dict) -> Path:
-    """``config.json`` and ``model.safetensors`` of random bf16 weights, written tensor by tensor (the
-    whole model never sits in memory). Tensors are laid out as safetensors writers lay them: by name."""
+def write_checkpoint(directory: Path, config: dict, shard_bytes: float | None = None) -> list[Path]:
+    """``config.json`` and the safetensors file(s) of random bf16 weights, written tensor by tensor
+    (the whole model never sits in memory), laid out as safetensors writers lay them (by name); with
+    ``shard_bytes``, in shards of about that size with a ``model.safetensors.index.json``, as large
+    checkpoints come. An existing checkpoint of the same sizes is reused."""
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / "model.safetensors"
     (directory / "config.json").write_text(json.dumps(config))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(directory))
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    header, offset = {}, 0
+    shards: list[list[str]] = [[]]
+    size = 0
     for name in sorted(shapes):
         nbytes = 2 * math.prod(shapes[name])
-        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    if weights.is_file() and weights.stat().st_size == 8 + len(text) + offset:
-        return weights
+        if shard_bytes and shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = ([directory / "model.safetensors"] if len(shards) == 1 else
+             [directory / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if len(shards) > 1:
+        weight_map = {name: file.name for file, names in zip(files, shards) for name in names}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     block = (torch.randn(2**24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     raw = block.view(torch.uint8).numpy().tobytes()
-    with weights.open("wb") as out:
-        out.write(struct.pack("<Q", len(text)) + text)
-        for name in sorted(shapes):
-            left = 2 * math.prod(shapes[name])
-            while left:
-                chunk = raw[: min(left, len(raw))]
-                out.write(chunk)
-                left -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return weights
+    for file, names in zip(files, shards):
+        header, offset = {}, 0
+        for name in names:
+            nbytes = 2 * math.prod(shapes[name])
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        if file.is_file() and file.stat().st_size == 8 + len(text) + offset:
+            continue
+        with file.open("wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            for name in names:
+                left = 2 * math.prod(shapes[name])
+                while left:
+                    chunk = raw[: min(left, len(raw))]
+                    out.write(chunk)
+                    left -= len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    return files
 
 
 def _rss() -> int:
@@ -172,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=str(HERE / "results" / "disk-checkpoint"))
     parser.add_argument("--gb", type=float, default=8.0)
+    parser.add_argument("--shard-gb", type=float, default=None, help="write the checkpoint in shards of this size")
     parser.add_argument("--host-memory", default="2.5GiB")
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--steps", type=int, default=2)
@@ -189,11 +207,11 @@ def main() -> None:
     from hscompile.runtime.disk import read_bandwidth
 
     host = parse_bytes(args.host_memory, key="host_memory")
-    weights = write_checkpoint(Path(args.dir), llama_config(args.gb))
-    size = weights.stat().st_size
-    bound, direct = read_bandwidth(weights)
-    print(f"checkpoint {format_bytes(size)} ({size / host:.1f}x host_memory="
-          f"{args.host_memory}); direct reads of the file: {bound / 1e9:.2f} GB/s (direct: {direct})", flush=True)
+    files = write_checkpoint(Path(args.dir), llama_config(args.gb), args.shard_gb * 1e9 if args.shard_gb else None)
+    size = sum(f.stat().st_size for f in files)
+    bound, direct = read_bandwidth(files[0])
+    print(f"checkpoint {format_bytes(size)} in {len(files)} file(s) ({size / host:.1f}x host_memory="
+          f"{args.host_memory}); direct reads of {files[0].name}: {bound / 1e9:.2f} GB/s (direct: {direct})", flush=True)
     rows = []
     engines = ["hscompile"] + (["accelerate"] if args.accelerate else [])
     for engine in engines:

@@ -13,6 +13,8 @@ same shapes, strides and alignment.
 from __future__ import annotations
 
 import math
+import mmap
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -156,10 +158,18 @@ class Extent:
 
 
 def map_file(path: str, nbytes: int) -> torch.UntypedStorage:
-    """The file's bytes as a private, read-on-touch memory map (nothing is read until a page is
+    """The file's first ``nbytes`` as a read-only memory map (nothing is read until a page is
     touched), remembered as stored in ``path``: tensors made from it are weights on disk
-    (:func:`mapped_at`). The weight store never touches them; it reads them with direct reads."""
-    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=nbytes)
+    (:func:`mapped_at`). The weight store never touches them; it reads them with direct reads.
+
+    Read-only, because a writable private map of a file larger than memory is refused by the
+    kernel's overcommit check (``torch.UntypedStorage.from_file`` makes one); a write through it
+    would fault, and nothing writes weights on disk."""
+    with open(path, "rb") as handle:
+        memory = mmap.mmap(handle.fileno(), nbytes, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": nothing writes it
+        storage = torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()  # keeps the map alive
     setattr(storage, _FILE_ATTR, path)  # torch keeps a storage's Python object, and so this mark
     return storage
 
