@@ -32,7 +32,7 @@ import torch
 from ._env import offload_dir
 from .errors import CheckpointError, ConfigError
 from .ir.layout import DISK_SLOTS, HOST_WEIGHTS_ATTR, disk_extents, map_file, read_bytes, staging_bytes
-from .runtime.disk import offload_file
+from .runtime.disk import offload_file, offload_source
 
 if TYPE_CHECKING:
     from .ir.layout import GroupLayout
@@ -308,8 +308,7 @@ def _map_layer(index: dict[str, _Stored], prefix: str, layout: GroupLayout, stat
         stored = index[prefix + weight.node]
         if stored.file not in maps:
             maps[stored.file] = map_file(str(stored.file), stored.file.stat().st_size)
-        state[prefix + weight.node] = torch.empty(0, dtype=stored.dtype).set_(
-            maps[stored.file], stored.start // stored.dtype.itemsize, stored.shape)
+        state[prefix + weight.node] = _view(maps[stored.file], stored.start, stored.dtype, stored.shape)
 
 
 def _convert_layer(index: dict[str, _Stored], prefix: str, layout: GroupLayout, dtype: torch.dtype, directory: Path,
@@ -319,8 +318,7 @@ def _convert_layer(index: dict[str, _Stored], prefix: str, layout: GroupLayout, 
     a changed checkpoint gets a new one), and mapped from there. One layer is in memory at a time."""
     tensors = [index[prefix + w.node] for w in layout.weights]
     identity = {"converted": str(dtype), "layout": [[w.node, w.offset, w.nbytes, str(w.dtype)] for w in layout.weights],
-                "sources": [[str(s.file.resolve()), s.file.stat().st_size, s.file.stat().st_mtime_ns, s.start,
-                             s.nbytes, str(s.dtype), list(s.shape)] for s in tensors]}
+                "sources": [offload_source(s.file, s.start, s.nbytes, s.dtype, s.shape) for s in tensors]}
 
     def fill(flat: torch.Tensor) -> None:
         for weight, stored in zip(layout.weights, tensors, strict=True):
@@ -329,8 +327,12 @@ def _convert_layer(index: dict[str, _Stored], prefix: str, layout: GroupLayout, 
     path = offload_file(directory, identity, layout.nbytes, fill)
     storage = map_file(str(path), layout.nbytes)
     for weight in layout.weights:
-        state[prefix + weight.node] = torch.empty(0, dtype=weight.dtype).set_(
-            storage, weight.offset // weight.dtype.itemsize, weight.shape)
+        state[prefix + weight.node] = _view(storage, weight.offset, weight.dtype, weight.shape)
+
+
+def _view(storage: torch.UntypedStorage, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` at byte ``offset`` (a multiple of the element) of ``storage``."""
+    return torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, tuple(shape))
 
 
 def _layer_layouts(index: dict[str, _Stored], target: Any) -> list[tuple[str, GroupLayout]]:

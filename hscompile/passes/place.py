@@ -122,7 +122,7 @@ def place(
             if budget is not None
             else f"no device budget set for {device.type}: all {n} layers resident"
         )
-    elif not can_stream or budget is None:
+    elif not can_stream:
         check_device_budget(
             full, budget, what=f"the model, whose weights already live on {weights_device},",
             advice="hscompile streams weights from host memory only: load the model on the CPU to run it within "

@@ -37,7 +37,8 @@ from ..ir.layout import DISK_ALIGN, Extent, read_bytes, staging_bytes
 if TYPE_CHECKING:
     from .device_base import DeviceBackend
 
-__all__ = ["ALIGN", "DiskReader", "DiskTier", "Staged", "directory_read_bandwidth", "offload_file", "read_bandwidth"]
+__all__ = ["ALIGN", "DiskReader", "DiskTier", "Staged", "directory_read_bandwidth", "offload_file", "offload_source",
+           "read_bandwidth"]
 
 ALIGN = DISK_ALIGN
 
@@ -206,15 +207,14 @@ class Staged:
     """The event after which no copy reads this slot any more (None: none ever did, or copies are synchronous)."""
     future: Future[None] | None = None
     """The read in flight on the reader thread (None: not started, or done)."""
-    read: bool = False
     error: CheckpointError | None = None
     """A read that failed on the caller's thread (no reader thread), raised when the group is asked for."""
-    views: dict[tuple[str, int], tuple[int, torch.Tensor]] = field(default_factory=dict)
-    """``(file, extent offset) -> (extent offset, its bytes)`` once read."""
+    views: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    """``(file, extent offset) -> the extent's bytes`` once read."""
 
     def at(self, path: str, offset: int, nbytes: int) -> torch.Tensor:
         """The bytes ``offset .. offset + nbytes`` of ``path``, as read into this slot."""
-        for (file, start), (_, data) in self.views.items():
+        for (file, start), data in self.views.items():
             if file == path and start <= offset and offset + nbytes <= start + data.numel():
                 return data[offset - start:offset - start + nbytes]
         raise KeyError(f"bytes {offset}..{offset + nbytes} of {path} were not read for layer {self.group}")
@@ -284,7 +284,7 @@ class DiskTier:
 
     def copied(self, slot: Staged, event: Any, upcoming: Sequence[int] = ()) -> None:
         """The copies from ``slot`` are issued; it may be read into again after ``event``."""
-        slot.free, slot.group, slot.read = event, None, False
+        slot.free, slot.group = event, None
         slot.views.clear()
         self._free.append(slot)
         self._ahead(upcoming)
@@ -335,7 +335,7 @@ class DiskTier:
             except BaseException:  # noqa: BLE001 - a read nobody will use: its failure is not this call's
                 pass
             slot.future = None
-        slot.group, slot.read, slot.error = None, False, None
+        slot.group, slot.error = None, None
         slot.views.clear()
         self._free.append(slot)
 
@@ -348,10 +348,9 @@ class DiskTier:
         for extent in self.extents[group]:
             need = read_bytes(extent.nbytes)
             data = self._reader(extent.path).read(extent.offset, extent.nbytes, slot.buffer[position:position + need])
-            slot.views[(extent.path, extent.offset)] = (extent.offset, data)
+            slot.views[(extent.path, extent.offset)] = data
             position += need
             self.read_bytes += extent.nbytes
-        slot.read = True
         self.reads += 1
         self.read_seconds += time.perf_counter() - start
 
@@ -360,6 +359,13 @@ class DiskTier:
         if reader is None:
             reader = self._readers[path] = DiskReader(path)
         return reader
+
+
+def offload_source(path: str | Path, offset: int, nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> list[object]:
+    """What an offload file's key records of one source tensor: its file (resolved), the file's size
+    and modification time (a checkpoint changed since gets new keys), where the tensor lies and what it is."""
+    stat = os.stat(path)
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, offset, nbytes, str(dtype), list(shape)]
 
 
 OFFLOAD_FORMAT = 1

@@ -316,6 +316,7 @@ class SimulatedAsyncDevice(DeviceBackend):
 
     asynchronous = True
     pins_host = True
+    host_threads = False
 
     def __init__(self, schedule: str) -> None:
         self.device = torch.device("cpu")
@@ -424,8 +425,6 @@ class SimulatedAsyncDevice(DeviceBackend):
         self._tick()
         self.host_syncs += 1
         _WORLD.host_sync(everything=True)
-
-    host_threads = False
 
     def host_wait(self, event: Any) -> None:
         self._tick()

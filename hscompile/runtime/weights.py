@@ -22,7 +22,6 @@ Every copy is counted: ``setup_h2d_bytes`` (resident copies, once) and ``weight_
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,11 @@ from typing import Any
 
 import torch
 
-from ..ir.layout import GLOBAL_GROUP, GroupLayout, mapped_at
+from ..ir.layout import GroupLayout, disk_groups, mapped_at
 from ..ir.policy import Policy
 from ..ops.quant import quantize
 from .device import DeviceBackend
-from .disk import DiskReader, DiskTier, offload_file
+from .disk import DiskReader, DiskTier, offload_file, offload_source
 
 __all__ = ["Stored", "WeightRuntime", "disk_sources"]
 
@@ -93,7 +92,11 @@ class WeightRuntime:
         self._host: dict[int, torch.Tensor] = {}
         self._slot_of: dict[int, int] = {}
         self._stored = dict(stored or {})
-        self._disk_order = tuple(g for g in policy.streamed_layers if g in self._stored)
+        # What the reader brings in after each streamed layer on disk: the next ones, cyclically (the
+        # next step starts over), as many as it has slots; known once, not worked out at each prefetch.
+        order = [g for g in policy.streamed_layers if g in self._stored]
+        ahead = min(len(disk.slots), len(order)) if disk is not None else 0
+        self._upcoming = {g: [order[(i + k) % len(order)] for k in range(1, ahead + 1)] for i, g in enumerate(order)}
 
         staging = []  # host buffers must outlive their asynchronous copies
         for group in policy.copied_groups:
@@ -190,12 +193,7 @@ class WeightRuntime:
         """Copy layer ``group`` from its disk tier staging slot into ``flat`` (device), weight by
         weight (the file lays them out its own way); returns the event of the last copy."""
         assert self.disk is not None
-        order = self._disk_order
-        if group in order:  # what the reader should bring in next: the streamed layers on disk after this one
-            at = order.index(group)
-            upcoming = [order[(at + k) % len(order)] for k in range(1, min(len(self.disk.slots), len(order)) + 1)]
-        else:
-            upcoming = []
+        upcoming = self._upcoming.get(group, [])  # none for a resident layer, read once
         staged = self.disk.get(group, upcoming, self.backend)
         done = None
         for offset, nbytes, path, start in self._stored[group]:
@@ -230,10 +228,9 @@ def disk_sources(policy: Policy, layouts: dict[int, GroupLayout], weights: dict[
     ``weight_format``), its packed quantized layout, written once into the policy's
     ``offload_dir`` (:func:`~hscompile.runtime.disk.offload_file`) and read from there whole."""
     found: dict[int, list[Stored]] = {}
-    for group, layout in layouts.items():
+    for group in disk_groups(layouts, weights):
+        layout = layouts[group]
         where = {p.node: mapped_at(weights[p.node]) for p in layout.weights}
-        if group == GLOBAL_GROUP or not where or any(w is None for w in where.values()):
-            continue
         if layout.scheme is None:
             found[group] = [(p.offset, p.nbytes, *where[p.node]) for p in layout.weights]  # type: ignore[misc]
             continue
@@ -251,8 +248,8 @@ def _quantized_copy(layout: GroupLayout, weights: dict[str, torch.Tensor], where
     nodes = list(dict.fromkeys(p.node for p in layout.weights))
     identity = {"quantized": repr(layout.scheme),
                 "layout": [[p.node, p.part, p.offset, p.nbytes, str(p.dtype)] for p in layout.weights],
-                "sources": [[where[n][0], os.stat(where[n][0]).st_size, os.stat(where[n][0]).st_mtime_ns, where[n][1],
-                             weights[n].nbytes, str(weights[n].dtype), list(weights[n].shape)] for n in nodes]}
+                "sources": [offload_source(where[n][0], where[n][1], weights[n].nbytes, weights[n].dtype,
+                                           weights[n].shape) for n in nodes]}
 
     def fill(flat: torch.Tensor) -> None:
         sources = {}
