@@ -37,21 +37,23 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def llama_config(gb: float) -> dict:
-    """A Llama of TinyLlama's width with as many layers as make ``gb`` GB of bf16 weights."""
-    hidden, inter, heads, kv, vocab = 2048, 5632, 16, 4, 32000
-    layer = 2 * (2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter + 2 * hidden)
-    outside = 2 * (2 * vocab * hidden + hidden)
+def llama_config(gb: float, *, hidden: int = 2048, inter: int = 5632, heads: int = 16, kv: int = 4,
+                 vocab: int = 32000, dtype: str = "bfloat16") -> dict:
+    """A Llama (default: TinyLlama's width) with as many layers as make ``gb`` GB of weights."""
+    item = 4 if dtype == "float32" else 2
+    layer = item * (2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter + 2 * hidden)
+    outside = item * (2 * vocab * hidden + hidden)
     layers = max(2, round((gb * 1e9 - outside) / layer))
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
             "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False, "dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False, "dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
             "pad_token_id": 0}
 
 
 def write_checkpoint(directory: Path, config: dict, shard_bytes: float | None = None) -> list[Path]:
-    """``config.json`` and the safetensors file(s) of random bf16 weights, written tensor by tensor
+    """``config.json`` and the safetensors file(s) of random weights in the config's ``dtype`` (bf16
+    or float32), written tensor by tensor
     (the whole model never sits in memory), laid out as safetensors writers lay them (by name); with
     ``shard_bytes``, in shards of about that size with a ``model.safetensors.index.json``, as large
     checkpoints come. An existing checkpoint of the same sizes is reused."""
@@ -62,10 +64,12 @@ def write_checkpoint(directory: Path, config: dict, shard_bytes: float | None = 
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(directory))
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    dtype = getattr(torch, config.get("dtype", "bfloat16"))
+    item, tag = dtype.itemsize, {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(shapes):
-        nbytes = 2 * math.prod(shapes[name])
+        nbytes = item * math.prod(shapes[name])
         if shard_bytes and shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -76,13 +80,13 @@ def write_checkpoint(directory: Path, config: dict, shard_bytes: float | None = 
     if len(shards) > 1:
         weight_map = {name: file.name for file, names in zip(files, shards) for name in names}
         (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    block = (torch.randn(2**24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    block = (torch.randn(2**24, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     raw = block.view(torch.uint8).numpy().tobytes()
     for file, names in zip(files, shards):
         header, offset = {}, 0
         for name in names:
-            nbytes = 2 * math.prod(shapes[name])
-            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+            nbytes = item * math.prod(shapes[name])
+            header[name] = {"dtype": tag, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         header["__metadata__"] = {"format": "pt"}
         text = json.dumps(header).encode()
@@ -92,7 +96,7 @@ def write_checkpoint(directory: Path, config: dict, shard_bytes: float | None = 
         with file.open("wb") as out:
             out.write(struct.pack("<Q", len(text)) + text)
             for name in names:
-                left = 2 * math.prod(shapes[name])
+                left = item * math.prod(shapes[name])
                 while left:
                     chunk = raw[: min(left, len(raw))]
                     out.write(chunk)

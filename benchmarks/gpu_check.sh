@@ -35,12 +35,12 @@ step() {  # step NAME SECONDS COMMAND...: run it, log to $OUT/NAME.txt, record i
 { nvidia-smi; $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'transformers', transformers.__version__)"; } > "$OUT/environment.txt" 2>&1
 
-step gpu-tests 210 $PY -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu-tests.xml"
+step gpu-tests 240 $PY -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$OUT/gpu-tests.xml"
 step bandwidth 45 $PY benchmarks/bandwidth.py --device cuda --mib 512 --repeat 10 --json "$OUT/bandwidth.json"
 step generation 300 $PY benchmarks/generation.py --device cuda --models opt-6.7b --budget-fraction 0.25 \
     --batch 32 --prompt 512 --new-tokens 32 --policy auto --policy all-kv --policy all-act --policy accelerate \
     --json "$OUT/generation.json"
-step quantized 100 $PY benchmarks/generation.py --device cuda --models opt-1.3b --budget-fraction 0.25 \
+step quantized 70 $PY benchmarks/generation.py --device cuda --models opt-1.3b --budget-fraction 0.25 \
     --batch 32 --prompt 512 --new-tokens 16 --policy auto --policy int8-weights --policy int4-weights \
     --policy int4-int8-cache --json "$OUT/quantized.json"
 cat "$OUT/summary.txt"

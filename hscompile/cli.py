@@ -1,6 +1,6 @@
 """The ``hscompile`` command line.
 
-    hscompile inspect PATH [--device cuda] [--device-memory 8GiB] [--prefetch-depth 1]
+    hscompile inspect PATH [--device cuda] [--device-memory 8GiB] [--host-memory 64GiB] [--prefetch-depth 1]
                            [--act-ratio auto] [--batch 1] [--seq 512] [--dtype float16]
     hscompile tune [--device cuda] [--dtype float16] [--width 4096] [--force]
     hscompile predict PATH --profile h100-pcie5|FILE [--batch 32] [--prompt 512] [--new-tokens 32] [--weight-quant int4]
@@ -10,7 +10,7 @@
                     [--new-tokens 32] [--policy auto --policy all-kv ...] [--json out.json] [--trace t.json]
                     [--timeline t.png] [--profile p.json]
     hscompile generate MODEL_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens 64] [--chat] [--json]
-                       [--device-memory 8GiB] [--host-memory 16GiB] [--dtype D] [--act-ratio R]
+                       [--device-memory 8GiB] [--host-memory 16GiB] [--disk-cache auto] [--dtype D] [--act-ratio R]
                        [--temperature T | --greedy] [--top-k K --top-p P --min-p P --seed S] [--n N]
                        [--repetition-penalty R --presence-penalty P --frequency-penalty F] [--logprobs K]
                        [--min-new-tokens N] [--ignore-eos] [--stop STR]
@@ -82,7 +82,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
     options: dict[str, object] = {"lowering": "eager"}
     _quant_options(args, options)
-    for key in ("device", "device_memory", "act_ratio", "prefetch_depth", "block_size"):
+    for key in ("device", "device_memory", "host_memory", "act_ratio", "prefetch_depth", "block_size"):
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -292,6 +292,8 @@ def _generation_options(args: argparse.Namespace) -> dict[str, object]:
         options["host_memory"] = parse_bytes(args.host_memory, key="host_memory")
     if args.offload_dir:
         options["offload_dir"] = args.offload_dir
+    if args.disk_cache:
+        options["disk_cache"] = args.disk_cache
     if args.act_ratio is not None:
         options["act_ratio"] = args.act_ratio if args.act_ratio == "auto" else _float(args.act_ratio, "--act-ratio")
     _quant_options(args, options)
@@ -512,6 +514,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="a config.json file or a local checkpoint directory")
     inspect.add_argument("--device", help="compute device to plan for ('cuda', 'cpu'); need not exist here")
     inspect.add_argument("--device-memory", dest="device_memory", help="device budget, e.g. 8GiB")
+    inspect.add_argument("--host-memory", dest="host_memory",
+                         help="host budget, e.g. 64GiB (default: this machine's available memory); layers past what "
+                              "it keeps are planned as read from disk at every step, as from_pretrained loads them")
     inspect.add_argument("--act-ratio", dest="act_ratio", help="fraction of cached tokens kept as activations, or 'auto'")
     inspect.add_argument("--prefetch-depth", dest="prefetch_depth", type=int)
     inspect.add_argument("--block-size", dest="block_size", type=int)
@@ -590,7 +595,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--host-memory", dest="host_memory",
                      help="host budget for the weights and cache blocks, e.g. 16GiB; layers beyond it stay on disk")
     gen.add_argument("--offload-dir", dest="offload_dir",
-                     help="where layers kept on disk that must be converted (--dtype, --weight-quant) are written once")
+                     help="where layers kept on disk that must be converted (--dtype, --weight-quant) are written once, "
+                          "and where cache blocks past --host-memory go (--disk-cache)")
+    gen.add_argument("--disk-cache", dest="disk_cache", choices=("auto", "on", "off"),
+                     help="when --host-memory cannot hold the batch's cache: its blocks past it on disk ('on'), "
+                          "waves ('off'), or what the cost model predicts faster (default 'auto')")
     gen.add_argument("--act-ratio", dest="act_ratio", help="share of cached tokens kept as activations, or 'auto'")
     gen.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     gen.add_argument("--lowering", choices=("inductor", "eager"))

@@ -161,6 +161,11 @@ def act_ratio_value(ratio: object, where: str) -> float | Auto:
     return float(ratio)
 
 
+DiskCache: TypeAlias = Literal["auto", "on", "off"]
+DISK_CACHE: tuple[str, ...] = ("auto", "on", "off")
+"""Values of the ``disk_cache`` option."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CacheConfig:
     """How per-token attention state is cached in host memory."""
@@ -172,8 +177,17 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per cache block (KV or ACT); the unit the block allocator hands out."""
 
+    disk_cache: DiskCache = "auto"
+    """Where a call's blocks go when the host budget cannot hold its whole batch: ``"off"`` runs
+    the batch in waves that fit; ``"on"`` runs it whole, the blocks the host budget leaves out in a
+    file of ``offload_dir`` read at every step; ``"auto"``: whichever the cost model predicts faster
+    (:func:`hscompile.planner.spill.plan_spill`)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "act_ratio", act_ratio_value(self.act_ratio, "option 'act_ratio'"))
+        if self.disk_cache not in DISK_CACHE:
+            raise ConfigError(f"option 'disk_cache': got {self.disk_cache!r}; expected one of "
+                              f"{', '.join(repr(v) for v in DISK_CACHE)}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not 1 <= self.block_size <= 65536:
             raise ConfigError(f"option 'block_size': got {self.block_size!r}; expected an int of tokens in [1, 65536]")
 
@@ -266,6 +280,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("act_ratio", ("cache", "act_ratio"), "float in [0, 1] or 'auto'", "'auto'",
                "Fraction of cached tokens kept as activation checkpoints (K/V recomputed on the device)."),
     OptionSpec("block_size", ("cache", "block_size"), "int tokens in [1, 65536]", "16", "Tokens per KV/ACT cache block."),
+    OptionSpec("disk_cache", ("cache", "disk_cache"), "'auto', 'on' or 'off'", "'auto'",
+               "When host_memory cannot hold a call's whole batch: run it whole with the blocks left out in a file "
+               "of offload_dir ('on'), in waves that fit ('off'), or whichever the cost model predicts faster."),
     OptionSpec("mini_batch_size", ("schedule", "mini_batch_size"), "int >= 2 or 'auto'", "'auto'",
                "Sequences per mini-batch of a generation step (at least 2); each layer's weights cross the link "
                "once per step and serve every mini-batch."),
@@ -338,7 +355,7 @@ class HybridServeConfig:
         if options.get("offload_dir") is not None:
             directory = options["offload_dir"]
             memory["offload_dir"] = os.fspath(directory) if isinstance(directory, os.PathLike) else directory
-        cache = {k: options[k] for k in ("act_ratio", "block_size") if k in options}
+        cache = {k: options[k] for k in ("act_ratio", "block_size", "disk_cache") if k in options}
         schedule = {k: options[k] for k in ("mini_batch_size", "prefetch_depth") if k in options}
         quant = {spec.path[-1]: options[spec.key] for spec in OPTIONS if spec.path[0] == "quant" and spec.key in options}
         top: dict[str, object] = {}

@@ -21,6 +21,7 @@ from torch import fx
 
 from .backend import CompiledModel, compiled_models
 from .config import HybridServeConfig, format_bytes
+from .ir.call import CallPlan
 from .ir.layout import GLOBAL_GROUP, group_layouts
 from .ir.plan import ModelPlan
 from .ir.policy import Policy
@@ -45,6 +46,8 @@ class Inspection:
     config: HybridServeConfig
     compilations: int
     """How many graphs the backend compiled for this model (recompiles, graph breaks)."""
+    call: CallPlan | None = None
+    """A :class:`~hscompile.Generator`'s last call's plan (waves, blocks on disk); None otherwise."""
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield Panel(Group(*self._renderables()), title="hscompile", expand=False)
@@ -190,6 +193,8 @@ class Inspection:
                 f"(weight copies {p.weight_link * 1e3:.2f} ms in all)",
             )
         table.add_row("block size", f"{policy.block_size} tokens")
+        if self.call is not None:
+            table.add_row("last call", _describe_call(self.call))
         table.add_row("why", policy.reason)
         return table
 
@@ -324,4 +329,25 @@ def inspect(obj: object) -> Inspection:
         stats=stats,
         config=compiled.config,
         compilations=len(found),
+        call=obj.plan if isinstance(obj, Generator) else None,
     )
+
+
+def _describe_call(call: CallPlan) -> str:
+    """The waves of a call, and where its cache blocks went."""
+    sizes = [len(w) for w in call.waves]
+    text = f"{sum(sizes)} sequences in {len(sizes)} wave{'s' if len(sizes) != 1 else ''}"
+    spill = call.spill
+    if spill is None:
+        return text
+    text += (f"; cache blocks on disk: {spill.disk_blocks[0]} KV + {spill.disk_blocks[1]} ACT "
+             f"({format_bytes(spill.disk_bytes)}) in {spill.directory}, the host pools keep {spill.host_blocks[0]} KV + "
+             f"{spill.host_blocks[1]} ACT")
+    if spill.seconds is not None and spill.waves_seconds is not None:
+        text += (f"; predicted {spill.seconds:.3g} s against {spill.waves_seconds:.3g} s in {spill.waves} waves "
+                 "(disk_cache='auto')")
+    elif spill.waves == 0:
+        text += "; not one sequence fits host_memory alone"
+    else:
+        text += f" instead of {spill.waves} waves (disk_cache='on')"
+    return text

@@ -1,9 +1,11 @@
 """Plan a model without running it: what ``hscompile inspect PATH`` does.
 
 The model is built from its config on the meta device (no weights are read, nothing is
-allocated), checked against the host memory its weights need, captured by dynamo, and taken
-through every pass but lowering: the result shows the plan, the placement under a device budget
-and the schedule a real run would execute.
+allocated), captured by dynamo, and taken through every pass but lowering: the result shows the
+plan, the placement under a device budget and the schedule a real run would execute. Weights
+larger than the host budget (``host_memory``, else what this machine has available) are planned
+as ``from_pretrained`` would load them: the layers past what the budget keeps are marked as on disk
+(:func:`plan_disk_layers`), and placement plans them as read at every step.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import transformers
 from .backend import compile_graph
 from .config import HybridServeConfig
 from .errors import ConfigError
+from .generation.regions import repeated_layers
 from .inspection import Inspection, inspect
 from .ir.cache import max_positions
-from .planner.budget import check_host_weights, machine_budget
+from .ir.layout import DISK_SLOTS, plan_on_disk, read_bytes
+from .planner.budget import HostBudget, check_host_weights, host_layers, machine_budget
 from .planner.cost_model import ModelDims
 
-__all__ = ["check_config", "check_host_weights_of", "check_positions", "load_config", "max_positions", "plan_model",
-           "weights_dtype"]
+__all__ = ["check_config", "check_host_weights_of", "check_positions", "load_config", "max_positions",
+           "plan_disk_layers", "plan_model", "weights_dtype"]
 
 
 def load_config(path: str | Path) -> transformers.PretrainedConfig:
@@ -156,6 +160,36 @@ def check_host_weights_of(model: torch.nn.Module, config: HybridServeConfig) -> 
     check_host_weights([dims.layer_weight_bytes] * dims.layers, dims.global_weight_bytes, budget, what=what)
 
 
+def plan_disk_layers(model: torch.nn.Module, config: HybridServeConfig) -> int:
+    """How many layers of ``model`` (built on the meta device) a loader would leave on disk under
+    the host budget (``host_memory``, else this machine's available memory where ``config`` plans a
+    run on this machine): the split :func:`~hscompile.planner.budget.host_layers` makes for
+    ``from_pretrained``, from the layers' sizes alone. Their weights are marked as on disk
+    (:func:`~hscompile.ir.layout.plan_on_disk`), laid out one after another as a checkpoint holds
+    them. A budget too small even for the disk tier is a
+    :class:`~hscompile.errors.BudgetError` giving the minimum."""
+    device = config.device
+    here = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+    budget = (HostBudget(config.memory.host_memory, option=True) if config.memory.host_memory is not None
+              else machine_budget() if here else None)
+    containers = repeated_layers(model)
+    if budget is None or not containers:
+        return 0
+    layers = containers[0]
+    layer_bytes = [sum(p.nbytes for p in layer.parameters()) for layer in layers]
+    global_bytes = sum(p.nbytes for p in model.parameters()) - sum(layer_bytes)
+    dims = ModelDims.from_model(model)
+    what = f"a {type(model).__name__} of {dims.layers} layers, hidden size {dims.hidden}, {dims.dtype}"
+    held = host_layers(layer_bytes, global_bytes, budget, staging=DISK_SLOTS * read_bytes(max(layer_bytes)), what=what)
+    offset = 0
+    for layer in layers[held:]:
+        for parameter in layer.parameters():
+            offset += -offset % parameter.element_size()
+            plan_on_disk(parameter, "(the checkpoint's files)", offset)
+            offset += parameter.nbytes
+    return len(layers) - held
+
+
 def plan_model(
     source: str | Path | transformers.PretrainedConfig,
     *,
@@ -178,7 +212,7 @@ def plan_model(
     hs_config = HybridServeConfig.from_options(options, check_device=False)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=weights_dtype(config, dtype)).eval()
-    check_host_weights_of(model, hs_config)
+    plan_disk_layers(model, hs_config)
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     captured: list[tuple[torch.fx.GraphModule, list[Any]]] = []
 

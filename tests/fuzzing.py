@@ -76,7 +76,8 @@ class Case:
     weights (the minimum itself if that is more); None: no device budget."""
     host_budget: float | None
     """Where the host budget lies, 0 at the largest sequence's blocks, 1 one byte below the whole
-    batch's (so every value forces waves where the batch has two sequences or more); None: no host budget."""
+    batch's (so every value forces waves, or blocks on disk where the cost model predicts that faster,
+    where the batch has two sequences or more); None: no host budget."""
     quant: dict[str, Any] = field(default_factory=dict)
     """Quantization options (see :func:`quant_options`); empty: none."""
     async_sim: str | None = None

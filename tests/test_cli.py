@@ -128,3 +128,25 @@ def test_tune_with_a_disk_directory_measures_its_disk_and_a_missing_one_is_one_l
         assert main(["tune", "--device", "cpu", "--width", "128", "--disk", str(tmp_path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "disk (" in out and "GB/s (direct reads)" in out  # (the directory may wrap in the table)
+
+
+def test_inspect_plans_a_checkpoint_larger_than_host_memory_with_its_last_layers_on_disk(tmp_path, capsys,
+                                                                                        _wide_console):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_13B))  # 26 GB of float16 weights
+    code = main(["inspect", str(path), "--device", "cuda", "--device-memory", "8GiB", "--host-memory", "16GiB",
+                 "--seq", "64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    # Half of 16 GiB for the weights: the embeddings and head, three staging slots and the first layers.
+    match = re.search(r"disk layers +│ (\d+)-39: read from the checkpoint's files at every step through 3 host slots", out)
+    assert match and 5 <= int(match.group(1)) <= 12, out
+
+
+def test_generate_takes_the_disk_cache_option():
+    from hscompile.cli import _generation_options, _parser
+
+    args = _parser().parse_args(["generate", "m", "--prompt", "x", "--device", "cpu", "--disk-cache", "off"])
+    assert _generation_options(args)["disk_cache"] == "off"
+    assert "disk_cache" not in _generation_options(_parser().parse_args(["generate", "m", "--prompt", "x",
+                                                                          "--device", "cpu"]))

@@ -103,6 +103,8 @@ def test_unknown_key_lists_the_valid_ones():
         ("device", "gpu"),
         ("device", 3),
         ("host_memory", "a lot"),
+        ("disk_cache", "yes"),
+        ("disk_cache", True),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_key(key, value):

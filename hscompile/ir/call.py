@@ -11,7 +11,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CallPlan"]
+__all__ = ["CacheSpill", "CallPlan"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpill:
+    """A call whose batch runs whole although the host budget cannot hold its cache blocks: the
+    blocks past ``host_blocks`` live in files of ``directory`` and are read at every step
+    (:mod:`hscompile.runtime.spill`)."""
+
+    host_blocks: tuple[int, int]
+    """``(KV, ACT)`` blocks the host pools keep (the call's first blocks of each kind)."""
+    disk_blocks: tuple[int, int]
+    """``(KV, ACT)`` blocks on disk."""
+    disk_bytes: int
+    """The files' size."""
+    directory: str
+    """``offload_dir``."""
+    act_ratio: float
+    """The call's ACT ratio: with an ``"auto"`` one, chosen with the disk bytes counted."""
+    seconds: float | None = None
+    """The cost model's prediction for the call run this way (None: ``disk_cache="on"`` decided,
+    with no hardware profile at hand)."""
+    waves_seconds: float | None = None
+    """Its prediction for the waves the host budget would otherwise form."""
+    waves: int = 1
+    """How many waves that would have been (0: not even one sequence fits the host budget alone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +68,8 @@ class CallPlan:
     decision: Any = None
     """The cost model's :class:`~hscompile.planner.cost_model.Decision` (alternatives and why),
     where something was ``"auto"`` and some choice fit the budget."""
+    spill: CacheSpill | None = None
+    """Where the call keeps cache blocks on disk (None: all in host memory)."""
     sampling: Any = None
     """How the call picks tokens, every default applied
     (:class:`~hscompile.generation.params.Sampling`; None outside a generator's call)."""

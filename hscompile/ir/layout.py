@@ -25,7 +25,7 @@ from .quant import QuantScheme, is_quantized_weight
 
 __all__ = ["ALIGNMENT", "DISK_ALIGN", "DISK_SLOTS", "GLOBAL_GROUP", "HOST_WEIGHTS_ATTR", "Extent", "GroupLayout",
            "PackedWeight", "disk_extents", "disk_groups", "group_layouts", "host_weight_bytes", "layout_group", "map_file",
-           "mapped_at", "read_bytes", "staging_bytes"]
+           "mapped_at", "plan_on_disk", "read_bytes", "staging_bytes"]
 
 GLOBAL_GROUP = -1
 """Group id of the weights outside the decoder layers (embeddings, final norm, head)."""
@@ -146,6 +146,7 @@ DISK_GAP = 2**20
 another request)."""
 
 _FILE_ATTR = "_hscompile_file"
+_OFFSET_ATTR = "_hscompile_file_offset"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +176,23 @@ def map_file(path: str, nbytes: int) -> torch.UntypedStorage:
 
 
 def mapped_at(tensor: torch.Tensor) -> tuple[str, int] | None:
-    """``(file, byte offset)`` of a contiguous weight whose storage :func:`map_file` made; None for
-    a weight held in memory."""
-    path = getattr(tensor.untyped_storage(), _FILE_ATTR, None)
+    """``(file, byte offset)`` of a contiguous weight whose storage :func:`map_file` made (or that
+    :func:`plan_on_disk` marked); None for a weight held in memory."""
+    storage = tensor.untyped_storage()
+    path = getattr(storage, _FILE_ATTR, None)
     if path is None or not tensor.is_contiguous():
         return None
-    return path, tensor.storage_offset() * tensor.element_size()
+    return path, getattr(storage, _OFFSET_ATTR, 0) + tensor.storage_offset() * tensor.element_size()
+
+
+def plan_on_disk(tensor: torch.Tensor, path: str, offset: int) -> None:
+    """Mark ``tensor`` (a weight on the meta device, for a plan) as one a loader would leave in
+    ``path`` at ``offset``: placement then plans its layer as read from disk at every step."""
+    if tensor.device.type != "meta":
+        raise ValueError("only a weight of a plan (on the meta device) is marked as on disk; a loader maps real ones")
+    storage = tensor.untyped_storage()
+    setattr(storage, _FILE_ATTR, path)
+    setattr(storage, _OFFSET_ATTR, offset)
 
 
 def disk_extents(pieces: Sequence[tuple[str, int, int]]) -> tuple[Extent, ...]:

@@ -165,6 +165,7 @@ def admit_waves(spec: CacheSpec, act_ratio: float, totals: Sequence[int],
     for index, (tokens, need) in enumerate(zip(totals, needs)):
         if need > budget.nbytes:
             advice = f"use host_memory >= {need}" if budget.option else "use fewer tokens or a machine with more memory"
+            advice += " (or disk_cache='auto' or 'on': its blocks past the budget then go to disk)"
             raise BudgetError(
                 f"{budget} cannot hold even one sequence: sequence {index} needs "
                 f"{math.ceil(tokens / spec.block_size)} blocks of {spec.block_size} tokens "

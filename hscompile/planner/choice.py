@@ -1,7 +1,8 @@
 """The per-call decision: one frozen :class:`~hscompile.ir.call.CallPlan` per generation call.
 
 :func:`plan_call` decides, once and before any work, the ACT ratio, the mini-batch rows and
-count, the waves the host budget admits, and the cache staging the call's graphs reserve. Fixed
+count, the waves the host budget admits (or the blocks it leaves out on disk:
+:mod:`~hscompile.planner.spill`), and the cache staging the call's graphs reserve. Fixed
 options are used as they are; an ``"auto"`` one is the cost model's search
 (:func:`~hscompile.planner.cost_model.choose`) on the device's hardware profile. Whether
 checkpoints can save link bytes at all is one rule, in bytes:
@@ -14,12 +15,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import HybridServeConfig, act_ratio_value
+from ..errors import BudgetError
 from ..ir.cache import CacheSpec
 from ..ir.call import CallPlan
 from .budget import HostBudget, admit_waves, decode_staging, device_budget, staged_ratio
 from .cost_model import RATIOS, Decision, ModelDims, choose, resolve_act_ratio
 from .hardware import HardwareProfile, tune
 from .minibatch import minibatch_count
+from .spill import plan_spill
 
 __all__ = ["plan_call"]
 
@@ -73,15 +76,34 @@ def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[in
         rows = -(-batch // decision.best.choice.minibatches)
     else:
         rows = None
-    waves = admit_waves(spec, chosen, totals, host)
+    ratio_staged = max(chosen, staged)
+    budget = HostBudget(host, option=True) if isinstance(host, int) else host
+    try:
+        waves: list[list[int]] | None = admit_waves(spec, chosen, totals, budget)
+    except BudgetError:
+        if config.cache.disk_cache == "off":
+            raise
+        waves = None  # not one sequence fits the host budget alone: only blocks on disk can run it
+    spill = None
+    if budget is not None and (waves is None or len(waves) > 1):
+        others = RATIOS if ratio == "auto" and spec.checkpoints_save_bytes else ()
+        spill = plan_spill(config, spec, dims, totals=totals, ratios=(chosen, *(r for r in others if r != chosen)),
+                           staged=ratio_staged, waves=waves, budget=budget, prompt=prompt, new_tokens=new_tokens,
+                           profile=measured or profile)
+        if spill is None and waves is None:
+            admit_waves(spec, chosen, totals, budget)  # raises the BudgetError naming the need
+    if spill is not None or waves is None:
+        waves = [list(range(batch))]
+    if spill is not None:
+        chosen = spill.act_ratio
+        ratio_staged = max(chosen, staged)
     largest = max(len(w) for w in waves)
     count = minibatch_count(largest, rows) if rows is not None else 1
     if count == 1:
         rows = None
-    ratio_staged = max(chosen, staged)
     staging = decode_staging(spec, ratio_staged, rows=-(-largest // count), longest=max(totals), overlap=overlap)
     return CallPlan(
         act_ratio=chosen, staged_ratio=ratio_staged, minibatch_rows=rows, minibatches=count,
         waves=tuple(tuple(w) for w in sorted(waves, key=len, reverse=True)), staging_bytes=staging,
-        workload=(largest, prompt, new_tokens), profile=measured, decision=decision, sampling=sampling,
+        workload=(largest, prompt, new_tokens), profile=measured, decision=decision, spill=spill, sampling=sampling,
     )

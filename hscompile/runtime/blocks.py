@@ -24,6 +24,11 @@ finished sequences give their blocks back; nothing is dropped or truncated.
 :class:`BlockPool` follows vLLM's: the pool owns the blocks (id, ref count);
 ``allocate`` / ``free`` / ``incref`` / ``num_free``; ``ValueError`` on exhaustion and
 ``RuntimeError`` on misuse (a double free, an unknown block).
+
+**Blocks on disk** (a call whose plan spills, :mod:`hscompile.runtime.spill`): a pool may number
+more blocks than its host tensor holds; the blocks past it live in a
+:class:`~hscompile.runtime.spill.CacheFile` laid out the same way. Lowest-first allocation fills
+the host part first.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Protocol
 import torch
 
 from ..ir.cache import CacheSpec, Kind, act_blocks, split_blocks
+from .spill import CacheFile
 
 __all__ = ["Block", "BlockPool", "HybridCache", "SequenceBlocks"]
 
@@ -139,21 +145,86 @@ class HybridCache:
     sequences: dict[int, SequenceBlocks] = field(default_factory=dict)
     host: HostMemory = PAGEABLE
     """What the pools are allocated (and grown) with."""
+    kv_file: CacheFile | None = None
+    """KV blocks past the host pool's (None: every block is in ``kv``)."""
+    act_file: CacheFile | None = None
 
     @classmethod
     def allocate(cls, spec: CacheSpec, act_ratio: float, kv_blocks: int, act_blocks: int, *,
-                 host: HostMemory = PAGEABLE) -> HybridCache:
+                 host: HostMemory = PAGEABLE, host_blocks: tuple[int, int] | None = None,
+                 spill_dir: str | None = None) -> HybridCache:
         """Pools of ``kv_blocks`` and ``act_blocks`` blocks, allocated by ``host`` (the device
         backend's :meth:`~hscompile.runtime.device_base.DeviceBackend.host_tensor`: pinned where copies
-        are asynchronous)."""
+        are asynchronous). ``host_blocks``: at most this many ``(KV, ACT)`` blocks in host memory,
+        the rest in files of ``spill_dir``."""
+        kv_host, act_host = kv_blocks, act_blocks
+        if host_blocks is not None:
+            kv_host, act_host = min(kv_blocks, host_blocks[0]), min(act_blocks, host_blocks[1])
         alloc = host.host_tensor
         if spec.quantized:  # a row of bytes per token (ops.quant.quantize_rows)
-            kv = alloc((spec.num_layers, kv_blocks * spec.block_size, spec.kv_row_bytes), torch.uint8)
-            act = alloc((spec.num_layers, act_blocks * spec.block_size, spec.act_row_bytes), torch.uint8)
+            kv = alloc((spec.num_layers, kv_host * spec.block_size, spec.kv_row_bytes), torch.uint8)
+            act = alloc((spec.num_layers, act_host * spec.block_size, spec.act_row_bytes), torch.uint8)
         else:
-            kv = alloc((spec.num_layers, kv_blocks * spec.block_size, 2, spec.kv_heads, spec.head_dim), spec.dtype)
-            act = alloc((spec.num_layers, act_blocks * spec.block_size, spec.hidden), spec.dtype)
-        return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act, host=host)
+            kv = alloc((spec.num_layers, kv_host * spec.block_size, 2, spec.kv_heads, spec.head_dim), spec.dtype)
+            act = alloc((spec.num_layers, act_host * spec.block_size, spec.hidden), spec.dtype)
+        files: list[CacheFile | None] = []
+        for kind, total, kept, row in (("kv", kv_blocks, kv_host, spec.kv_row_bytes),
+                                       ("act", act_blocks, act_host, spec.act_row_bytes)):
+            if total > kept:
+                assert spill_dir is not None, "blocks past the host pools need a directory"
+                files.append(CacheFile(spill_dir, kind=kind, layers=spec.num_layers,
+                                       slots=(total - kept) * spec.block_size, row_bytes=row))
+            else:
+                files.append(None)
+        return cls(spec, act_ratio, BlockPool(kv_blocks, "KV"), BlockPool(act_blocks, "ACT"), kv, act, host=host,
+                   kv_file=files[0], act_file=files[1])
+
+    def host_slots(self, kind: Kind) -> int:
+        """Slots of ``kind`` in host memory: the pool slots at and past it are in its file."""
+        return (self.kv if kind == "kv" else self.act).shape[1]
+
+    def slots(self, kind: Kind) -> int:
+        """Every slot of ``kind``, host and disk."""
+        pool = self.kv_pool if kind == "kv" else self.act_pool
+        return pool.num_blocks * self.spec.block_size
+
+    def file(self, kind: Kind) -> CacheFile | None:
+        return self.kv_file if kind == "kv" else self.act_file
+
+    @property
+    def disk_blocks(self) -> int:
+        """Blocks of both kinds in files."""
+        return sum(self.slots(k) - self.host_slots(k) for k in ("kv", "act")) // self.spec.block_size
+
+    def rows(self, kind: Kind, slot: int, count: int) -> torch.Tensor:
+        """Slots ``slot .. slot + count`` of every layer (a host copy where any is on disk)."""
+        pool, boundary, file = (self.kv if kind == "kv" else self.act), self.host_slots(kind), self.file(kind)
+        if slot + count <= boundary:
+            return pool[:, slot:slot + count]
+        assert file is not None
+        out = torch.empty((pool.shape[0], count, *pool.shape[2:]), dtype=pool.dtype)
+        head = max(0, boundary - slot)
+        out[:, :head] = pool[:, slot:slot + head]
+        for layer in range(pool.shape[0]):
+            file.read(layer, slot + head - boundary, count - head, out[layer, head:])
+        return out
+
+    def set_rows(self, kind: Kind, slot: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` (``[layers, count, ...]``, host) into slots from ``slot`` of every layer."""
+        pool, boundary, file = (self.kv if kind == "kv" else self.act), self.host_slots(kind), self.file(kind)
+        count = rows.shape[1]
+        head = max(0, min(count, boundary - slot))
+        pool[:, slot:slot + head].copy_(rows[:, :head])
+        if head < count:
+            assert file is not None
+            for layer in range(pool.shape[0]):
+                file.write(layer, slot + head - boundary, rows[layer, head:].contiguous())
+
+    def close(self) -> None:
+        """Close the files of the blocks on disk (their space returns to the filesystem)."""
+        for file in (self.kv_file, self.act_file):
+            if file is not None:
+                file.close()
 
     def admit(self, seq: int, tokens: int) -> bool:
         """Reserve blocks for ``tokens`` tokens of sequence ``seq``; False if the pools cannot hold it now."""
@@ -192,6 +263,8 @@ class HybridCache:
 
     def _grow(self, kind: Kind, blocks: int, limit_bytes: int | None) -> None:
         size = self.spec.block_size
+        if self.file(kind) is not None:  # pragma: no cover - growing pools serve transformers' loop, never spilled
+            raise RuntimeError("a pool with blocks on disk cannot grow")
         if limit_bytes is not None:
             kv, act = self.kv_pool.num_blocks, self.act_pool.num_blocks
             kv, act = (kv + blocks, act) if kind == "kv" else (kv, act + blocks)

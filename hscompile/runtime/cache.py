@@ -17,6 +17,11 @@ delegating to parts with one job each:
   host pools: on CUDA asynchronously, on the copy stream the next step's loads also use, so no
   block is read before its store is done, and the host never waits for a store.
 
+A call whose plan spills (``CallPlan.spill``) keeps the blocks its host budget leaves out in files
+of ``offload_dir`` (:mod:`~hscompile.runtime.spill`): loads read their runs into host staging,
+stores of new tokens into them are written once the step's tokens were fetched, before the next
+step's loads.
+
 No host wait happens inside a step: the one a step needs (its tokens) is the driver's
 :meth:`CacheRuntime.fetch`, counted with every other in ``host_syncs``. The driver sees the cache
 through :meth:`CacheRuntime.held_tokens`, never its block tables.
@@ -40,6 +45,7 @@ from .attention import attend, read_bytes
 from .blocks import HybridCache
 from .device import DeviceBackend, device_backend
 from .loads import LoadPipeline
+from .spill import split_runs
 from .step_plan import PositionTable, StepPlan, plan_step
 
 __all__ = ["CacheCounters", "CacheRuntime", "StepRequest"]
@@ -73,6 +79,12 @@ class CacheCounters:
     """Token-layers whose K/V were recomputed from a checkpoint (a token recomputed in 32 layers counts 32)."""
     cache_h2d_bytes: int = 0
     cache_d2h_bytes: int = 0
+    cache_disk_read_bytes: int = 0
+    """Bytes of cache blocks read from files (a spilled call): part of ``cache_h2d_bytes``."""
+    cache_disk_write_bytes: int = 0
+    """Bytes of new tokens written into blocks on disk: part of ``cache_d2h_bytes``."""
+    cache_disk_blocks: int = 0
+    """Blocks of the last batch kept on disk (both kinds)."""
     steps: int = 0
     minibatches: int = 0
     """Mini-batches run, summed over steps (a step run whole counts one)."""
@@ -96,6 +108,9 @@ class CacheCounters:
             "recomputed_tokens": self.recomputed_tokens,
             "cache_h2d_bytes": self.cache_h2d_bytes,
             "cache_d2h_bytes": self.cache_d2h_bytes,
+            "cache_disk_read_bytes": self.cache_disk_read_bytes,
+            "cache_disk_write_bytes": self.cache_disk_write_bytes,
+            "cache_disk_blocks": self.cache_disk_blocks,
             "cache_steps": self.steps,
             "minibatches": self.minibatches,
             "load_runs": self.load_runs,
@@ -211,6 +226,7 @@ class CacheRuntime:
                 raise RuntimeError(f"mini-batch {self.index} has {self.plans[self.index].batch} rows, graph got "
                                    f"{hidden.shape[0]}")
             return
+        self._settle_disk()
         self._in_flight.clear()  # the previous step's tokens were fetched: its stores are done
         request, self.request = self.request, None
         batch, new = hidden.shape[0], hidden.shape[1]
@@ -253,23 +269,45 @@ class CacheRuntime:
                     cache.extend(seq, length + new, limit_bytes=self.host_budget, settle=self.backend.synchronize)
                 except ValueError as error:
                     raise BudgetError(f"host_memory cannot hold the growing cache: {error}") from None
-        self.positions.grow(cache.act.shape[1])
+        self.positions.grow(cache.slots("act"))
 
     def _start_batch(self, capacities: Sequence[int], *, growable: bool) -> None:
         assert self.spec is not None, "a compiled graph configures the cache before it runs"
         ratio = self.effective_act_ratio
         blocks = [self.spec.blocks_for(ratio, t) for t in capacities]
         before = self._pool_sizes()
-        cache = HybridCache.allocate(
-            self.spec, ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
-            host=self.backend,
-        )
+        cache = self._allocate(ratio, blocks)
         for seq, tokens in enumerate(capacities):
             if not cache.admit(seq, tokens):  # pragma: no cover - the pools are sized for the batch
                 raise RuntimeError(f"sequence {seq} did not fit pools sized for it")
         self.start(cache, range(len(capacities)))
         self._columns = None if growable else max(capacities)
         self._trim_host(before)
+
+    def _allocate(self, ratio: float, blocks: Sequence[tuple[int, int]]) -> HybridCache:
+        """Pools for sequences of ``blocks`` (KV, ACT) each; where the call's plan spills, the
+        blocks past its host share in files of its directory."""
+        assert self.spec is not None
+        if self.cache is not None:
+            self.cache.close()  # the last batch's files: replaced
+        spill = self.plan.spill
+        cache = HybridCache.allocate(
+            self.spec, ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks), host=self.backend,
+            host_blocks=spill.host_blocks if spill is not None else None,
+            spill_dir=spill.directory if spill is not None else None)
+        self.counters.cache_disk_blocks = cache.disk_blocks
+        return cache
+
+    def _settle_disk(self) -> None:
+        """Between steps: write the stored rows bound for blocks on disk (the host has the last
+        step's tokens, so their copies are done) and drop the files' pages from the page cache."""
+        cache = self.cache
+        if cache is None or (cache.kv_file is None and cache.act_file is None):
+            return
+        self.loads.spill.flush()
+        for file in (cache.kv_file, cache.act_file):
+            if file is not None:
+                file.drop_cached()
 
     def pool_bytes(self) -> int:
         """Host memory the pools take now (rounded as allocated; 0 without pools)."""
@@ -300,11 +338,12 @@ class CacheRuntime:
         """
         old, spec, positions = self.cache, self.spec, self.positions
         assert old is not None and spec is not None and positions is not None and not self.plans
+        self._settle_disk()  # the prefill's rows bound for its files are written before they are read
         before = self._pool_sizes()
         sequences = self.sequences
         blocks = [spec.blocks_for(old.act_ratio, tokens) for tokens in capacities]
-        new = HybridCache.allocate(spec, old.act_ratio, sum(b[0] for b in blocks), sum(b[1] for b in blocks),
-                                   host=self.backend)
+        self.cache = None  # the old pools are read below: not closed yet
+        new = self._allocate(old.act_ratio, blocks)
         self.start(new, range(len(capacities)))
         assert self.positions is not None
         for seq, (row, tokens) in enumerate(zip(sources, capacities, strict=True)):
@@ -317,12 +356,12 @@ class CacheRuntime:
                     if to_kind != kind:
                         raise RuntimeError(f"a copy of sequence {source} splits its blocks differently from it")
                     start = slot + to_first - first
-                    src, dst = (old.kv, new.kv) if kind == "kv" else (old.act, new.act)
-                    dst[:, to_slot:to_slot + to_count].copy_(src[:, start:start + to_count])
+                    new.set_rows(kind, to_slot, old.rows(kind, start, to_count))
                     if kind == "act":
                         self.positions.positions[to_slot:to_slot + to_count] = positions.positions[start:start + to_count]
             new.sequences[seq].length = length
         self._columns = max(capacities)
+        old.close()
         del old  # the old pools are free now
         self._trim_host(before)
 
@@ -337,13 +376,15 @@ class CacheRuntime:
         self._stored = None
         self._in_flight.clear()
         self.request = None
+        if self.cache is not None:
+            self.cache.close()
 
     def start(self, cache: HybridCache, sequences: Sequence[int]) -> None:
         """Begin generating ``sequences`` (admitted in ``cache``), in batch order."""
         self.cache = cache
         self.sequences = list(sequences)
         self._columns = None
-        self.positions = PositionTable(cache.act.shape[1], self.device)
+        self.positions = PositionTable(cache.slots("act"), self.device)
         self.loads.release()
 
     def select(self, index: int) -> None:
@@ -461,21 +502,37 @@ class CacheRuntime:
             packed = packed.to(dtype, copy=packed.dtype == dtype and self.backend.asynchronous and not cache.spec.quantized)
             if cache.spec.quantized:  # a row of bytes a token: int8 K/V, a scale per head
                 packed = quantize_rows(packed, head_dim)
-            self._store(cache.kv[layer], packed, step.store_kv_slots, step.store_kv_runs, layer, "kv")
+            self._store(cache, packed, step.store_kv_slots, step.store_kv_runs, layer, "kv")
         if step.store_act_src.numel():
             packed = hidden.reshape(batch * new, -1)[step.store_act_src].to(dtype)  # a gather: its own memory
             if cache.spec.quantized:
                 packed = quantize_rows(packed, packed.shape[1])
-            self._store(cache.act[layer], packed, step.store_act_slots, step.store_act_runs, layer, "act")
+            self._store(cache, packed, step.store_act_slots, step.store_act_runs, layer, "act")
         if layer == 0 and positions is not None:
             assert self.positions is not None
             self.positions.record(step, positions)
         if step.width:
             self.loads.done_with(layer, self.index, len(self.plans))
 
-    def _store(self, pool: torch.Tensor, packed: torch.Tensor, slots: torch.Tensor, runs: list[tuple[int, int, int]],
+    def _store(self, cache: HybridCache, packed: torch.Tensor, slots: torch.Tensor, runs: list[tuple[int, int, int]],
                layer: int, kind: str) -> None:
         self.counters.cache_d2h_bytes += packed.numel() * packed.element_size()
+        pool = (cache.kv if kind == "kv" else cache.act)[layer]
+        file = cache.file(kind)  # type: ignore[arg-type]
+        if file is not None:
+            runs, disk_runs = split_runs(runs, pool.shape[0])
+            after = self.backend.record()
+            for slot, first, count in disk_runs:
+                done = self.loads.spill.store(file, layer, slot, packed[first:first + count], after=after,
+                                              label=f"L{layer} store {kind} (disk)")
+                self._stored = done if done is not None else self._stored  # end_step's wait covers it
+                self.counters.cache_disk_write_bytes += count * file.row_bytes
+            if disk_runs:
+                self._in_flight.append(packed)
+                if not self.backend.asynchronous:  # the host part, run by run
+                    for slot, first, count in runs:
+                        pool[slot:slot + count].copy_(packed[first:first + count])
+                    return
         if not self.backend.asynchronous:
             pool.index_copy_(0, slots, packed)
             return

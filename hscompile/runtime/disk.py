@@ -75,7 +75,19 @@ class DiskReader:
                 self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as error:
             raise CheckpointError(f"{self.path} cannot be read: {error.strerror or error}") from None
-        self.size = os.fstat(self._fd).st_size
+        opened = os.fstat(self._fd)
+        self.size = opened.st_size
+        self._stamp = (opened.st_size, opened.st_mtime_ns)
+        """What the file was when opened: a write into it since (same size or not) changes it."""
+
+    def _check_unchanged(self) -> None:
+        """A file written in place after it was opened is refused: the weights read would mix old
+        and new bytes (a file replaced by a new one is not: the open descriptor keeps the old one)."""
+        now = os.fstat(self._fd)
+        if (now.st_size, now.st_mtime_ns) != self._stamp:
+            raise CheckpointError(f"{self.path} was written to after hscompile opened it (size {self._stamp[0]} -> "
+                                  f"{now.st_size} bytes, modified at {now.st_mtime_ns / 1e9:.3f}): the file is "
+                                  "truncated or changed; load the model again")
 
     def _probe(self) -> bool:
         """Whether a direct read works here (tmpfs refuses it at open or at the first read)."""
@@ -119,6 +131,7 @@ class DiskReader:
             out = into[:nbytes]
             self._fill(out, offset, nbytes)
             os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            self._check_unchanged()
             return out
         first = _down(offset)
         span = _up(offset + nbytes) - first
@@ -128,6 +141,7 @@ class DiskReader:
                              f"{offset}: allocate it with DiskReader.buffer({nbytes})")
         # The aligned range may pass the end of the file: a direct read stops there.
         self._fill(aligned[:span], first, min(span, self.size - first))
+        self._check_unchanged()
         return aligned[offset - first:offset - first + nbytes]
 
     def _fill(self, out: torch.Tensor, offset: int, nbytes: int) -> None:

@@ -10,7 +10,8 @@ the buffer's previous reader is done); nothing is gathered on the host. When loa
 compute, taking one load issues the next one in run order (this layer's next mini-batch, else the
 next layer's first) into the other buffer. With int8 cache blocks the runs are copied, as they
 are, into byte buffers of the same layout, and dequantized into the buffers attention reads when
-the load is taken (on the device, after the copy).
+the load is taken (on the device, after the copy). Runs of blocks on disk (a spilled call,
+:mod:`~hscompile.runtime.spill`) are read into host staging first and copied from there alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..ir.cache import CacheSpec
 from ..ops.quant import dequantize_rows
 from .blocks import HybridCache
 from .device import DeviceBackend
+from .spill import SpillStaging, split_runs
 from .step_plan import StepPlan
 
 __all__ = ["LoadPipeline", "StagingArena"]
@@ -30,6 +32,7 @@ __all__ = ["LoadPipeline", "StagingArena"]
 
 class _Counted(Protocol):
     cache_h2d_bytes: int
+    cache_disk_read_bytes: int
     load_runs: int
     attention_assembly_bytes: int
 
@@ -92,6 +95,8 @@ class LoadPipeline:
         self.width = 0
         """Columns of the step being run (the arena may be wider, from an earlier step)."""
         self._pending: dict[tuple[str, int, int], tuple[tuple[torch.Tensor, torch.Tensor | None], Any]] = {}
+        self.spill = SpillStaging(backend)
+        """Host staging of runs on disk, and of stores into them."""
 
     @property
     def overlapping(self) -> bool:
@@ -121,6 +126,7 @@ class LoadPipeline:
     def release(self) -> None:
         """Drop the arena (the batch is done)."""
         self.clear()
+        self.spill.reset()
         self.arena = None
 
     def buffer(self, layer: int, index: int, count: int) -> int:
@@ -154,15 +160,32 @@ class LoadPipeline:
             pool, runs = cache.act[layer], plan.act_runs
         done = None
         after = arena.free[slot]
-        for first, dest, count in runs:
-            done = self.backend.copy_to_device(flat[dest:dest + count], pool[first:first + count], after=after,
+        file = cache.file(kind)  # type: ignore[arg-type]
+        host_runs, disk_runs = split_runs(runs, cache.host_slots(kind)) if file is not None else (runs, [])  # type: ignore[arg-type]
+        row = flat.stride(0) * flat.element_size() if runs else 0
+        sources = [(pool[first:first + count], dest, count) for first, dest, count in host_runs]
+        if disk_runs:
+            assert file is not None
+            # Read on the host into staging (this load's own buffer), then copied like a host run.
+            staged = self.spill.buffer(2 * slot + (kind == "act"), sum(c for _, _, c in disk_runs) * row)
+            offset = 0
+            for first, dest, count in disk_runs:
+                part = staged[offset:offset + count * row]
+                file.read(layer, first, count, part)
+                sources.append((part.view(flat.dtype).view(count, *flat.shape[1:]), dest, count))
+                offset += count * row
+            self.counters.cache_disk_read_bytes += offset
+        for source, dest, count in sources:
+            done = self.backend.copy_to_device(flat[dest:dest + count], source, after=after,
                                                label=f"L{layer} {kind} mb{index}", lane="copy: cache")
             after = None  # the stream keeps the runs in order after the first waited
-            moved = count * flat.stride(0) * flat.element_size()
+            moved = count * row
             self.counters.cache_h2d_bytes += moved
             if kind == "kv":
                 self.counters.attention_assembly_bytes += moved
-        self.counters.load_runs += len(runs)
+        if disk_runs:
+            self.spill.read_by(2 * slot + (kind == "act"), done)
+        self.counters.load_runs += len(sources)
         # A view of this mini-batch's part: the buffer itself stays the arena's.
         part = target[: plan.batch] if kind == "kv" else target[: plan.act_tokens]
         return (part, flat if spec.quantized else None), done

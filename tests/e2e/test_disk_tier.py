@@ -118,12 +118,18 @@ def test_a_staging_slot_reused_before_its_copies_ran_is_caught_by_the_simulator(
         generator.generate(prompts(2, 5), max_new_tokens=NEW)
 
 
-def test_a_checkpoint_truncated_under_a_running_generator_is_an_error_naming_the_file(tmp_path):
-    model = save_checkpoint(tmp_path, "llama", tokenizer=False, layers=LAYERS)
-    generator = hscompile.from_pretrained(tmp_path, options={**EAGER, "host_memory": _minimum(tmp_path)})
+def _running(path):
+    """A generator on a checkpoint saved at ``path`` with every layer on disk, after one call
+    (its files are open), with its prompts and the file of its weights."""
+    model = save_checkpoint(path, "llama", tokenizer=False, layers=LAYERS)
+    generator = hscompile.from_pretrained(path, options={**EAGER, "host_memory": _minimum(path)})
     ids = prompts(2, 5)
     assert torch.equal(generator.generate(ids, max_new_tokens=2), _expected(model.eval(), ids)[:, :7])
-    weights = tmp_path / "model.safetensors"
+    return generator, ids, path / "model.safetensors"
+
+
+def test_a_checkpoint_truncated_under_a_running_generator_is_an_error_naming_the_file(tmp_path):
+    generator, ids, weights = _running(tmp_path)
     os.truncate(weights, weights.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=re.escape(str(weights)) + ".*truncated or changed"):
         generator.generate(ids, max_new_tokens=2)
@@ -301,3 +307,16 @@ def test_a_checkpoint_four_times_host_memory_runs_with_peak_rss_inside_the_budge
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["disk_layers"] == 32 and result["read"] >= 3 * size * 0.9
     assert result["peak"] <= host_memory + OVERHEAD, (result, host_memory)
+
+
+def test_a_checkpoint_written_in_place_under_a_running_generator_is_an_error_naming_the_file(tmp_path):
+    # The same size, different bytes: nothing a size check would see.
+    generator, ids, weights = _running(tmp_path)
+    size = weights.stat().st_size
+    with weights.open("r+b") as handle:
+        handle.seek(size - 64)
+        handle.write(bytes(64))
+    assert weights.stat().st_size == size
+    with pytest.raises(CheckpointError, match=re.escape(str(weights)) + r" was written to after hscompile opened it "
+                                              r"\(size \d+ -> \d+ bytes, .*truncated or changed; load the model again"):
+        generator.generate(ids, max_new_tokens=2)

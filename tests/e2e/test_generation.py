@@ -222,7 +222,7 @@ def test_a_host_budget_for_one_sequence_at_a_time_gives_the_same_tokens(referenc
     blocks = generator.spec.blocks_for(0.5, int(mask.sum(1).max()) + NEW_TOKENS)
     per_sequence = generator.spec.pool_bytes(*blocks, pinned=generator.cache.backend.pins_host)
     generator = hscompile.Generator(model, {"device": "cpu", "lowering": "eager", "block_size": 4, "act_ratio": 0.5,
-                                            "host_memory": per_sequence})
+                                            "host_memory": per_sequence, "disk_cache": "off"})
     assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
 
 
@@ -272,6 +272,8 @@ def test_bad_input_is_refused_before_any_work(kwargs, error, message, monkeypatc
     options = {"device": "cpu", "lowering": "eager"}
     if "host_memory" in kwargs:
         options["host_memory"] = kwargs.pop("host_memory")
+    if "host_memory" in options or "available" in kwargs:
+        options["disk_cache"] = "off"  # else the blocks host memory cannot hold would go to disk
     if "available" in kwargs:  # no host_memory option: what this machine has available bounds one sequence
         available = kwargs.pop("available")
         monkeypatch.setattr("hscompile.planner.budget.host_memory_available", lambda: available)

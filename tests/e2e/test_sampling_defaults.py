@@ -158,7 +158,8 @@ def test_n_copies_split_across_waves_and_mini_batches_decode_as_their_prompt_alo
     alone = hscompile.Generator(model, options).generate(ids, max_new_tokens=5)
     per_sequence = hscompile.Generator(model, options).spec.sequence_bytes(0.5, 9 + 5)
     # Room for 4 of the 6 sequences at a time: two waves, one prompt's copies in both; mini-batches of 2.
-    generator = hscompile.Generator(model, {**options, "host_memory": 4 * per_sequence, "mini_batch_size": 2})
+    generator = hscompile.Generator(model, {**options, "host_memory": 4 * per_sequence, "mini_batch_size": 2,
+                                                 "disk_cache": "off"})
     copies = generator.generate(ids, max_new_tokens=5, n=3)
     assert torch.equal(copies, alone.repeat_interleave(3, dim=0))
     stats = generator.stats()

@@ -108,7 +108,8 @@ def test_sampling_depends_on_the_sequence_and_its_seed_not_on_its_batch_or_wave(
     alone = [generator.generate_text(p, seed=[s], **settings)[0] for p, s in zip(PROMPTS, [11, 12, 13], strict=True)]
     # A host budget for one sequence at a time: three waves. (The same model: through from_pretrained,
     # host_memory would bound its weights too, and these do not fit 40 kB beside the disk tier's slots.)
-    waves = hscompile.Generator(generator.model, {**EAGER, "host_memory": 40_000}, tokenizer=generator.tokenizer)
+    waves = hscompile.Generator(generator.model, {**EAGER, "host_memory": 40_000, "disk_cache": "off"},
+                                tokenizer=generator.tokenizer)
     in_waves = waves.generate_text(PROMPTS, seed=[11, 12, 13], **settings)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone] == [c.token_ids for c in in_waves]
     # One seed for the call: the same per-sequence streams, with waves or without.

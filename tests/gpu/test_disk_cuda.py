@@ -37,3 +37,22 @@ def test_layers_on_disk_give_transformers_tokens_on_cuda(tmp_path, device_fracti
     assert stats["disk_reads"] > 0
     if device_fraction is not None:
         assert stats["disk_layers"] > 0 and stats["host_syncs_per_step"] == 1.0
+
+
+@pytest.mark.parametrize("act_ratio", [0.0, 0.5])
+def test_cache_blocks_on_disk_give_the_same_tokens_on_cuda(tmp_path, act_ratio):
+    # Pinned staging for the file's runs, stores copied to pinned memory and written after the fetch.
+    from models import tiny_model
+
+    model = tiny_model("opt", layers=2)
+    ids = prompts(4, 9)
+    options = {"device": "cuda", "lowering": "eager", "act_ratio": act_ratio, "block_size": 4,
+               "offload_dir": str(tmp_path)}
+    probe = hscompile.Generator(model, options)
+    per_sequence = probe.spec.pool_bytes(*probe.spec.blocks_for(act_ratio, 9 + 6), pinned=True)
+    expected = probe.generate(ids, max_new_tokens=6)
+    generator = hscompile.Generator(model, {**options, "host_memory": int(1.5 * per_sequence), "disk_cache": "on"})
+    assert torch.equal(generator.generate(ids, max_new_tokens=6), expected)
+    stats = generator.stats()
+    assert stats["cache_disk_read_bytes"] > 0 and stats["cache_disk_write_bytes"] > 0
+    assert stats["host_syncs_per_step"] == 1.0

@@ -167,5 +167,25 @@ def test_a_failed_read_of_the_disk_tier_names_the_file_and_frees_its_slot(tmp_pa
     for _ in range(3):  # the slot comes back each time: no "no free staging slot"
         with pytest.raises(CheckpointError, match=f"{path} ends before byte 300000: the file is truncated or changed"):
             tier.get(2, [], backend)
+    # What the file still holds is refused too: it was written to since the tier opened it.
+    for _ in range(3):
+        with pytest.raises(CheckpointError, match=f"{path} was written to after hscompile opened it"):
+            tier.get(0, [], backend)
+
+
+def test_a_tier_reads_a_file_replaced_by_a_new_one_as_it_was_opened(tmp_path):
+    # A checkpoint saved again (a new file renamed over the old) leaves the open one as it was.
+    from hscompile.ir.layout import Extent
+    from hscompile.runtime.device import CpuDevice
+    from hscompile.runtime.disk import DiskTier
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 1000)
+    backend = CpuDevice()
+    tier = DiskTier({0: (Extent(str(path), 0, 100_000),)}, backend, slots=1)
+    tier.copied(tier.get(0, [], backend), None)
+    replacement = tmp_path / "new"
+    replacement.write_bytes(bytes(256_000))
+    os.replace(replacement, path)
     slot = tier.get(0, [], backend)
-    assert bytes(slot.at(str(path), 0, 100_000).numpy()) == bytes(100_000)
+    assert bytes(slot.at(str(path), 0, 100_000).numpy()) == (bytes(range(256)) * 1000)[:100_000]
