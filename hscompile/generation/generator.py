@@ -44,7 +44,7 @@ from torch._dynamo import exc as dynamo_errors
 
 from ..backend import CompiledModel
 from ..config import HybridServeConfig
-from ..errors import UnsupportedModelError
+from ..errors import BudgetError, UnsupportedModelError
 from ..ir.cache import CacheSpec
 from ..ir.call import CallPlan
 from ..ir.layout import host_weight_bytes, mapped_at
@@ -194,14 +194,32 @@ class Generator:
             ids, mask = ids.repeat_interleave(samples, dim=0), mask.repeat_interleave(samples, dim=0)
         lengths = mask.sum(dim=1)
         self.check_prompt_length(int(lengths.max()), max_new_tokens, where="a prompt")
-        streams = None if settings.greedy else samplers(seeds, ids.shape[0])
         totals = [int(n) + max_new_tokens for n in lengths]
         # The last call's pools: this call's replace them.
         host = host_budget(self.config, held=self.cache.pool_bytes(), pinned=self.cache.backend.pins_host,
                            weights=host_weight_bytes(self.model))
-        plan = plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()), new_tokens=max_new_tokens,
-                         act_ratio=act_ratio, overlap=self.cache.overlap_loads, host=host, dims=self._model_dims(),
-                         profile=self._profile, sampling=settings)
+
+        def planned(spill: bool) -> CallPlan:
+            return plan_call(self.config, self.spec, totals=totals, prompt=int(lengths.max()),
+                             new_tokens=max_new_tokens, act_ratio=act_ratio, overlap=self.cache.overlap_loads,
+                             host=host, dims=self._model_dims(), profile=self._profile, sampling=settings, spill=spill)
+
+        plan = planned(True)
+        try:
+            return self._run_plan(plan, ids, mask, totals, settings, seeds, progress, stopping)
+        except BudgetError:
+            if plan.spill is None or plan.spill.waves_seconds is None:
+                raise
+            # disk_cache="auto" ran the batch whole because the cost model's device estimate (a floor
+            # on activations) let it through; the placement of its graphs, exact, refused it: run the
+            # waves the search weighed it against (its streams started over, so tokens are unchanged).
+            return self._run_plan(planned(False), ids, mask, totals, settings, seeds, progress, stopping)
+
+    def _run_plan(self, plan: CallPlan, ids: torch.Tensor, mask: torch.Tensor, totals: list[int], settings: Sampling,
+                  seeds: list[int] | None, progress: bool, stopping: Callable[[int, list[int]], bool] | None) -> Generation:
+        """The call's sequences generated as ``plan`` says, wave by wave."""
+        max_new_tokens, samples = settings.max_new_tokens, settings.n
+        streams = None if settings.greedy else samplers(seeds, ids.shape[0])
         self.plan, self._profile = plan, plan.profile or self._profile
         self.cache.use(plan)
         self.graphs.use(plan)

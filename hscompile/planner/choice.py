@@ -29,7 +29,7 @@ __all__ = ["plan_call"]
 
 def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[int], prompt: int, new_tokens: int,
               act_ratio: object = None, overlap: bool, host: HostBudget | int | None, dims: ModelDims,
-              profile: HardwareProfile | None = None, sampling: Any = None) -> CallPlan:
+              profile: HardwareProfile | None = None, sampling: Any = None, spill: bool = True) -> CallPlan:
     """The plan of a call of ``len(totals)`` sequences (each ``totals[i]`` tokens when done, the
     longest prompt ``prompt`` tokens) on a model of cache dimensions ``spec``.
 
@@ -41,7 +41,8 @@ def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[in
     none is given; the plan carries the one it searched on. ``sampling``: the call's resolved
     sampling settings (:class:`~hscompile.generation.params.Sampling`, decided from the caller's
     and the checkpoint's parameters before the plan), carried so that the plan holds every
-    per-call decision. Where nothing fits
+    per-call decision. ``spill=False`` keeps the waves whatever ``disk_cache`` says (the generator's
+    second plan, when the placement of a spilled batch's graphs refused the device budget). Where nothing fits
     the device budget, the search gives way to the configured values (an ``"auto"`` ratio: the
     rule's default): the placement of the call's first graph then refuses the budget with the
     minimum that would work."""
@@ -81,21 +82,21 @@ def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[in
     try:
         waves: list[list[int]] | None = admit_waves(spec, chosen, totals, budget)
     except BudgetError:
-        if config.cache.disk_cache == "off":
+        if config.cache.disk_cache == "off" or not spill:
             raise
         waves = None  # not one sequence fits the host budget alone: only blocks on disk can run it
-    spill = None
-    if budget is not None and (waves is None or len(waves) > 1):
+    spilled = None
+    if spill and budget is not None and (waves is None or len(waves) > 1):
         others = RATIOS if ratio == "auto" and spec.checkpoints_save_bytes else ()
-        spill = plan_spill(config, spec, dims, totals=totals, ratios=(chosen, *(r for r in others if r != chosen)),
-                           staged=ratio_staged, waves=waves, budget=budget, prompt=prompt, new_tokens=new_tokens,
-                           profile=measured or profile)
-        if spill is None and waves is None:
+        spilled = plan_spill(config, spec, dims, totals=totals, ratios=(chosen, *(r for r in others if r != chosen)),
+                             staged=ratio_staged, waves=waves, budget=budget, prompt=prompt,
+                             new_tokens=new_tokens, profile=measured or profile)
+        if spilled is None and waves is None:
             admit_waves(spec, chosen, totals, budget)  # raises the BudgetError naming the need
-    if spill is not None or waves is None:
+    if spilled is not None or waves is None:
         waves = [list(range(batch))]
-    if spill is not None:
-        chosen = spill.act_ratio
+    if spilled is not None:
+        chosen = spilled.act_ratio
         ratio_staged = max(chosen, staged)
     largest = max(len(w) for w in waves)
     count = minibatch_count(largest, rows) if rows is not None else 1
@@ -105,5 +106,5 @@ def plan_call(config: HybridServeConfig, spec: CacheSpec, *, totals: Sequence[in
     return CallPlan(
         act_ratio=chosen, staged_ratio=ratio_staged, minibatch_rows=rows, minibatches=count,
         waves=tuple(tuple(w) for w in sorted(waves, key=len, reverse=True)), staging_bytes=staging,
-        workload=(largest, prompt, new_tokens), profile=measured, decision=decision, spill=spill, sampling=sampling,
+        workload=(largest, prompt, new_tokens), profile=measured, decision=decision, spill=spilled, sampling=sampling,
     )

@@ -5,6 +5,7 @@ copies, int8 blocks and the simulated asynchronous device; a disk without room i
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -136,3 +137,26 @@ def test_disk_cache_off_keeps_refusing_a_sequence_the_budget_cannot_hold(tmp_pat
     generator = hscompile.Generator(model, {**EAGER, "host_memory": 1, "disk_cache": "off"})
     with pytest.raises(BudgetError, match="cannot hold even one sequence"):
         generator.generate(prompts(2, 9), max_new_tokens=NEW)
+
+
+def test_a_spilled_batch_its_graphs_cannot_place_runs_as_the_waves_it_was_weighed_against(tmp_path, monkeypatch):
+    # The cost model's device estimate says the whole batch fits; the placement of its graphs refuses it.
+    from hscompile import backend
+    from hscompile.passes.manager import PassManager
+
+    model = tiny_model("llama", layers=2)
+    ids = prompts(4, 9)
+    options = {**EAGER, "act_ratio": 0.5, "offload_dir": str(tmp_path)}
+    per_sequence = hscompile.Generator(model, options).spec.sequence_bytes(0.5, 9 + NEW)
+
+    def refuse_the_whole_batch(plan, activations, example_inputs, config, call):
+        if call is not None and call.spill is not None:
+            raise BudgetError("the minimum working set for this call's shapes needs more device memory")
+        return backend.place(plan, activations, example_inputs, config, call)
+
+    passes = [dataclasses.replace(p, fn=refuse_the_whole_batch) if p.name == "place" else p
+              for p in backend.GENERATION_PIPELINE.passes]
+    monkeypatch.setattr(backend, "GENERATION_PIPELINE", PassManager(passes))
+    generator = hscompile.Generator(model, {**options, "host_memory": int(1.5 * per_sequence)})
+    assert torch.equal(generator.generate(ids, max_new_tokens=NEW), _expected(model, ids))
+    assert generator.plan.spill is None and len(generator.plan.waves) == 4
