@@ -13,7 +13,7 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 from ..ir.cache import max_positions
 
-__all__ = ["check_batch", "check_not_prequantized", "check_prompt_length"]
+__all__ = ["check_batch", "check_not_prequantized", "check_prompt_length", "sliding_window"]
 
 
 def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object,
@@ -64,6 +64,23 @@ def check_batch(input_ids: object, attention_mask: object, max_new_tokens: objec
     return ids, mask
 
 
+def sliding_window(config: Any) -> int | None:
+    """The sliding window some layer of a model of ``config`` attends within (None: none does).
+    transformers 5 says per layer how it attends (``layer_types``): a window applies only where a
+    layer is ``"sliding_attention"``, whatever ``sliding_window`` holds (Qwen2-MoE's config has
+    ``sliding_window=0`` with every layer full attention); older configs say it with
+    ``use_sliding_window``, or with ``sliding_window`` alone (None or 0: none)."""
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if any("sliding" in str(kind) for kind in layer_types) else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
 def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where: str) -> None:
     """Refuse a prompt of ``tokens`` tokens that, with ``max_new_tokens``, would pass the maximum
     positions (or the sliding window) of a model of ``config``; ``where`` names the prompt."""
@@ -76,8 +93,8 @@ def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where:
             f"{where} of {tokens} tokens + max_new_tokens={max_new_tokens} = {tokens + max_new_tokens} tokens "
             f"exceeds the model's maximum positions ({limit}); use max_new_tokens <= {limit - tokens}"
         )
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and tokens + max_new_tokens > window:
+    window = sliding_window(config)
+    if window is not None and tokens + max_new_tokens > window:
         raise UnsupportedModelError(
             f"this model attends within a sliding window of {window} tokens; generating past it "
             f"({tokens + max_new_tokens} tokens for {where}) is not supported yet: use max_new_tokens <= "

@@ -309,6 +309,21 @@ def test_generating_past_a_sliding_window_is_refused():
         hscompile.generate(model, prompts(1, 8), max_new_tokens=8, options={"device": "cpu", "lowering": "eager"})
 
 
+def test_the_window_that_applies_is_read_per_layer_where_the_config_says_so():
+    import transformers
+
+    from hscompile.generation.validation import sliding_window
+
+    assert sliding_window(transformers.MistralConfig(sliding_window=12)) == 12  # no layer_types: the field
+    assert sliding_window(transformers.MistralConfig(sliding_window=None)) is None
+    # Qwen2-MoE: sliding_window=0, use_sliding_window=False, every layer full attention.
+    assert sliding_window(transformers.AutoConfig.for_model("qwen2_moe")) is None
+    assert sliding_window(transformers.Qwen2Config(sliding_window=12, use_sliding_window=False)) is None
+    both = transformers.Qwen2Config(sliding_window=12, use_sliding_window=True, max_window_layers=1,
+                                    num_hidden_layers=2)
+    assert both.layer_types == ["full_attention", "sliding_attention"] and sliding_window(both) == 12
+
+
 @pytest.mark.parametrize("family", GQA_FAMILIES[:1])
 def test_generate_reuses_one_generator_per_model_and_options(family):
     model = _model(family, layers=2)
