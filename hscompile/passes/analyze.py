@@ -80,6 +80,19 @@ def _shape(node: fx.Node) -> tuple[object, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def _size_only(node: fx.Node, owner: dict[fx.Node, int]) -> bool:
+    """Whether ``node`` computes a symbolic size (a SymInt, or a plain int) from the graph's inputs
+    and other such sizes alone, none of a layer's values."""
+    if not isinstance(fake_value(node), (torch.SymInt, int)) or isinstance(fake_value(node), bool):
+        return False
+    return all(a.op == "placeholder" or (a.op != "output" and a not in owner and _size_only_input(a))
+               for a in node.all_input_nodes)
+
+
+def _size_only_input(node: fx.Node) -> bool:
+    return isinstance(fake_value(node), (torch.SymInt, int)) and not isinstance(fake_value(node), bool)
+
+
 @dataclass(slots=True)
 class _Weight:
     node: fx.Node
@@ -226,6 +239,11 @@ class _Analysis:
                 if len(parts) > depth and ".".join(parts[:depth]) == container and parts[depth].isdigit():
                     owner[node] = int(parts[depth])
                     break
+            if node in owner and _size_only(node, owner):
+                # Arithmetic on the graph's symbolic sizes (``batch * seq`` for a token count): dynamo
+                # records each expression once, in the first layer that asks, and later layers read
+                # it. It holds no layer's data, so it belongs before the layers, read by each.
+                del owner[node]
         without = sorted(set(owner.values()) - attention_layers)
         if without:
             raise UnsupportedModelError(

@@ -1,7 +1,8 @@
 """Mixture-of-experts decoders (issue 27, first part): the dense pipeline streams each layer whole,
 its experts included, and captures the routing without a graph break. Greedy tokens equal
 transformers' for tiny random-weight Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE, at
-act_ratio 0 and 0.5, with every layer streamed at the smallest device budget hscompile names."""
+act_ratio 0 and 0.5, with every layer streamed at the smallest device budget hscompile names, and
+with a dense first layer before the MoE ones (``mlp_only_layers``)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ MOE = {
 }
 
 
-def moe_model(family: str) -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model(family, **COMMON, **MOE[family])
+def moe_model(family: str, **overrides) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(family, **{**COMMON, **MOE[family], **overrides})
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
@@ -59,3 +60,20 @@ def test_moe_decoders_streamed_at_the_minimum_budget_give_transformers_tokens(fa
     stats = generator.stats()
     assert stats["streamed_layers"] == 3 and stats["minibatches"] > stats["cache_steps"]
     assert stats["graphs"] == 2  # a prefill and a decode graph: routing captured without a break
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_a_dense_first_layer_before_moe_layers_gives_transformers_tokens(family):
+    # The first MoE layer computes the token count (batch x sequence, a symbolic size) and dynamo
+    # records it once: every later MoE layer reads it from there. It is size arithmetic, not a
+    # layer's data, so the analysis puts it before the layers (it refused the model before).
+    model = moe_model(family, num_hidden_layers=4, mlp_only_layers=[0])
+    assert type(model.model.layers[0].mlp) is not type(model.model.layers[1].mlp)
+    ids = prompts(4, 7)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                                  pad_token_id=0)
+    options = {**EAGER, "act_ratio": 0.5}
+    generator = hscompile.Generator(model, {**options, "device_memory": _minimum(model, ids, options)})
+    assert torch.equal(generator.generate(ids, max_new_tokens=NEW), expected)
+    assert generator.stats()["streamed_layers"] == 4
