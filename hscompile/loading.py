@@ -89,9 +89,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(config.get("model_type"), str):
         raise CheckpointError(f"{config_path} has no 'model_type'; it is not a transformers config")
     _check_model_type(config_path, config)
-    from .generation.validation import check_not_prequantized
+    from .generation.validation import check_experts, check_not_prequantized
 
     check_not_prequantized(config.get("quantization_config"), f"the checkpoint {root}")
+    check_experts(config, str(config_path))
     index = root / WEIGHTS_INDEX
     if (root / WEIGHTS).is_file():
         files: tuple[Path, ...] = (root / WEIGHTS,)

@@ -22,6 +22,7 @@ from .backend import compile_graph
 from .config import HybridServeConfig
 from .errors import ConfigError
 from .generation.regions import repeated_layers
+from .generation.validation import check_experts
 from .inspection import Inspection, inspect
 from .ir.cache import max_positions
 from .ir.layout import DISK_SLOTS, plan_on_disk, read_bytes
@@ -122,6 +123,7 @@ def check_config(config: transformers.PretrainedConfig | Mapping[str, Any], wher
                           f"multiple of num_key_value_heads {kv_heads}; each K/V head serves a whole group of heads")
     if head_dim is not None and (not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1):
         raise ConfigError(f"{where}: head_dim must be an integer >= 1, got {head_dim!r}")
+    check_experts(dict(config) if isinstance(config, Mapping) else config, where)
 
 
 def check_positions(config: transformers.PretrainedConfig, tokens: int, what: str, where: str = "the config") -> None:

@@ -60,7 +60,7 @@ from .kept import kept_generator
 from .params import Sampling, SamplingParams, sample_seeds, sampling_params
 from .regions import LayerRegions, repeated_layers
 from .sampling import TokenLogprob, TokenPicker, eos_token_ids, pad_token_id, samplers
-from .validation import check_batch, check_not_prequantized, check_prompt_length
+from .validation import check_batch, check_experts, check_not_prequantized, check_prompt_length
 
 _LOG = logging.getLogger("hscompile.generation")
 # What dynamo raises when it cannot trace a nested compile region (the first on torch 2.13).
@@ -108,6 +108,7 @@ class Generator:
                 "hscompile.from_pretrained(path) or transformers' from_pretrained"
             )
         check_not_prequantized(getattr(model.config, "quantization_config", None), "the model")
+        check_experts(model.config, "the model's config")
         # The model runs in eval mode inside each call and is left in the mode the caller had.
         self.model = model
         self.tokenizer = tokenizer

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..ir.cache import max_positions
 
-__all__ = ["check_batch", "check_not_prequantized", "check_prompt_length", "sliding_window"]
+__all__ = ["check_batch", "check_experts", "check_not_prequantized", "check_prompt_length", "sliding_window"]
 
 
 def check_batch(input_ids: object, attention_mask: object, max_new_tokens: object,
@@ -100,6 +100,28 @@ def check_prompt_length(config: Any, tokens: int, max_new_tokens: int, *, where:
             f"({tokens + max_new_tokens} tokens for {where}) is not supported yet: use max_new_tokens <= "
             f"{window - tokens}"
         )
+
+
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""Where mixture-of-experts configs give their number of routed experts (Mixtral and gpt-oss;
+Qwen-MoE and OLMoE; DeepSeek)."""
+
+
+def check_experts(config: Any, where: str) -> None:
+    """Refuse a mixture-of-experts config whose router picks more experts per token
+    (``num_experts_per_tok``) than it has: transformers accepts it and the model fails inside its
+    first forward. ``config`` is a transformers config or its ``config.json`` dict."""
+    def get(name: str) -> Any:
+        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+    top_k = get("num_experts_per_tok")
+    found = next(((name, get(name)) for name in _EXPERT_COUNTS if isinstance(get(name), int)), None)
+    if found is None or top_k is None:
+        return
+    name, experts = found
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= experts:
+        raise ConfigError(f"{where}: num_experts_per_tok is {top_k!r}, but the router chooses among {experts} experts "
+                          f"({name}); give a number of experts per token from 1 to {experts}")
 
 
 def check_not_prequantized(quantization_config: object, where: str) -> None:

@@ -14,7 +14,8 @@ import transformers
 from models import VOCAB, prompts
 
 import hscompile
-from hscompile.errors import BudgetError
+import hscompile.planning
+from hscompile.errors import BudgetError, ConfigError
 
 EAGER = {"device": "cpu", "lowering": "eager", "block_size": 4}
 NEW = 4
@@ -77,3 +78,17 @@ def test_a_dense_first_layer_before_moe_layers_gives_transformers_tokens(family)
     generator = hscompile.Generator(model, {**options, "device_memory": _minimum(model, ids, options)})
     assert torch.equal(generator.generate(ids, max_new_tokens=NEW), expected)
     assert generator.stats()["streamed_layers"] == 4
+
+
+def test_a_router_choosing_more_experts_than_it_has_is_refused_before_any_work(tmp_path):
+    # transformers accepts the config; its model fails inside the first forward.
+    config = transformers.AutoConfig.for_model("mixtral", **COMMON, num_local_experts=4, num_experts_per_tok=6)
+    message = (r"num_experts_per_tok is 6, but the router chooses among 4 experts \(num_local_experts\); give a number "
+               r"of experts per token from 1 to 4")
+    with pytest.raises(ConfigError, match=f"the model's config: {message}"):
+        hscompile.Generator(transformers.AutoModelForCausalLM.from_config(config), EAGER)
+    config.save_pretrained(tmp_path)  # a checkpoint directory: refused from its config.json, no weights read
+    with pytest.raises(ConfigError, match=f"config.json: {message}"):
+        hscompile.from_pretrained(tmp_path, options=EAGER)
+    with pytest.raises(ConfigError, match=message):
+        hscompile.planning.plan_model(tmp_path / "config.json", seq=8)
