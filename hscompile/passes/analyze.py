@@ -83,14 +83,13 @@ def _shape(node: fx.Node) -> tuple[object, ...] | None:
 def _size_only(node: fx.Node, owner: dict[fx.Node, int]) -> bool:
     """Whether ``node`` computes a symbolic size (a SymInt, or a plain int) from the graph's inputs
     and other such sizes alone, none of a layer's values."""
-    if not isinstance(fake_value(node), (torch.SymInt, int)) or isinstance(fake_value(node), bool):
-        return False
-    return all(a.op == "placeholder" or (a.op != "output" and a not in owner and _size_only_input(a))
-               for a in node.all_input_nodes)
+    return _is_size(node) and all(a.op == "placeholder" or (a not in owner and _is_size(a))
+                                  for a in node.all_input_nodes)
 
 
-def _size_only_input(node: fx.Node) -> bool:
-    return isinstance(fake_value(node), (torch.SymInt, int)) and not isinstance(fake_value(node), bool)
+def _is_size(node: fx.Node) -> bool:
+    value = fake_value(node)
+    return isinstance(value, (torch.SymInt, int)) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)

@@ -102,8 +102,7 @@ def _layout(spec: CacheSpec, totals: Sequence[int], ratio: float,
     blocks = (sum(b[0] for b in per_sequence), sum(b[1] for b in per_sequence))
     kept = host_share(spec, *blocks, budget)
     disk = (blocks[0] - kept[0], blocks[1] - kept[1])
-    return blocks, kept, disk, spec.num_layers * spec.block_size * (disk[0] * spec.kv_row_bytes
-                                                                    + disk[1] * spec.act_row_bytes)
+    return blocks, kept, disk, disk[0] * spec.kv_block_bytes + disk[1] * spec.act_block_bytes
 
 
 def plan_spill(config: HybridServeConfig, spec: CacheSpec, dims: ModelDims, *, totals: Sequence[int],
@@ -126,9 +125,11 @@ def plan_spill(config: HybridServeConfig, spec: CacheSpec, dims: ModelDims, *, t
     if measured is None and (len(ratios) > 1 or (mode == "auto" and waves is not None)):
         measured = tune(config.device, dtypes=(dims.dtype,), width=dims.hidden, quick=True)
     best: tuple[float, float, tuple] | None = None
+    smallest = None  # the files' bytes at the ratio that needs the fewest
     for ratio in ratios:
         layout = _layout(spec, totals, ratio, budget)
         blocks, _, disk, nbytes = layout
+        smallest = nbytes if smallest is None else min(smallest, nbytes)
         if nbytes > free:
             continue
         seconds = 0.0
@@ -143,7 +144,7 @@ def plan_spill(config: HybridServeConfig, spec: CacheSpec, dims: ModelDims, *, t
         if best is None or seconds < best[0]:
             best = (seconds, ratio, layout)
     if best is None:
-        nbytes = min(_layout(spec, totals, r, budget)[3] for r in ratios)
+        nbytes = smallest or 0
         if nbytes > free and (mode == "on" or waves is None):
             raise BudgetError(f"offload_dir {directory} has {format_bytes(free)} free, and the cache blocks {budget} "
                               f"cannot hold take {format_bytes(nbytes)} ({nbytes} bytes) there: free space, give "

@@ -527,12 +527,10 @@ class CacheRuntime:
                                               label=f"L{layer} store {kind} (disk)")
                 self._stored = done if done is not None else self._stored  # end_step's wait covers it
                 self.counters.cache_disk_write_bytes += count * file.row_bytes
-            if disk_runs:
-                self._in_flight.append(packed)
-                if not self.backend.asynchronous:  # the host part, run by run
-                    for slot, first, count in runs:
-                        pool[slot:slot + count].copy_(packed[first:first + count])
-                    return
+            if disk_runs and not self.backend.asynchronous:  # written already; the host part, run by run
+                for slot, first, count in runs:
+                    pool[slot:slot + count].copy_(packed[first:first + count])
+                return
         if not self.backend.asynchronous:
             pool.index_copy_(0, slots, packed)
             return

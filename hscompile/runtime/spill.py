@@ -11,7 +11,7 @@ is still a run or two, now split where the host part ends (:func:`split_runs`).
 Loads read a file run into a host staging buffer and copy it to the device as a host run is
 copied (:class:`SpillStaging`); stores copy the new tokens' rows to host staging and write them
 to the file once the step's tokens were fetched (the copies are done then), before the next
-step loads anything. Reads go through the page cache and each step ends by dropping the file's
+step loads anything (a batch's last step's, which nothing reads, are not written). Reads go through the page cache and each step ends by dropping the file's
 pages from it (``POSIX_FADV_DONTNEED``), so neither the process nor the page cache holds the
 spilled blocks between steps: the next step reads them from the disk.
 
@@ -201,7 +201,10 @@ class SpillStaging:
             item.file.write(item.layer, item.slot, item.rows)
 
     def reset(self) -> None:
-        """Forget buffers (the batch ended): their copies were waited for by the step's fetch."""
-        self.flush()
+        """Forget buffers and stored rows not written yet (the batch ended, or the next one starts:
+        nothing reads them), once their copies are done."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self.backend.host_wait(item.done)
         self.buffers.clear()
         self.free.clear()
