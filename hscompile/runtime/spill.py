@@ -8,12 +8,13 @@ layer: ``[layers, slots, row bytes]``). The pools hand out their lowest free blo
 host blocks fill first and a sequence's blocks of one kind stay consecutive: its past in a layer
 is still a run or two, now split where the host part ends (:func:`split_runs`).
 
-Loads read a file run into a host staging buffer and copy it to the device as a host run is
-copied (:class:`SpillStaging`); stores copy the new tokens' rows to host staging and write them
-to the file once the step's tokens were fetched (the copies are done then), before the next
-step loads anything (a batch's last step's, which nothing reads, are not written). Reads go through the page cache and each step ends by dropping the file's
-pages from it (``POSIX_FADV_DONTNEED``), so neither the process nor the page cache holds the
-spilled blocks between steps: the next step reads them from the disk.
+Loads read a file run into a host staging buffer and copy it to the device as a host run is copied
+(:class:`SpillStaging`); stores copy the new tokens' rows to host staging and write them to the
+file once the step's tokens were fetched (the copies are done then), before the next step loads
+anything (a batch's last step's, which nothing reads, are not written). Reads go through the page
+cache and each step ends by dropping the file's pages from it (``POSIX_FADV_DONTNEED``), so
+neither the process nor the page cache holds the spilled blocks between steps: the next step reads
+them from the disk.
 
 The file is created in ``offload_dir``, unlinked at once (nothing is left behind, whatever ends
 the process) and its size reserved up front with ``posix_fallocate``: a disk without room is a
